@@ -1,0 +1,31 @@
+""" `timm-coordatt` / `python -m timm_coordatt`: one subcommand per module in this package.
+
+Each subcommand module defines `add_parser(subparsers)`, which registers its parser and sets
+`func` (called with the parsed arguments, returning the exit code).
+"""
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# subcommand modules, in the order `--help` lists them
+COMMANDS = (
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='timm-coordatt', description='Coordinate Attention models for timm: train, evaluate, inspect, publish.')
+    subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+    for name in COMMANDS:
+        importlib.import_module(f'{__name__}.{name}').add_parser(subparsers)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
