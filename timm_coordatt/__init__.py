@@ -6,6 +6,7 @@
 from .coordinate_attention import CoordAttention, CoordAttentionFactory, coord_gate
 from .attn_factory import register as register_attn, unregister as unregister_attn
 from . import efficientnet_ca
+from . import mobilenext
 
 __version__ = '0.1.0'
 

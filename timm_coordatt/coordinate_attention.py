@@ -49,10 +49,11 @@ class _CoordGate(torch.autograd.Function):
 @register_notrace_function  # a leaf for FX: tracing cannot branch on requires_grad
 def coord_gate(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
     """Apply the height gate `a_h` (N, C, H, 1) and width gate `a_w` (N, C, 1, W) to `x`."""
-    if torch.jit.is_scripting() or not torch.is_grad_enabled():
+    if torch.jit.is_scripting():
         return x * a_h * a_w
-    if x.requires_grad or a_h.requires_grad or a_w.requires_grad:
+    if torch.is_grad_enabled() and (x.requires_grad or a_h.requires_grad or a_w.requires_grad):
         return _CoordGate.apply(x, a_h, a_w)
+    # nothing to differentiate: one output allocation, the second product in place
     return torch.mul(x, a_h).mul_(a_w)
 
 
@@ -93,7 +94,7 @@ class CoordAttention(nn.Module):
             bias: bool = True,
             act_layer: LayerType = nn.Hardswish,
             norm_layer: Optional[LayerType] = nn.BatchNorm2d,
-            gate_layer: LayerType = 'sigmoid',
+            gate_layer: LayerType = nn.Sigmoid,
             device=None,
             dtype=None,
     ):

@@ -1,0 +1,108 @@
+""" CoordAttention layer speed and training memory against two references, side by side.
+
+References: (a) the authors' formulation rebuilt from the spec (tests/authors_coordatt.py) and
+(b) timm's `CoordAttn` set to the paper's widths (`rd_channels=max(8, C // 32)`, biased convs,
+hard-swish). Shapes are those of MobileNetV2's CA blocks. The implementations are interleaved
+over several rounds and medians reported; peak memory is the high-water mark of bytes allocated
+during one training step (forward + backward), read from the profiler's allocation records.
+
+    python benchmarks/coordatt_layer.py [--rounds 7] [--threads 2]
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tests'))
+from authors_coordatt import AuthorsCoordAtt  # noqa: E402
+
+from timm.layers.coord_attn import CoordAttn  # noqa: E402
+from timm_coordatt import CoordAttention  # noqa: E402
+
+SHAPES = [(96, 112), (144, 56), (192, 28), (384, 14), (576, 14), (960, 7)]  # (C, H=W)
+IMPLS: Dict[str, Callable[[int], nn.Module]] = {
+    'ours': CoordAttention,
+    'authors': lambda c: AuthorsCoordAtt(c, c),
+    'timm_coord': lambda c: CoordAttn(c, rd_channels=max(8, c // 32), bias=True),
+}
+
+
+def time_call(fn: Callable[[], None], repeat: int) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat * 1e3
+
+
+def train_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+    def step():
+        xr = x.detach().requires_grad_()
+        module(xr).backward(grad)
+    return step
+
+
+def infer(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def run():
+        with torch.inference_mode():
+            module(x)
+    return run
+
+
+def peak_train_memory(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> int:
+    """High-water mark of bytes allocated during one training step, beyond the inputs."""
+    step = train_step(module, x, grad)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        if event.name == '[memory]':
+            live += event.cpu_memory_usage
+            peak = max(peak, live)
+    return peak
+
+
+def main(argv: List[str] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument('--rounds', type=int, default=7)
+    parser.add_argument('--threads', type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f'command: python benchmarks/coordatt_layer.py --rounds {args.rounds} --threads {args.threads}')
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, medians of {args.rounds} interleaved rounds (ms)')
+
+    header = (f"{'C/H/W':>12} | {'case':<9} | " + ' | '.join(f'{n:>10}' for n in IMPLS)
+              + ' | ours vs authors | ours vs timm')
+    print(header)
+    print('-' * len(header))
+    for c, hw in SHAPES:
+        modules = {name: make(c) for name, make in IMPLS.items()}
+        cases = {}
+        for batch, mode in ((1, 'infer'), (32, 'infer'), (32, 'train')):
+            x = torch.randn(batch, c, hw, hw)
+            grad = torch.randn_like(x)
+            repeat = max(1, int(2e6 // x.numel()))
+            for m in modules.values():
+                m.train(mode == 'train')
+            calls = {
+                n: train_step(m, x, grad) if mode == 'train' else infer(m, x) for n, m in modules.items()}
+            times = {n: [] for n in modules}
+            for _ in range(args.rounds):
+                for n, fn in calls.items():
+                    times[n].append(time_call(fn, repeat))
+            cases[f'{mode} b{batch}'] = {n: statistics.median(t) for n, t in times.items()}
+            if mode == 'train':
+                cases['peak MB'] = {n: peak_train_memory(m, x, grad) / 2 ** 20 for n, m in modules.items()}
+        for case, res in cases.items():
+            print(f'{c:>4}/{hw:>3}/{hw:<3} | {case:<9} | ' + ' | '.join(f'{res[n]:>10.2f}' for n in IMPLS)
+                  + f" | {res['authors'] / res['ours']:>14.2f}x | {res['timm_coord'] / res['ours']:>11.2f}x")
+
+
+if __name__ == '__main__':
+    main()

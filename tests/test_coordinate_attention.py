@@ -1,0 +1,205 @@
+""" CoordAttention against the authors' formulation rebuilt from the spec, plus options, dtypes,
+bad input and export/compilation paths. """
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from authors_coordatt import AuthorsCoordAtt
+from timm_coordatt import CoordAttention, coord_gate
+
+SHAPES = [(2, 32, 7, 9), (1, 64, 1, 13), (3, 16, 5, 1), (2, 40, 1, 1), (1, 24, 3, 50), (4, 96, 14, 14)]
+
+
+def _randomise_(module: nn.Module) -> nn.Module:
+    """Non-trivial weights and BN statistics, so eval mode exercises every parameter."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if t.is_floating_point():
+                values = torch.rand(t.shape, generator=gen) + 0.5 if 'running_var' in name else \
+                    torch.randn(t.shape, generator=gen) * 0.5
+                t.copy_(values)
+    return module
+
+
+def _pair(channels: int):
+    authors = _randomise_(AuthorsCoordAtt(channels, channels))
+    ours = CoordAttention(channels)
+    ours.load_state_dict(authors.state_dict())  # same names: conv1, bn1, conv_h, conv_w
+    return ours, authors
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+@pytest.mark.parametrize('training', [False, True])
+def test_matches_authors_block(shape, training):
+    ours, authors = _pair(shape[1])
+    ours.train(training)
+    authors.train(training)
+    x = torch.randn(shape)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad = torch.randn(shape)
+    y1, y2 = ours(x1), authors(x2)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+    y1.backward(grad)
+    y2.backward(grad)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    for (name, p1), (_, p2) in zip(ours.named_parameters(), authors.named_parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-5, msg=name)
+    if training:  # BN running statistics advance identically
+        torch.testing.assert_close(ours.bn1.running_mean, authors.bn1.running_mean)
+        torch.testing.assert_close(ours.bn1.running_var, authors.bn1.running_var)
+
+
+def test_paper_defaults():
+    for channels, mip in [(16, 8), (96, 8), (384, 12), (576, 18), (960, 30)]:
+        m = CoordAttention(channels)
+        assert m.conv1.weight.shape == (mip, channels, 1, 1)
+        assert m.conv_h.weight.shape == m.conv_w.weight.shape == (channels, mip, 1, 1)
+        assert all(c.bias is not None for c in (m.conv1, m.conv_h, m.conv_w))
+        assert isinstance(m.bn1, nn.BatchNorm2d) and isinstance(m.act, nn.Hardswish)
+        assert isinstance(m.gate, nn.Sigmoid)
+
+
+def test_options():
+    m = CoordAttention(64, reduction=4, min_channels=2)
+    assert m.conv1.out_channels == 16
+    assert CoordAttention(64, reduction=32, min_channels=4).conv1.out_channels == 4
+    m = CoordAttention(64, rd_channels=5, bias=False, act_layer='relu', norm_layer=None, gate_layer='hard_sigmoid')
+    assert m.conv1.out_channels == 5 and m.conv1.bias is None
+    assert isinstance(m.act, nn.ReLU) and isinstance(m.bn1, nn.Identity) and isinstance(m.gate, nn.Hardsigmoid)
+    x = torch.randn(2, 64, 6, 4)
+    a_h, a_w = m.gates(x)
+    assert a_h.shape == (2, 64, 6, 1) and a_w.shape == (2, 64, 1, 4)
+    torch.testing.assert_close(m(x), x * a_h * a_w)
+
+
+@pytest.mark.parametrize('channels', [0, -3, 2.5, None])
+def test_bad_channels(channels):
+    with pytest.raises(ValueError, match='positive int'):
+        CoordAttention(channels)
+
+
+def test_bad_widths():
+    with pytest.raises(ValueError, match='reduction >= 1'):
+        CoordAttention(32, reduction=0)
+    with pytest.raises(ValueError, match='rd_channels >= 1'):
+        CoordAttention(32, rd_channels=0)
+
+
+@pytest.mark.parametrize('shape', [(32, 8, 8), (1, 16, 8, 8), (1, 32, 8, 8, 2)])
+def test_bad_input(shape):
+    m = CoordAttention(32)
+    with pytest.raises(ValueError, match=r'C=32, got shape \[' + ', '.join(map(str, shape))):
+        m(torch.randn(shape))
+
+
+def test_batch_one_training():
+    m = CoordAttention(32).train()
+    x = torch.randn(1, 32, 1, 1, requires_grad=True)
+    m(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_channels_last(training):
+    m = _randomise_(CoordAttention(48)).train(training)
+    x = torch.randn(3, 48, 10, 7)
+    xc = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = x.requires_grad_()
+    y, yc = m(x), copy.deepcopy(m)(xc)
+    assert yc.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-6)
+    yc.sum().backward()
+    y.sum().backward()
+    torch.testing.assert_close(xc.grad, x.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize('training', [False, True])
+def test_low_precision(dtype, tol, training):
+    ours, authors = _pair(32)
+    ours.to(dtype).train(training)
+    authors.train(training)
+    x = torch.randn(2, 32, 9, 5)
+    xl = x.to(dtype).requires_grad_()
+    y = ours(xl)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), authors(x), rtol=tol, atol=tol)
+    y.float().sum().backward()
+    assert xl.grad.dtype == dtype and torch.isfinite(xl.grad.float()).all()
+
+
+def test_coord_gate_gradcheck():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.double, requires_grad=True)
+    a_h = torch.rand(2, 3, 4, 1, dtype=torch.double, requires_grad=True)
+    a_w = torch.rand(2, 3, 1, 5, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(coord_gate, (x, a_h, a_w))
+
+
+def test_coord_gate_saves_less_for_backward():
+    """Only the input and the two small gates are kept for backward, not `x * a_h`."""
+    m = CoordAttention(16).train()
+    x = torch.randn(4, 16, 32, 32, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        m(x)
+    full_size = [t for t in saved if t.numel() == x.numel()]
+    assert len({t.data_ptr() for t in full_size}) == 1 and full_size[0].data_ptr() == x.data_ptr()
+
+
+def test_torchscript():
+    ours = _randomise_(CoordAttention(24))
+    scripted = torch.jit.script(copy.deepcopy(ours))
+    for training in (False, True):
+        ours.train(training)
+        scripted.train(training)
+        x = torch.randn(2, 24, 6, 11)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1, y2 = ours(x1), scripted(x2)
+        torch.testing.assert_close(y1, y2)
+        y1.sum().backward()
+        y2.sum().backward()
+        torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def test_fx_trace():
+    ours = _randomise_(CoordAttention(24)).eval()
+    traced = torch.fx.symbolic_trace(ours)
+    for shape in [(1, 24, 5, 5), (3, 24, 2, 9)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(traced(x), ours(x))
+
+
+def test_compile_fullgraph():
+    ours = _randomise_(CoordAttention(24)).train()
+    compiled = torch.compile(copy.deepcopy(ours), fullgraph=True, backend='aot_eager')
+    x = torch.randn(2, 24, 6, 5)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.testing.assert_close(compiled(x2), ours(x1))
+    ours(x1).sum().backward()
+    compiled(x2).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def test_torch_export():
+    ours = _randomise_(CoordAttention(24)).eval()
+    dims = {'x': {0: torch.export.Dim('batch'), 2: torch.export.Dim('h'), 3: torch.export.Dim('w')}}
+    exported = torch.export.export(ours, (torch.randn(2, 24, 6, 5),), dynamic_shapes=dims)
+    for shape in [(1, 24, 3, 9), (4, 24, 12, 7)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(exported.module()(x), ours(x))
+
+
+def test_onnx_dynamic(tmp_path):
+    ort = pytest.importorskip('onnxruntime')
+    ours = _randomise_(CoordAttention(24)).eval()
+    path = tmp_path / 'ca.onnx'
+    dims = {'x': {0: torch.export.Dim('batch'), 2: torch.export.Dim('h'), 3: torch.export.Dim('w')}}
+    torch.onnx.export(ours, (torch.randn(2, 24, 6, 5),), str(path), dynamic_shapes=dims, dynamo=True)
+    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    for shape in [(1, 24, 7, 7), (3, 24, 20, 5), (2, 24, 1, 33)]:
+        x = torch.randn(shape)
+        (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(out), ours(x), rtol=1e-5, atol=1e-5)
