@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tests'))
 from authors_coordatt import AuthorsCoordAtt  # noqa: E402
 
 from timm.layers.coord_attn import CoordAttn  # noqa: E402
+from torch.profiler._memory_profiler import Action  # noqa: E402
 from timm_coordatt import CoordAttention  # noqa: E402
 
 SHAPES = [(96, 112), (144, 56), (192, 28), (384, 14), (576, 14), (960, 7)]  # (C, H=W)
@@ -55,15 +56,23 @@ def infer(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
 
 def peak_train_memory(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> int:
-    """High-water mark of bytes allocated during one training step, beyond the inputs."""
+    """High-water mark of bytes allocated during one training step, beyond the inputs.
+
+    Replays the profiler's tensor lifetime records (creations and destructions), the data behind
+    `torch.profiler.profile.export_memory_timeline`.
+    """
     step = train_step(module, x, grad)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU],
+            profile_memory=True, record_shapes=True, with_stack=True) as prof:
         step()
     live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        if event.name == '[memory]':
-            live += event.cpu_memory_usage
-            peak = max(peak, live)
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
+        peak = max(peak, live)
     return peak
 
 

@@ -1,0 +1,53 @@
+""" Parameters and MACs of every model against the figures in coordatt.md / mobilenext.md.
+
+MACs are counted independently with fvcore (Conv2d + Linear at 224x224) and compared with the
+references within 1%; the package's own counter (used by `timm-coordatt models`) must agree
+with fvcore.
+"""
+import pytest
+import timm
+import torch
+
+import timm_coordatt  # noqa: F401
+from timm_coordatt.complexity import count_complexity
+
+fvcore_nn = pytest.importorskip('fvcore.nn')
+
+# model: (params, MACs in millions or None where the references give none)
+REFERENCE = {
+    'mobilenetv2_100': (3_504_872, 300.8),
+    'mobilenetv2_ca': (3_950_648, 306.7),
+    'mobilenetv2_075_ca': (2_891_631, 212.6),
+    'mobilenetv2_050_ca': (2_095_568, 99.0),
+    'efficientnet_b0': (5_288_548, 385.8),
+    'efficientnet_b0_ca': (5_381_804, None),
+    'mobilenext_100': (3_567_624, 319.3),
+    'mobilenext_ca': (4_067_935, 325.4),
+}
+# with the 2·C·H·W element-wise products of CA, as the paper's M-Adds count them
+REFERENCE_WITH_MULS = {'mobilenetv2_ca': 310.5, 'mobilenext_ca': 330.1}
+
+
+def _fvcore_macs(model: torch.nn.Module) -> int:
+    analysis = fvcore_nn.FlopCountAnalysis(model.eval(), torch.zeros(1, 3, 224, 224))
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    by_op = analysis.by_operator()
+    return by_op['conv'] + by_op['linear']
+
+
+@pytest.mark.parametrize('name', list(REFERENCE))
+def test_params_and_macs(name):
+    params, macs = REFERENCE[name]
+    model = timm.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == params
+    counted = count_complexity(model)
+    assert counted.params == params
+    fv = _fvcore_macs(model)
+    assert counted.macs == fv
+    if macs is not None:
+        assert abs(fv / 1e6 - macs) / macs < 0.01, f'{name}: {fv / 1e6:.1f}M MACs, reference {macs}M'
+    if name in REFERENCE_WITH_MULS:
+        ref = REFERENCE_WITH_MULS[name]
+        assert abs(counted.macs_with_muls / 1e6 - ref) / ref < 0.01
+    else:
+        assert counted.ca_muls == 0 if 'ca' not in name else counted.ca_muls > 0
