@@ -21,6 +21,7 @@ from timm.models.efficientnet import EfficientNet, _create_effnet, _gen_efficien
 
 from .coordinate_attention import CoordAttentionFactory
 from .hub import hub_id
+from .pretrained import prepare_pretrained
 
 __all__ = []
 
@@ -53,7 +54,7 @@ def _gen_mobilenetv2_ca(variant: str, channel_multiplier: float = 1.0, pretraine
         se_layer=CoordAttentionFactory(),
         **kwargs,
     )
-    return _create_effnet(variant, pretrained, **model_kwargs)
+    return _create_effnet(variant, pretrained, **prepare_pretrained(variant, pretrained, model_kwargs))
 
 
 def _cfg(url: str = '', **kwargs):
@@ -104,6 +105,7 @@ def mobilenetv2_140_ca(pretrained: bool = False, **kwargs) -> EfficientNet:
 @register_model
 def efficientnet_b0_ca(pretrained: bool = False, **kwargs) -> EfficientNet:
     """EfficientNet-B0 with every Squeeze-and-Excitation replaced by Coordinate Attention."""
+    kwargs = prepare_pretrained('efficientnet_b0_ca', pretrained, kwargs)
     return _gen_efficientnet(
         'efficientnet_b0_ca', channel_multiplier=1.0, depth_multiplier=1.0,
         se_layer=CoordAttentionFactory(), pretrained=pretrained, **kwargs)

@@ -2,7 +2,8 @@
 
 Every model's `pretrained_cfg['hf_hub_id']` is `f'{HUB_ORG}/{arch}.{tag}'`. Point the whole package
 at a mirror or a private organisation with `TIMM_COORDATT_HUB_ORG=<org>` (read at import), and at
-another Hub server with huggingface_hub's own `HF_ENDPOINT`.
+another Hub server with huggingface_hub's own `HF_ENDPOINT`. A repository of your own (say, a
+fine-tuned model published with `timm-coordatt publish`) loads with `hf-hub:<user>/<repo>`.
 """
 import os
 

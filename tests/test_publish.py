@@ -1,0 +1,86 @@
+""" The model card and the checks `publish` makes before it uploads (the upload itself is tested
+against the Hub stand-in in test_pretrained.py). """
+import argparse
+
+import pytest
+import timm
+from safetensors.torch import save_file
+from timm.models import save_for_hf
+
+import timm_coordatt  # noqa: F401  registers the models
+from timm_coordatt.cli import COMMANDS
+from timm_coordatt.cli import publish as publish_cli
+from timm_coordatt.publish import PublishError, model_card, publish
+
+
+def _front_matter(card: str) -> dict:
+    assert card.startswith('---\n')
+    meta, key = {}, None
+    for line in card.split('---\n')[1].splitlines():
+        if line.startswith('- '):
+            meta[key].append(line[2:])
+        else:
+            key, _, value = line.partition(':')
+            meta[key] = value.strip() or []
+    return meta
+
+
+@pytest.fixture(scope='module')
+def card():
+    return model_card(timm.create_model('mobilenetv2_ca'), 'org/mobilenetv2_ca.in1k', dataset='ImageNet-1k')
+
+
+def test_card_metadata(card):
+    meta = _front_matter(card)
+    assert meta['license'] == 'mit'
+    assert meta['library_name'] == 'timm'
+    assert 'timm' in meta['tags'] and 'image-classification' in meta['tags']
+    assert 'transformers' not in meta['tags']  # transformers cannot build this architecture
+    assert meta['datasets'] == ['imagenet-1k']
+
+
+def test_card_stats_match_the_paper_counts(card):
+    # coordatt.md section 3: 3,950,648 params, 306.7M MACs, 310.5M with the CA products
+    assert '  - Params (M): 3.95\n' in card
+    assert '  - MACs (M): 306.7\n' in card
+    assert '  - MACs + CA products (M): 310.5\n' in card
+    assert '  - Image size: 224 x 224\n' in card
+
+
+def test_card_usage_table_and_citation(card):
+    assert 'import timm_coordatt' in card
+    assert "timm.create_model('hf-hub:org/mobilenetv2_ca.in1k', pretrained=True)" in card
+    assert '| **MobileNetV2 + CA** | 3.95M | 310M | **74.3** |' in card
+    assert '| **MobileNeXt + CA** | 4.09M | 330M | **75.2** |' in card
+    assert '@inproceedings{hou2021coordinate' in card
+    assert 'author={Hou, Qibin and Zhou, Daquan and Feng, Jiashi}' in card
+
+
+def test_publish_refuses_incomplete_folder(tmp_path):
+    (tmp_path / 'config.json').write_text('{}')
+    with pytest.raises(PublishError, match='lacks model.safetensors'):
+        publish(tmp_path, 'me/model')
+
+
+def test_publish_refuses_other_architectures(tmp_path):
+    save_for_hf(timm.create_model('resnet10t'), tmp_path, safe_serialization=True)
+    with pytest.raises(PublishError, match="holds a 'resnet10t', not a model of timm_coordatt"):
+        publish(tmp_path, 'me/model')
+    assert not (tmp_path / 'README.md').exists()
+
+
+def test_publish_refuses_weights_that_do_not_load(tmp_path):
+    save_for_hf(timm.create_model('mobilenetv2_ca'), tmp_path, safe_serialization=True)
+    save_file(timm.create_model('mobilenetv2_050_ca').state_dict(), tmp_path / 'model.safetensors')
+    with pytest.raises(PublishError, match='does not load with timm.*do not fit mobilenetv2_ca'):
+        publish(tmp_path, 'me/model')
+
+
+def test_cli_reports_errors(tmp_path, capsys):
+    assert 'publish' in COMMANDS
+    parser = argparse.ArgumentParser(prog='timm-coordatt')
+    publish_cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(['publish', str(tmp_path), 'me/model', '--private'])
+    assert args.private and args.repo_id == 'me/model'
+    assert args.func(args) == 2
+    assert 'lacks config.json and model.safetensors' in capsys.readouterr().err
