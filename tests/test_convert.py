@@ -15,6 +15,8 @@ import timm
 import torch
 from torch import nn
 
+from authors_coordatt import AuthorsCheckpointCoordAtt
+
 from timm_coordatt.cli import COMMANDS
 from timm_coordatt.cli import convert as convert_cli
 from timm_coordatt.convert import ConversionError, convert
@@ -28,43 +30,6 @@ TSV = REFERENCE / 'official_mbv2_ca_state_dict.tsv'
 def _make_divisible(v: float, divisor: int) -> int:
     new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
     return new_v + divisor if new_v < 0.9 * v else new_v
-
-
-class HSigmoid(nn.Module):
-    def forward(self, x):
-        return nn.functional.relu6(x + 3) / 6
-
-
-class HSwish(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.sigmoid = HSigmoid()
-
-    def forward(self, x):
-        return x * self.sigmoid(x)
-
-
-class CoordAtt(nn.Module):
-    def __init__(self, inp: int, oup: int, reduction: int = 32):
-        super().__init__()
-        self.pool_h = nn.AdaptiveAvgPool2d((None, 1))
-        self.pool_w = nn.AdaptiveAvgPool2d((1, None))
-        mip = max(8, inp // reduction)
-        self.conv1 = nn.Conv2d(inp, mip, 1, 1, 0)
-        self.bn1 = nn.BatchNorm2d(mip)
-        self.act = HSwish()
-        self.conv2 = nn.Conv2d(mip, oup, 1, 1, 0)
-        self.conv3 = nn.Conv2d(mip, oup, 1, 1, 0)
-
-    def forward(self, x):
-        identity = x
-        n, c, h, w = x.size()
-        x_h = self.pool_h(x)
-        x_w = self.pool_w(x).permute(0, 1, 3, 2)
-        y = self.act(self.bn1(self.conv1(torch.cat([x_h, x_w], dim=2))))
-        x_h, x_w = torch.split(y, [h, w], dim=2)
-        x_w = x_w.permute(0, 1, 3, 2)
-        return identity * self.conv3(x_w).sigmoid() * self.conv2(x_h).sigmoid()
 
 
 def conv_3x3_bn(inp: int, oup: int, stride: int) -> nn.Sequential:
@@ -96,7 +61,7 @@ class InvertedResidual(nn.Module):
                 nn.Conv2d(hidden_dim, hidden_dim, 3, stride, 1, groups=hidden_dim, bias=False),
                 nn.BatchNorm2d(hidden_dim),
                 nn.ReLU6(inplace=True),
-                CoordAtt(hidden_dim, hidden_dim),
+                AuthorsCheckpointCoordAtt(hidden_dim, hidden_dim),
                 nn.Conv2d(hidden_dim, oup, 1, 1, 0, bias=False),
                 nn.BatchNorm2d(oup),
             )
