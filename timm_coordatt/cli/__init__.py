@@ -10,6 +10,11 @@ from typing import List, Optional
 
 # subcommand modules, in the order `--help` lists them
 COMMANDS = (
+    'attention',
+    'models',
+    'benchmark',
+    'convert',
+    'publish',
 )
 
 

@@ -1,0 +1,197 @@
+""" Attention maps: the recorded gates are the real gates of the real blocks, Grad-CAM follows its
+definition, the figures are PNGs of the documented size, and bad input gets a clear error. """
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import timm_coordatt  # noqa: F401  (registers the models)
+from timm_coordatt import CoordAttention
+from timm_coordatt.attention_maps import attention_maps, default_blocks, grad_cam, record_gates
+from timm_coordatt.cli import main
+
+CA_MODEL = 'mobilenetv2_050_ca'
+PLAIN_MODEL = 'mobilenetv2_050'  # timm's, no attention
+CELL, DPI = 2.2, 50  # documented default cell size (inches) of plot_attention_maps; dpi passed to the CLI
+
+
+def reference_gates(block: CoordAttention, x: torch.Tensor):
+    """Coordinate Attention gates written from the paper's definition (coordatt.md section 1), eval mode."""
+    n, c, h, w = x.shape
+    z_h = x.mean(dim=3, keepdim=True)  # (N, C, H, 1)
+    z_w = x.mean(dim=2, keepdim=True).permute(0, 1, 3, 2)  # (N, C, W, 1)
+    y = F.conv2d(torch.cat([z_h, z_w], dim=2), block.conv1.weight, block.conv1.bias)
+    bn = block.bn1
+    y = (y - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+    y = y * bn.weight[:, None, None] + bn.bias[:, None, None]
+    y = y * torch.clamp(y + 3, 0, 6) / 6  # hard-swish
+    y_h, y_w = y[:, :, :h], y[:, :, h:].permute(0, 1, 3, 2)
+    a_h = torch.sigmoid(F.conv2d(y_h, block.conv_h.weight, block.conv_h.bias))
+    a_w = torch.sigmoid(F.conv2d(y_w, block.conv_w.weight, block.conv_w.bias))
+    return a_h, a_w
+
+
+@pytest.fixture(scope='module')
+def ca_model():
+    torch.manual_seed(0)
+    model = timm.create_model(CA_MODEL).eval()
+    # non-trivial BatchNorm statistics and biases, so a wrong normalisation cannot pass
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, CoordAttention):
+                m.bn1.running_mean.normal_(0, 0.5)
+                m.bn1.running_var.uniform_(0.5, 2.0)
+                m.bn1.weight.normal_(1, 0.3)
+                m.bn1.bias.normal_(0, 0.3)
+                m.conv_h.bias.normal_(0, 0.5)
+                m.conv_w.bias.normal_(0, 0.5)
+    return model
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / 'image.jpg'
+    Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def test_maps_are_the_gates_each_block_multiplies_by(ca_model):
+    # H != W so a transposed gate cannot pass
+    x = torch.randn(2, 3, 96, 64)
+    seen = {}
+    handles = [m.register_forward_hook(lambda m, args, out, n=n: seen.update({n: (args[0], out)}))
+               for n, m in ca_model.named_modules() if isinstance(m, CoordAttention)]
+    ca_model.train()
+    try:
+        maps = attention_maps(ca_model, x, blocks='all')
+    finally:
+        for h in handles:
+            h.remove()
+    assert ca_model.training, 'the caller\'s train/eval mode must be restored'
+    ca_model.eval()
+    assert list(maps) == list(seen) and len(maps) == 16  # every expansion-6 block of MobileNetV2
+    for name, (block_in, block_out) in seen.items():
+        block = ca_model.get_submodule(name)
+        m = maps[name]
+        n, c, h, w = block_in.shape
+        assert m.a_h.shape == (n, c, h, 1) and m.a_w.shape == (n, c, 1, w) and m.resolution == (h, w)
+        ref_h, ref_w = reference_gates(block, block_in)
+        torch.testing.assert_close(m.a_h, ref_h, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(m.a_w, ref_w, rtol=1e-4, atol=1e-5)
+        # what the block really did to its input
+        torch.testing.assert_close(block_out, block_in * m.a_h * m.a_w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.product, m.a_h.expand(-1, -1, -1, w) * m.a_w.expand(-1, -1, h, -1))
+        torch.testing.assert_close(m.mean(), m.product.sum(1) / c)
+
+
+def test_default_blocks_are_the_last_ca_block_of_each_stage(ca_model):
+    # MobileNetV2's first stage (expansion 1) has no CA
+    expected = [f'blocks.{i}.{len(stage) - 1}.se' for i, stage in enumerate(ca_model.blocks) if i > 0]
+    assert default_blocks(ca_model) == expected
+    assert list(attention_maps(ca_model, torch.randn(1, 3, 64, 64))) == expected
+
+    mobilenext = timm.create_model('mobilenext_050_ca')
+    assert default_blocks(mobilenext) == [f'stages.{i}.{len(s) - 1}.attn' for i, s in enumerate(mobilenext.stages)]
+
+
+def test_top_channels_are_the_most_position_selective(ca_model):
+    m = attention_maps(ca_model, torch.randn(2, 3, 64, 64), blocks=['blocks.2.2.se'])['blocks.2.2.se']
+    idx, top = m.top_channels(3)
+    product = m.a_h * m.a_w
+    for i in range(2):
+        spread = [product[i, c].std().item() for c in range(product.shape[1])]
+        assert sorted(idx[i].tolist()) == sorted(np.argsort(spread)[-3:].tolist())
+        for k, c in enumerate(idx[i].tolist()):
+            torch.testing.assert_close(top[i, k], product[i, c])
+    with pytest.raises(ValueError, match='top_channels expected 1 <= k <= '):
+        m.top_channels(0)
+
+
+def test_grad_cam_follows_its_definition(ca_model):
+    x = torch.randn(2, 3, 64, 96)
+    cam = grad_cam(ca_model, x, target=7)
+    # independently: last-stage features of EfficientNet's forward, gradient of the class-7 score
+    feats = ca_model.blocks(ca_model.bn1(ca_model.conv_stem(x)))
+    logits = ca_model.forward_head(ca_model.bn2(ca_model.conv_head(feats)))
+    grads, = torch.autograd.grad(logits[:, 7].sum(), feats)
+    expected = torch.relu((grads.mean(dim=(2, 3), keepdim=True) * feats).sum(1))
+    expected = expected / expected.amax(dim=(1, 2), keepdim=True)
+    assert cam.layer == 'blocks.6' and cam.cam.shape == (2, 2, 3)
+    torch.testing.assert_close(cam.cam, expected.detach(), rtol=1e-4, atol=1e-5)
+    assert cam.target.tolist() == [7, 7]
+    torch.testing.assert_close(cam.prob, logits.softmax(-1)[:, 7].detach())
+    # default target: each image's top class
+    top = grad_cam(ca_model, x)
+    assert top.target.tolist() == logits.argmax(-1).tolist()
+    with pytest.raises(ValueError, match=r'class index in \[0, 1000\)'):
+        grad_cam(ca_model, x, target=1000)
+
+
+def test_record_gates_refuses_training_mode(ca_model):
+    ca_model.train()
+    try:
+        with record_gates(ca_model), pytest.raises(RuntimeError, match='eval mode'):
+            ca_model(torch.randn(1, 3, 32, 32))
+    finally:
+        ca_model.eval()
+
+
+def test_api_errors(ca_model):
+    with pytest.raises(ValueError, match='mobilenetv2_050 has no CoordAttention blocks'):
+        attention_maps(timm.create_model(PLAIN_MODEL), torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match='not CoordAttention blocks of this model: blocks.1.0.conv_pw'):
+        attention_maps(ca_model, torch.randn(1, 3, 32, 32), blocks=['blocks.1.0.conv_pw'])
+
+
+def test_cli_figure_is_a_png_of_the_documented_size(image_file, tmp_path):
+    out = tmp_path / 'maps.png'
+    assert main(['attention', image_file, '--model', CA_MODEL, '--out', str(out), '--top-channels', '2',
+                 '--dpi', str(DPI)]) == 0
+    with Image.open(out) as img:
+        assert img.format == 'PNG'
+        # (3 + top channels) columns, a row for the input and one per default block (6 CA stages)
+        assert img.size == (round(CELL * (3 + 2) * DPI), round(CELL * (1 + 6) * DPI))
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == '.png'] == ['maps.png']  # no temp file left
+
+
+def test_cli_compare_grad_cams(image_file, tmp_path):
+    out = tmp_path / 'compare.png'
+    assert main(['attention', image_file, '--compare', PLAIN_MODEL, CA_MODEL, '--out', str(out),
+                 '--dpi', str(DPI)]) == 0
+    with Image.open(out) as img:
+        assert img.format == 'PNG' and img.size == (3 * 2 * DPI, 3 * DPI)  # documented: 3 inches per model
+
+
+@pytest.mark.parametrize('case, message', [
+    ('missing', 'image not found'),
+    ('not_image', 'is not an image file'),
+    ('no_ca', 'has no CoordAttention blocks'),
+    ('unknown_model', "unknown model 'mobilenetv2_ca_typo'"),
+    ('missing_checkpoint', 'checkpoint not found'),
+])
+def test_cli_errors(case, message, image_file, tmp_path, capsys):
+    image, model, extra = image_file, CA_MODEL, []
+    if case == 'missing':
+        image = str(tmp_path / 'nope.jpg')
+    elif case == 'not_image':
+        image = str(tmp_path / 'text.jpg')
+        (tmp_path / 'text.jpg').write_text('not an image')
+    elif case == 'no_ca':
+        model = PLAIN_MODEL
+    elif case == 'unknown_model':
+        model = 'mobilenetv2_ca_typo'
+    else:
+        extra = ['--checkpoint', str(tmp_path / 'nope.safetensors')]
+    out = tmp_path / 'maps.png'
+    assert main(['attention', image, '--model', model, '--out', str(out)] + extra) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_rejects_model_options_with_compare(image_file, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(['attention', image_file, '--compare', CA_MODEL, '--top-channels', '2', '--out', str(tmp_path / 'x.png')])
+    assert e.value.code == 2

@@ -1,0 +1,103 @@
+""" Model benchmark smoke test on tiny settings: table shape, medians and ratios as reported, the printed
+command line, the memory measurement on a known allocation pattern. No timing assertions. """
+import argparse
+import json
+import shlex
+import statistics
+
+import pytest
+import torch
+
+import timm_coordatt  # noqa: F401  (registers the models)
+from timm_coordatt.cli import main
+from timm_coordatt.model_benchmark import (
+    BenchmarkConfig, add_arguments, format_results, peak_memory, run_benchmark)
+
+PAIR = ('mobilenetv2_050_ca', 'mobilenetv2_050')
+TINY = BenchmarkConfig(
+    pairs=(PAIR,), img_size=32, infer_batch_sizes=(1, 2), train_batch_size=2, rounds=2, min_time=0.,
+    modes=('eager', 'channels_last'), threads=1)
+
+
+@pytest.fixture(scope='module')
+def results():
+    return run_benchmark(TINY)
+
+
+def test_rows_and_medians(results):
+    metrics = ['infer b1', 'infer b2', 'train b2', 'train memory b2']
+    assert [(r.mode, r.metric) for r in results] == [(m, k) for m in TINY.modes for k in metrics]
+    for r in results:
+        assert (r.ca_model, r.baseline) == PAIR
+        units = {'infer b1': 'ms', 'infer b2': 'img/s', 'train b2': 'img/s', 'train memory b2': 'MiB'}
+        assert r.unit == units[r.metric]
+        rounds = 1 if r.unit == 'MiB' else TINY.rounds
+        assert len(r.baseline_samples) == len(r.ca_samples) == rounds
+        assert r.baseline_value == statistics.median(r.baseline_samples) > 0
+        assert r.ca_value == statistics.median(r.ca_samples) > 0
+        # throughput: less is worse; latency and memory: more is worse
+        expected = r.baseline_value / r.ca_value - 1 if r.unit == 'img/s' else r.ca_value / r.baseline_value - 1
+        assert r.overhead == pytest.approx(expected)
+        assert r.goal == {'infer b1': 0.10, 'infer b2': 0.10, 'train b2': 0.15, 'train memory b2': 0.10}[r.metric]
+        assert r.met == (r.overhead <= r.goal)
+
+
+def test_text_table_ratios_come_from_the_printed_medians(results):
+    out = format_results(results, TINY, 'text')
+    lines = out.splitlines()
+    command = lines[0].removeprefix('command: ')
+    # the printed command reproduces the configuration
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(shlex.split(command)[2:])
+    assert shlex.split(command)[:2] == ['timm-coordatt', 'benchmark']
+    assert BenchmarkConfig(
+        pairs=tuple(args.pairs), img_size=args.img_size, infer_batch_sizes=tuple(args.infer_batch_sizes),
+        train_batch_size=args.train_batch_size, rounds=args.rounds, min_time=args.min_time,
+        modes=tuple(args.modes), threads=args.threads, device=args.device) == TINY
+
+    header = lines[3].split('  ')
+    assert [h.strip() for h in header if h.strip()] == [
+        'pair (CA / baseline)', 'mode', 'metric', 'unit', 'baseline', 'CA', 'CA/baseline', 'overhead', 'goal']
+    rows = [line for line in lines[5:] if line.startswith(PAIR[0])]
+    assert len(rows) == len(results)
+    for line in rows:
+        cells = line.split()
+        # ... unit baseline CA ratio overhead '<=' goal met|MISSED
+        base, ca, ratio = float(cells[-7]), float(cells[-6]), float(cells[-5])
+        assert ratio == pytest.approx(ca / base, rel=0.01, abs=2e-3)
+        assert cells[-1] in ('met', 'MISSED')
+
+
+def test_cli_json(capsys):
+    assert main(['benchmark', '--pairs', ':'.join(PAIR), '--img-size', '32', '--infer-batch-sizes', '1',
+                 '--train-batch-size', '2', '--rounds', '1', '--min-time', '0', '--modes', 'eager',
+                 '--threads', '1', '--format', 'json']) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc['command'].startswith('timm-coordatt benchmark --pairs mobilenetv2_050_ca:mobilenetv2_050 ')
+    assert [r['metric'] for r in doc['results']] == ['infer b1', 'train b2', 'train memory b2']
+    for r in doc['results']:
+        assert r['ratio'] == pytest.approx(r['ca_value'] / r['baseline_value'])
+
+
+def test_peak_memory_of_a_known_allocation_pattern():
+    keep = [torch.ones(3_000_000)]  # allocated before: neither it nor its release counts
+
+    def fn():
+        a = torch.empty(1_000_000)
+        b = torch.empty(500_000)  # noqa: F841
+        del a
+        c = torch.empty(2_000_000)  # noqa: F841  (peak: b + c live)
+        keep.clear()
+
+    assert peak_memory(fn, torch.device('cpu')) == 4 * (500_000 + 2_000_000)
+
+
+def test_bad_input(capsys):
+    assert main(['benchmark', '--pairs', 'mobilenetv2_ca:no_such_model']) == 2
+    assert 'unknown model(s): no_such_model' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(['benchmark', '--pairs', 'mobilenetv2_ca'])
+    assert 'expected CA_MODEL:BASELINE' in capsys.readouterr().err
+    with pytest.raises(ValueError, match='rounds'):
+        BenchmarkConfig(pairs=(PAIR,), rounds=0)

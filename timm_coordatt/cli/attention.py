@@ -1,0 +1,96 @@
+""" `timm-coordatt attention`: draw what the CA blocks of a model do on one image, or compare Grad-CAMs.
+
+    timm-coordatt attention cat.jpg --model mobilenetv2_ca --pretrained --out maps.png --top-channels 3
+    timm-coordatt attention cat.jpg --compare mobilenetv2_100 efficientnet_b0 mobilenetv2_ca=ca.pth \
+        --pretrained --out compare.png
+"""
+import argparse
+import os
+import sys
+from typing import Optional
+
+import timm
+from torch import nn
+
+from ..attention_maps import (
+    ALL_BLOCKS, attention_maps, grad_cam, load_image, plot_attention_maps, plot_grad_cam_comparison, save_figure)
+from ..pretrained import PretrainedWeightsError, list_package_models
+
+
+def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None) -> nn.Module:
+    """Build a registered model, with its published weights or a local checkpoint (timm's loader)."""
+    if not timm.is_model(name):
+        raise ValueError(
+            f'unknown model {name!r}; expected a timm model name, e.g. one of this package\'s: '
+            f'{", ".join(list_package_models())}')
+    if checkpoint and not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
+    return timm.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.compare:
+            views = {}
+            for spec in args.compare:
+                name, _, checkpoint = spec.partition('=')
+                model = create_model(name, args.pretrained, checkpoint or None)
+                x, config = load_image(args.image, model)
+                views[spec] = (x, config, grad_cam(model, x, target=args.target))  # the same model may come twice
+            fig = plot_grad_cam_comparison(views)
+        else:
+            model = create_model(args.model, args.pretrained, args.checkpoint)
+            x, config = load_image(args.image, model)
+            maps = attention_maps(model, x, args.blocks)
+            fig = plot_attention_maps(
+                x, config, maps, grad_cam(model, x, target=args.target),
+                top_channels=args.top_channels, title=args.model)
+        save_figure(fig, args.out, dpi=args.dpi)
+    except (OSError, ValueError, PretrainedWeightsError) as e:  # missing files, network, bad input
+        print(f'timm-coordatt attention: error: {e}', file=sys.stderr)
+        return 2
+    print(f'wrote {args.out}')
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        'attention',
+        help='draw the CA gates of a model on an image, or compare Grad-CAMs of several models',
+        description='Draw, for chosen Coordinate Attention blocks, the height gate a_h, the width gate a_w and '
+                    'their product (averaged over channels, optionally the most position-selective channels) '
+                    'over the image, with a Grad-CAM of the last stage; or, with --compare, the Grad-CAMs '
+                    'of several models (CA, SE, none) side by side. The image is preprocessed with each '
+                    "model's own data config.")
+    parser.add_argument('image', help='image file')
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument('--model', help='model with CoordAttention blocks, e.g. mobilenetv2_ca')
+    which.add_argument(
+        '--compare', nargs='+', metavar='NAME[=CHECKPOINT]',
+        help='models whose Grad-CAMs to put side by side, each optionally with a checkpoint file')
+    parser.add_argument('--checkpoint', help='checkpoint file for --model (timm loader: .safetensors or .pth)')
+    parser.add_argument('--pretrained', action='store_true', help='load the published weights')
+    parser.add_argument('--out', required=True, help='PNG file to write')
+    parser.add_argument(
+        '--blocks', nargs='+', metavar='NAME',
+        help=f'CA module names (e.g. blocks.3.3.se) or "{ALL_BLOCKS}"; default: the last CA block of each stage')
+    parser.add_argument(
+        '--top-channels', type=int, default=0, metavar='K',
+        help='also draw the K channels whose a_h * a_w varies most over the image (default: 0)')
+    parser.add_argument(
+        '--target', type=int, metavar='CLASS', help='class index Grad-CAM explains (default: the top class)')
+    parser.add_argument('--dpi', type=int, default=100, help='figure resolution (default: 100)')
+    parser.set_defaults(func=_checked_run(parser))
+
+
+def _checked_run(parser: argparse.ArgumentParser):
+    def func(args: argparse.Namespace) -> int:
+        if args.compare and (args.checkpoint or args.blocks or args.top_channels):
+            parser.error('--checkpoint, --blocks and --top-channels go with --model; '
+                         'give checkpoints to --compare as NAME=CHECKPOINT')
+        if args.top_channels < 0:
+            parser.error(f'--top-channels expected a count >= 0, got {args.top_channels}')
+        if args.dpi < 1:
+            parser.error(f'--dpi expected a positive integer, got {args.dpi}')
+        return run(args)
+    return func

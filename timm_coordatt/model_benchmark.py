@@ -1,0 +1,437 @@
+""" Whole-model cost of Coordinate Attention: each CA model against its baseline, side by side in one process.
+
+For every pair and execution mode (eager, channels_last, torch.compile) it measures inference latency at
+batch 1, inference throughput at larger batches, training-step throughput (forward, cross-entropy,
+backward, SGD step) and the peak memory of a training step. The two models are interleaved over several
+rounds (alternating which goes first) and medians are reported, since timings on a shared machine drift
+by more than the difference being measured. Used by `timm-coordatt benchmark` and
+`benchmarks/model_overhead.py`.
+"""
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
+
+from timm.optim import create_optimizer_v2
+
+__all__ = [
+    'BenchmarkConfig', 'Result', 'GOALS', 'MODES', 'PAIRS', 'default_pairs', 'peak_memory', 'run_benchmark',
+    'profile_overhead', 'results_dict', 'format_results', 'format_profile', 'add_arguments', 'run_from_args',
+]
+
+MODES = ('eager', 'channels_last', 'compile')
+FORMATS = ('text', 'markdown', 'json')
+# the CA models and the baselines the papers compare them with
+PAIRS = (
+    ('mobilenetv2_ca', 'mobilenetv2_100'),
+    ('efficientnet_b0_ca', 'efficientnet_b0'),
+    ('mobilenext_ca', 'mobilenext_100'),
+)
+# largest acceptable overhead of CA over its baseline, by kind of measurement (the project's goals)
+GOALS = {'infer': 0.10, 'train': 0.15, 'memory': 0.10}
+
+
+def default_pairs() -> Tuple[Tuple[str, str], ...]:
+    """The pairs of `PAIRS` whose models are registered."""
+    return tuple(p for p in PAIRS if all(timm.is_model(n) for n in p))
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """What to measure. `min_time`: seconds each timed sample runs (at least one call)."""
+    pairs: Tuple[Tuple[str, str], ...] = field(default_factory=default_pairs)
+    img_size: int = 224
+    infer_batch_sizes: Tuple[int, ...] = (1, 32)
+    train_batch_size: int = 32
+    rounds: int = 5
+    min_time: float = 0.5
+    modes: Tuple[str, ...] = ('eager', 'channels_last')
+    threads: int = 2
+    device: str = 'cpu'
+
+    def __post_init__(self):
+        if not self.pairs:
+            raise ValueError('expected at least one (CA model, baseline) pair, got none')
+        unknown = [n for p in self.pairs for n in p if not timm.is_model(n)]
+        if unknown:
+            raise ValueError(f'unknown model(s): {", ".join(unknown)}; expected registered timm model names')
+        bad_modes = [m for m in self.modes if m not in MODES]
+        if not self.modes or bad_modes:
+            raise ValueError(f'modes must be a non-empty subset of {MODES}, got {list(self.modes)}')
+        sizes = (self.img_size, self.train_batch_size, self.rounds, self.threads) + tuple(self.infer_batch_sizes)
+        if min(sizes) < 1 or not self.infer_batch_sizes:
+            raise ValueError(
+                'img_size, batch sizes, rounds and threads must be >= 1 (and at least one inference batch size), '
+                f'got img_size={self.img_size}, infer_batch_sizes={list(self.infer_batch_sizes)}, '
+                f'train_batch_size={self.train_batch_size}, rounds={self.rounds}, threads={self.threads}')
+        if self.min_time < 0:
+            raise ValueError(f'min_time must be >= 0 seconds, got {self.min_time}')
+        if torch.device(self.device).type not in ('cpu', 'cuda'):
+            raise ValueError(f'device must be cpu or cuda[:N], got {self.device!r}')
+
+    def command(self, prog: str = 'timm-coordatt benchmark') -> str:
+        """The command line that reproduces this configuration, every option spelled out."""
+        args = ['--pairs', *(f'{ca}:{base}' for ca, base in self.pairs),
+                '--img-size', str(self.img_size),
+                '--infer-batch-sizes', *map(str, self.infer_batch_sizes),
+                '--train-batch-size', str(self.train_batch_size),
+                '--rounds', str(self.rounds),
+                '--min-time', f'{self.min_time:g}',
+                '--modes', *self.modes,
+                '--threads', str(self.threads),
+                '--device', self.device]
+        return f'{prog} {shlex.join(args)}'
+
+
+@dataclass(frozen=True)
+class Result:
+    """Medians of one measurement for a CA model and its baseline, with every round's sample."""
+    ca_model: str
+    baseline: str
+    mode: str
+    metric: str  # 'infer b<N>', 'train b<N>' or 'train memory b<N>'
+    unit: str  # 'ms' (batch-1 latency), 'img/s' (throughput) or 'MiB' (peak memory)
+    baseline_value: float
+    ca_value: float
+    baseline_samples: Tuple[float, ...]
+    ca_samples: Tuple[float, ...]
+
+    @property
+    def ratio(self) -> float:
+        """CA / baseline of the reported medians."""
+        return self.ca_value / self.baseline_value
+
+    @property
+    def overhead(self) -> float:
+        """Extra cost of CA as a fraction: more time, less throughput (baseline / CA - 1), or more memory."""
+        return 1 / self.ratio - 1 if self.unit == 'img/s' else self.ratio - 1
+
+    @property
+    def goal(self) -> float:
+        return GOALS['memory' if 'memory' in self.metric else self.metric.split()[0]]
+
+    @property
+    def met(self) -> bool:
+        return self.overhead <= self.goal
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _time_per_call(fn: Callable[[], None], device: torch.device, min_time: float) -> float:
+    """Seconds per call of `fn`, over as many calls as fit in `min_time` (at least one)."""
+    calls = 0
+    start = time.perf_counter()
+    while True:
+        fn()
+        _sync(device)
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time:
+            return elapsed / calls
+
+
+def _cpu_allocations(fn: Callable[[], None]) -> List[Tuple[int, int]]:
+    """(time, bytes) of every CPU allocation (+) and free (-) by torch during one call of `fn`."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # the profiler's raw allocation records (what its memory timeline is built from); the public
+    # `events()` folds them into the enclosing ops, losing the order of allocations and frees
+    records = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == 'cpu':
+            records.append((node.start_time_ns, node.extra_fields.alloc_size))
+    return sorted(records)
+
+
+def peak_memory(fn: Callable[[], None], device: torch.device) -> int:
+    """High-water mark of the bytes torch allocates during one call of `fn` and holds at once.
+
+    CUDA: the caching allocator's peak counter, above what was allocated before the call. CPU: the running
+    sum of the allocations and frees the profiler records for torch's CPU allocator (process RSS would
+    mostly show the allocator's caching and page reuse, not what the call needs). Memory allocated before
+    the call, and its release, is not counted on either.
+    """
+    if device.type == 'cuda':
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    live = peak = 0
+    for _, nbytes in _cpu_allocations(fn):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+@dataclass
+class _Runner:
+    """One model prepared for a mode: its inference call by batch size and its training step."""
+    infer: Dict[int, Callable[[], None]]
+    train: Callable[[], None]
+
+
+def _runner(name: str, mode: str, cfg: BenchmarkConfig, device: torch.device) -> _Runner:
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if mode == 'channels_last' else torch.contiguous_format
+    model = timm.create_model(name).to(device=device, memory_format=memory_format)
+    optimizer = create_optimizer_v2(model, 'sgd', lr=0.01, momentum=0.9)
+    # one static graph per batch size and train/eval, as a deployment would compile them
+    net = torch.compile(model, dynamic=False) if mode == 'compile' else model
+
+    def images(batch_size: int) -> torch.Tensor:
+        x = torch.randn(batch_size, 3, cfg.img_size, cfg.img_size, device=device)
+        return x.contiguous(memory_format=memory_format)
+
+    def infer_fn(x: torch.Tensor) -> Callable[[], None]:
+        def infer():
+            model.eval()
+            with torch.inference_mode():
+                net(x)
+        return infer
+
+    x_train = images(cfg.train_batch_size)
+    target = torch.randint(0, model.num_classes, (cfg.train_batch_size,), device=device)
+
+    def train():
+        model.train()
+        F.cross_entropy(net(x_train), target).backward()
+        optimizer.step()
+        # gradients freed at the end, so each step (and its memory peak) starts without them
+        optimizer.zero_grad(set_to_none=True)
+
+    return _Runner({b: infer_fn(images(b)) for b in cfg.infer_batch_sizes}, train)
+
+
+@contextmanager
+def _threads(num_threads: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _pair_results(pair: Tuple[str, str], mode: str, cfg: BenchmarkConfig, device: torch.device) -> List[Result]:
+    ca_name, base_name = pair
+    runners = {n: _runner(n, mode, cfg, device) for n in (base_name, ca_name)}
+    # (metric, unit, batch size, the timed call of each model)
+    tasks = [(f'infer b{b}', 'ms' if b == 1 else 'img/s', b, {n: r.infer[b] for n, r in runners.items()})
+             for b in cfg.infer_batch_sizes]
+    tasks.append((f'train b{cfg.train_batch_size}', 'img/s', cfg.train_batch_size,
+                  {n: r.train for n, r in runners.items()}))
+    for _, _, _, fns in tasks:  # warm-up: compilation, allocator caches, optimizer state
+        for fn in fns.values():
+            fn()
+            fn()
+    samples = {(metric, n): [] for metric, _, _, _ in tasks for n in runners}
+    for rnd in range(cfg.rounds):
+        order = (base_name, ca_name) if rnd % 2 == 0 else (ca_name, base_name)
+        for metric, unit, batch_size, fns in tasks:
+            for n in order:
+                seconds = _time_per_call(fns[n], device, cfg.min_time)
+                samples[metric, n].append(seconds * 1e3 if unit == 'ms' else batch_size / seconds)
+    results = [
+        Result(ca_name, base_name, mode, metric, unit,
+               statistics.median(samples[metric, base_name]), statistics.median(samples[metric, ca_name]),
+               tuple(samples[metric, base_name]), tuple(samples[metric, ca_name]))
+        for metric, unit, _, _ in tasks]
+    memory = {n: peak_memory(r.train, device) / 2 ** 20 for n, r in runners.items()}
+    results.append(Result(
+        ca_name, base_name, mode, f'train memory b{cfg.train_batch_size}', 'MiB',
+        memory[base_name], memory[ca_name], (memory[base_name],), (memory[ca_name],)))
+    return results
+
+
+def run_benchmark(cfg: BenchmarkConfig, progress: Optional[Callable[[str], None]] = None) -> List[Result]:
+    """Measure every pair in every mode of `cfg`; `progress` gets a line before each (pair, mode)."""
+    device = torch.device(cfg.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'device {cfg.device!r} requested but CUDA is not available')
+    results = []
+    with _threads(cfg.threads):
+        for pair in cfg.pairs:
+            for mode in cfg.modes:
+                if progress:
+                    progress(f'{pair[0]} vs {pair[1]}, {mode}')
+                results += _pair_results(pair, mode, cfg, device)
+    return results
+
+
+def _op_times(fn: Callable[[], None], device: torch.device) -> Dict[str, float]:
+    """Self time (ms) per op name of one call of `fn`: device time on CUDA, CPU time otherwise."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    attr = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    return {e.key: getattr(e, attr) / 1e3 for e in prof.key_averages()}
+
+
+def profile_overhead(
+        pair: Tuple[str, str],
+        cfg: BenchmarkConfig,
+        top: int = 12,
+) -> List[Tuple[str, float, float]]:
+    """Where the CA model spends more than its baseline in one eager training step.
+
+    Returns the `top` ops with the largest self-time difference as (op, baseline ms, CA ms), then a
+    ('total', ...) row.
+    """
+    device = torch.device(cfg.device)
+    with _threads(cfg.threads):
+        runners = {n: _runner(n, 'eager', cfg, device) for n in pair}
+        times = {}
+        for n, r in runners.items():
+            r.train()  # warm-up
+            times[n] = _op_times(r.train, device)
+    ca, base = (times[n] for n in pair)
+    ops = sorted(set(ca) | set(base), key=lambda k: base.get(k, 0.) - ca.get(k, 0.))[:top]
+    rows = [(op, base.get(op, 0.), ca.get(op, 0.)) for op in ops]
+    return rows + [('total', sum(base.values()), sum(ca.values()))]
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool, left: int = 3) -> str:
+    """Aligned text or markdown table; the first `left` columns are left-aligned, the rest right-aligned."""
+    cells = [list(header)] + [list(r) for r in rows]
+    if markdown:
+        lines = ['| ' + ' | '.join(c) + ' |' for c in cells]
+        lines.insert(1, '|' + '|'.join('---' if i < left else '---:' for i in range(len(header))) + '|')
+        return '\n'.join(lines)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    lines = ['  '.join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in cells]
+    lines.insert(1, '-' * len(lines[0]))
+    return '\n'.join(lines)
+
+
+RESULT_HEADER = ('pair (CA / baseline)', 'mode', 'metric', 'unit', 'baseline', 'CA', 'CA/baseline', 'overhead', 'goal')
+
+
+def _environment(cfg: BenchmarkConfig) -> str:
+    device = torch.device(cfg.device)
+    return (f'torch {torch.__version__}, {device.type}'
+            + (f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else '')
+            + f', {cfg.threads} threads, {cfg.img_size}x{cfg.img_size}, medians of {cfg.rounds} interleaved rounds')
+
+
+def results_dict(results: Sequence[Result], cfg: BenchmarkConfig, command: Optional[str] = None) -> Dict:
+    """Everything `format_results` shows, JSON-ready, with each result's per-round samples."""
+    return {
+        'command': command or cfg.command(), 'environment': _environment(cfg), 'config': asdict(cfg),
+        'results': [dict(asdict(r), ratio=r.ratio, overhead=r.overhead, goal=r.goal, met=r.met) for r in results],
+    }
+
+
+def format_results(results: Sequence[Result], cfg: BenchmarkConfig, fmt: str = 'text',
+                   command: Optional[str] = None) -> str:
+    """Results as a text or markdown table (with the command line and environment) or as JSON."""
+    if fmt == 'json':
+        return json.dumps(results_dict(results, cfg, command), indent=2)
+    if fmt not in FORMATS:
+        raise ValueError(f'format must be one of {FORMATS}, got {fmt!r}')
+    rows = [(f'{r.ca_model} / {r.baseline}', r.mode, r.metric, r.unit,
+             f'{r.baseline_value:.2f}', f'{r.ca_value:.2f}', f'{r.ratio:.3f}', f'{r.overhead:+.1%}',
+             f'<= {r.goal:.0%} ' + ('met' if r.met else 'MISSED'))
+            for r in results]
+    met = sum(r.met for r in results)
+    return '\n'.join([
+        f'command: {command or cfg.command()}', _environment(cfg), '',
+        _table(RESULT_HEADER, rows, markdown=fmt == 'markdown'), '',
+        f'goals met: {met} of {len(results)}. CA/baseline is the ratio of the medians; overhead is the extra time '
+        f'(for img/s: baseline/CA - 1) or memory of CA. Memory: peak bytes torch allocates during one training '
+        f'step and holds at once (parameters, optimizer state and batch, allocated before it, not counted).',
+    ])
+
+
+def format_profile(pair: Tuple[str, str], rows: Sequence[Tuple[str, float, float]], markdown: bool = False) -> str:
+    header = ('op', 'baseline ms', 'CA ms', 'CA - baseline ms')
+    body = [(op, f'{b:.2f}', f'{c:.2f}', f'{c - b:+.2f}') for op, b, c in rows]
+    return f'self time per op, one eager training step: {pair[0]} vs {pair[1]}\n' + _table(
+        header, body, markdown, left=1)
+
+
+def _pair(text: str) -> Tuple[str, str]:
+    ca, sep, base = text.partition(':')
+    if not sep or not ca or not base:
+        raise argparse.ArgumentTypeError(f'expected CA_MODEL:BASELINE, got {text!r}')
+    return ca, base
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's options, shared by the CLI subcommand and the script in benchmarks/."""
+    d = BenchmarkConfig()
+    parser.add_argument(
+        '--pairs', nargs='+', type=_pair, metavar='CA:BASELINE',
+        help='pairs to compare (default: ' + ' '.join(f'{ca}:{base}' for ca, base in d.pairs) + ')')
+    parser.add_argument(
+        '--img-size', type=int, default=d.img_size, metavar='N', help='image size (default: %(default)s)')
+    parser.add_argument(
+        '--infer-batch-sizes', nargs='+', type=int, default=list(d.infer_batch_sizes), metavar='N',
+        help='inference batch sizes; batch 1 is reported as latency, larger ones as throughput (default: 1 32)')
+    parser.add_argument(
+        '--train-batch-size', type=int, default=d.train_batch_size, metavar='N',
+        help='training-step batch size (default: %(default)s)')
+    parser.add_argument(
+        '--rounds', type=int, default=d.rounds, metavar='N',
+        help='interleaved rounds; medians are reported (default: %(default)s)')
+    parser.add_argument(
+        '--min-time', type=float, default=d.min_time, metavar='SECONDS',
+        help='seconds each timed sample runs, at least one call (default: %(default)s)')
+    parser.add_argument(
+        '--modes', nargs='+', choices=MODES, default=list(d.modes), metavar='MODE',
+        help=f'execution modes among {", ".join(MODES)}; compile is slow to warm up (default: eager channels_last)')
+    parser.add_argument(
+        '--threads', type=int, default=d.threads, metavar='N', help='torch threads (default: %(default)s)')
+    parser.add_argument('--device', default=d.device, help='cpu or cuda[:N] (default: %(default)s)')
+    parser.add_argument('--format', choices=FORMATS, default='text', help='output format (default: %(default)s)')
+    parser.add_argument(
+        '--profile', action='store_true',
+        help='also print the ops where each CA model spends more time than its baseline (eager training step)')
+
+
+def run_from_args(args: argparse.Namespace, prog: str) -> int:
+    """Run the benchmark described by parsed `add_arguments` options and print the results."""
+    try:
+        cfg = BenchmarkConfig(
+            pairs=tuple(args.pairs) if args.pairs else default_pairs(), img_size=args.img_size,
+            infer_batch_sizes=tuple(args.infer_batch_sizes), train_batch_size=args.train_batch_size,
+            rounds=args.rounds, min_time=args.min_time, modes=tuple(args.modes), threads=args.threads,
+            device=args.device)
+        results = run_benchmark(cfg, lambda line: print(f'[{line}]', file=sys.stderr, flush=True))
+    except ValueError as e:
+        print(f'{prog}: error: {e}', file=sys.stderr)
+        return 2
+    profiles = {pair: profile_overhead(pair, cfg) for pair in cfg.pairs} if args.profile else {}
+    command = cfg.command(prog) + (' --profile' if args.profile else '') + f' --format {args.format}'
+    if args.format == 'json':
+        doc = results_dict(results, cfg, command)
+        if profiles:
+            doc['profile'] = {f'{ca}:{base}': [dict(op=op, baseline_ms=b, ca_ms=c) for op, b, c in rows]
+                              for (ca, base), rows in profiles.items()}
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(format_results(results, cfg, args.format, command))
+    for pair, rows in profiles.items():
+        print()
+        print(format_profile(pair, rows, markdown=args.format == 'markdown'))
+    return 0
