@@ -2,6 +2,7 @@
 bad input and export/compilation paths. """
 import copy
 
+import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -193,7 +194,6 @@ def test_torch_export():
 
 
 def test_onnx_dynamic(tmp_path):
-    ort = pytest.importorskip('onnxruntime')
     ours = _randomise_(CoordAttention(24)).eval()
     path = tmp_path / 'ca.onnx'
     dims = {'x': {0: torch.export.Dim('batch'), 2: torch.export.Dim('h'), 3: torch.export.Dim('w')}}

@@ -2,6 +2,7 @@
 and the timm model API (features, intermediates, checkpointing, heads, export). """
 import copy
 
+import onnxruntime as ort
 import pytest
 import timm
 import torch
@@ -123,7 +124,6 @@ def test_torchscript():
 
 
 def test_torch_export_and_onnx(tmp_path):
-    ort = pytest.importorskip('onnxruntime')
     model = timm.create_model('mobilenetv2_050_ca').eval()
     dims = {'x': {2: torch.export.Dim('h', min=64, max=512), 3: torch.export.Dim('w', min=64, max=512)}}
     example = (torch.randn(1, 3, 64, 64),)

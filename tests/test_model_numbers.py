@@ -7,11 +7,11 @@ with fvcore.
 import pytest
 import timm
 import torch
+from fvcore.nn import FlopCountAnalysis
 
 import timm_coordatt  # noqa: F401
 from timm_coordatt.complexity import count_complexity
 
-fvcore_nn = pytest.importorskip('fvcore.nn')
 
 # model: (params, MACs in millions or None where the references give none)
 REFERENCE = {
@@ -29,7 +29,7 @@ REFERENCE_WITH_MULS = {'mobilenetv2_ca': 310.5, 'mobilenext_ca': 330.1}
 
 
 def _fvcore_macs(model: torch.nn.Module) -> int:
-    analysis = fvcore_nn.FlopCountAnalysis(model.eval(), torch.zeros(1, 3, 224, 224))
+    analysis = FlopCountAnalysis(model.eval(), torch.zeros(1, 3, 224, 224))
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     by_op = analysis.by_operator()
     return by_op['conv'] + by_op['linear']
