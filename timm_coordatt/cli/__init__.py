@@ -20,7 +20,7 @@ COMMANDS = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog='timm-coordatt', description='Coordinate Attention models for timm: train, evaluate, inspect, publish.')
+        prog='timm-coordatt', description='Coordinate Attention models for timm: inspect, benchmark, convert and publish.')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
     for name in COMMANDS:
         importlib.import_module(f'{__name__}.{name}').add_parser(subparsers)
