@@ -139,6 +139,23 @@ def test_coord_gate_gradcheck():
     assert torch.autograd.gradcheck(coord_gate, (x, a_h, a_w))
 
 
+@pytest.mark.parametrize('needs_grad', [(True, False, False), (False, True, False), (False, False, True)])
+def test_coord_gate_partial_grads(needs_grad):
+    """Each input alone: the backward skips the other gradients (and the temporary they share)."""
+    x = torch.randn(2, 3, 4, 5, dtype=torch.double)
+    a_h = torch.rand(2, 3, 4, 1, dtype=torch.double)
+    a_w = torch.rand(2, 3, 1, 5, dtype=torch.double)
+    inputs = [t.requires_grad_(r) for t, r in zip((x, a_h, a_w), needs_grad)]
+    assert torch.autograd.gradcheck(coord_gate, inputs)
+
+
+def test_coord_gate_double_backward():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.double, requires_grad=True)
+    a_h = torch.rand(2, 3, 4, 1, dtype=torch.double, requires_grad=True)
+    a_w = torch.rand(2, 3, 1, 5, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradgradcheck(coord_gate, (x, a_h, a_w))
+
+
 def test_coord_gate_saves_less_for_backward():
     """Only the input and the two small gates are kept for backward, not `x * a_h`."""
     m = CoordAttention(16).train()

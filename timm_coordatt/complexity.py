@@ -1,7 +1,7 @@
 """ Parameter and multiply-accumulate counts, as the paper tables count them.
 
 MACs are those of every Conv2d and Linear in a forward pass (one multiply-accumulate per weight
-use); `ca_muls` adds the element-wise products `x * a_h * a_w` of each CoordAttention block
+use, CoordAttention's strip convs included); `ca_muls` adds the element-wise products `x * a_h * a_w` of each CoordAttention block
 (2·C·H·W), which the paper's M-Adds appear to include.
 """
 from dataclasses import dataclass
@@ -43,6 +43,10 @@ def count_complexity(model: nn.Module, input_size: Tuple[int, int, int] = (3, 22
             counts['macs'] += output.numel() * module.in_features
         else:  # CoordAttention: x * a_h, then * a_w
             counts['ca_muls'] += 2 * output.numel()
+            # its 1x1 convs run functionally on the strips (their modules' hooks do not fire):
+            # conv1 over H + W positions, conv_h over H, conv_w over W
+            n, c, h, w = output.shape
+            counts['macs'] += 2 * n * (h + w) * c * module.conv1.out_channels
 
     handles = [
         m.register_forward_hook(hook) for m in model.modules()

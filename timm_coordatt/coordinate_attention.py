@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from timm.layers import LayerType, create_act_layer, register_notrace_function
 
@@ -33,7 +34,7 @@ class _CoordGate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, a_h, a_w = ctx.saved_tensors
-        grad_x = grad_a_h = grad_a_w = None
+        gx = grad_a_h = grad_a_w = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             gx = grad_out * x
             # strip reductions as batched matmuls, no second full-size temporary
@@ -41,8 +42,12 @@ class _CoordGate(torch.autograd.Function):
                 grad_a_h = torch.matmul(gx, a_w.transpose(-1, -2))
             if ctx.needs_input_grad[2]:
                 grad_a_w = torch.matmul(a_h.transpose(-1, -2), gx)
+        grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mul(grad_out, a_h).mul_(a_w)
+            # into the buffer of `grad_out * x` once reduced, one fresh full-size tensor rather than
+            # two; not when building a graph for double backward, where `out=` is not differentiable
+            buffer = None if torch.is_grad_enabled() else gx
+            grad_x = torch.mul(grad_out, a_h, out=buffer).mul_(a_w)
         return grad_x, grad_a_h, grad_a_w
 
 
@@ -122,13 +127,19 @@ class CoordAttention(nn.Module):
         """The height gate `a_h` (N, C, H, 1) and the width gate `a_w` (N, C, 1, W) for `x`."""
         _check_input(x, self.channels)
         h, w = x.shape[-2:]
-        # both strips side by side as (N, C, H + W, 1) so the shared conv and BN run once
-        y = torch.cat([x.mean(3, keepdim=True), x.mean(2, keepdim=True).transpose(-1, -2)], dim=2)
-        y = self.act(self.bn1(self.conv1(y)))
+        # Both strips side by side as (N, C, H + W). Sums: their backward is a free expand where
+        # mean's writes a full-size tensor.
+        y = torch.cat([x.sum(3).div_(w), x.sum(2).div_(h)], dim=2)
+        # The 1x1 convs as conv1d on the strips (same weights, flattened), with no transposes: the
+        # norm sees the usual contiguous (N, C, L, 1) layout and so does its gradient. That matters:
+        # CPU batch norm's backward is wrong when input and gradient differ in memory format, and
+        # transposed strips add size-1 guards that break `torch.export` with dynamic H and W.
+        y = F.conv1d(y, self.conv1.weight.flatten(2), self.conv1.bias)
+        y = self.act(self.bn1(y.unsqueeze(3))).squeeze(3)
         y_h, y_w = torch.split(y, [h, w], dim=2)
-        a_h = self.gate(self.conv_h(y_h))
-        a_w = self.gate(self.conv_w(y_w.transpose(-1, -2)))
-        return a_h, a_w
+        a_h = self.gate(F.conv1d(y_h, self.conv_h.weight.flatten(2), self.conv_h.bias))
+        a_w = self.gate(F.conv1d(y_w, self.conv_w.weight.flatten(2), self.conv_w.bias))
+        return a_h.unsqueeze(3), a_w.unsqueeze(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a_h, a_w = self.gates(x)

@@ -10,6 +10,10 @@ from typing import List, Optional
 
 # subcommand modules, in the order `--help` lists them
 COMMANDS = (
+    'train',
+    'validate',
+    'predict',
+    'run',
     'attention',
     'models',
     'benchmark',
@@ -20,7 +24,9 @@ COMMANDS = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog='timm-coordatt', description='Coordinate Attention models for timm: inspect, benchmark, convert and publish.')
+        prog='timm-coordatt',
+        description='Coordinate Attention models for timm: train, validate, predict, run timm scripts, '
+                    'inspect attention, list models, benchmark, convert and publish.')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
     for name in COMMANDS:
         importlib.import_module(f'{__name__}.{name}').add_parser(subparsers)

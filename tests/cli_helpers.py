@@ -1,0 +1,39 @@
+""" Shared by the CLI tests: small image folders, a console runner, one thread per process. """
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """Tiny tensors: one thread each, in this process and the ones it starts (no stalls on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('OMP_NUM_THREADS', '1')
+        yield
+    torch.set_num_threads(threads)
+
+
+def make_image_folder(root, classes=('cat', 'dog', 'fox'), per_class=3, size=40, seed=0):
+    """`root/<class>/<i>.png` with a class-dependent mean colour, so the classes are learnable."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            base = np.zeros(3)
+            base[c % 3] = 200
+            pixels = np.clip(base + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(os.path.join(root, name, f'{i}.png'))
+    return str(root)
+
+
+def cli(*args):
+    """`python -m timm_coordatt ARGS` in a fresh interpreter, as a user's shell would run it."""
+    return subprocess.run(
+        [sys.executable, '-m', 'timm_coordatt', *args], capture_output=True, text=True, timeout=600)

@@ -1,0 +1,258 @@
+""" `timm-coordatt validate / predict / run`, the embedded dataset, and bad input for every command. """
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import timm
+import timm_coordatt  # noqa: F401  registers the models
+from timm.data import ImageNetInfo, create_dataset, create_transform, resolve_data_config
+from timm_coordatt.cli import main
+from timm_coordatt.datasets import GridShapes
+
+from cli_helpers import cli, make_image_folder, one_thread  # noqa: F401  (one_thread: an autouse fixture)
+
+MODEL = 'mobilenetv2_050_ca'
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+    """A finished 1-epoch run on a 3-class folder (shared by the validate / predict tests)."""
+    root = tmp_path_factory.mktemp('trained')
+    data = make_image_folder(root / 'data')
+    run = str(root / 'run')
+    assert main(['train', '--data-dir', data, '--val-fraction', '0.34', '--model', MODEL, '--epochs', '1',
+                 '--batch-size', '3', '--img-size', '32', '--workers', '0', '--output', run]) == 0
+    return run, data
+
+
+def digest(path):
+    """Content hashes of every file under `path`."""
+    out = {}
+    for d, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, path)] = hashlib.sha256(open(p, 'rb').read()).hexdigest()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the embedded dataset
+
+def test_grid_shapes_is_deterministic_and_splits_differ():
+    a, b = GridShapes('train', 8, img_size=48), GridShapes('train', 8, img_size=48)
+    for i in range(8):
+        (ia, la), (ib, lb) = a[i], b[i]
+        assert la == lb and np.array_equal(np.asarray(ia), np.asarray(ib))
+    val = GridShapes('validation', 8, img_size=48)
+    assert not np.array_equal(np.asarray(a[0][0]), np.asarray(val[0][0]))
+    assert a.classes == ['r0c0', 'r0c1', 'r0c2', 'r1c0', 'r1c1', 'r1c2', 'r2c0', 'r2c1', 'r2c2']
+
+
+def test_grid_shapes_label_is_the_cell_of_the_only_shape():
+    # without distractors the drawn pixels (far from the noisy background) must all lie in the label's cell
+    ds = GridShapes('train', 40, img_size=60, grid=3, max_distractors=0)
+    labels = []
+    for i in range(len(ds)):
+        img, label = ds[i]
+        pixels = np.asarray(img).astype(int)
+        background = np.median(pixels.reshape(-1, 3), axis=0)
+        ys, xs = np.nonzero(np.abs(pixels - background).min(axis=-1) > 60)  # shapes differ in every channel
+        assert len(ys) > 0
+        row, col = divmod(label, 3)
+        assert ys.min() >= row * 20 and ys.max() < (row + 1) * 20, (i, label)
+        assert xs.min() >= col * 20 and xs.max() < (col + 1) * 20, (i, label)
+        labels.append(label)
+    assert len(set(labels)) >= 7  # every cell is a possible answer
+
+
+def test_grid_shapes_rejects_bad_arguments():
+    with pytest.raises(ValueError, match='split'):
+        GridShapes('test')
+    with pytest.raises(ValueError, match='img_size'):
+        GridShapes(img_size=16, grid=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# validate / predict
+
+def test_validate_matches_an_independent_evaluation(run_dir, tmp_path, capsys):
+    run, data = run_dir
+    results_file = str(tmp_path / 'results.json')
+    assert main(['validate', '--model', f'local-dir:{run}', '--data-dir', data, '--workers', '0',
+                 '--results-file', results_file]) == 0
+    results = json.load(open(results_file))
+    assert f'top-1 {results["top1"]:.3f}%' in capsys.readouterr().out
+
+    # the same evaluation written directly against timm
+    model = timm.create_model(f'local-dir:{run}', pretrained=True).eval()
+    config = resolve_data_config(model=model)
+    assert results['img_size'] == config['input_size'][-1] == 32
+    dataset = create_dataset('', root=data, transform=create_transform(**config))
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    y = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    with torch.no_grad():
+        logits = model(x)
+    assert results['images'] == 9
+    assert results['top1'] == pytest.approx((logits.argmax(1) == y).float().mean().item() * 100)
+    assert results['loss'] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
+
+
+def test_predict_uses_the_run_label_names(run_dir, capsys):
+    run, data = run_dir
+    images = [os.path.join(data, 'dog', '0.png'), os.path.join(data, 'fox', '1.png')]
+    assert main(['predict', '--model', f'local-dir:{run}', '--topk', '3', '--json', *images]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r['file'] for r in results] == images
+
+    model = timm.create_model(f'local-dir:{run}', pretrained=True).eval()
+    transform = create_transform(**resolve_data_config(model=model))
+    for result, path in zip(results, images):
+        with torch.no_grad():
+            probs = model(transform(Image.open(path).convert('RGB'))[None]).softmax(-1)[0]
+        order = probs.argsort(descending=True).tolist()
+        names = ['cat', 'dog', 'fox']
+        assert [p['label'] for p in result['predictions']] == [names[i] for i in order]
+        assert [p['probability'] for p in result['predictions']] == pytest.approx(probs[order].tolist(), abs=1e-6)
+
+
+def test_predict_names_imagenet_classes_for_a_1000_class_head(tmp_path, capsys):
+    image = tmp_path / 'x.jpg'
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(image)
+    assert main(['predict', '--model', MODEL, '--img-size', '32', '--topk', '2', '--json', str(image)]) == 0
+    predictions = json.loads(capsys.readouterr().out)[0]['predictions']
+    descriptions = ImageNetInfo().label_descriptions()
+    assert [descriptions[p['index']] for p in predictions] == [p['label'] for p in predictions]
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+
+USER_SCRIPT = '''
+import sys
+import timm
+model = timm.create_model('mobilenetv2_ca', num_classes=7)
+rank = __import__('os').environ.get('RANK', '-')
+print(f'rank={rank} name={__name__} argv={sys.argv[1:]} classes={model.num_classes}')
+sys.exit(int(sys.argv[1]))
+'''
+
+
+def test_run_executes_a_script_with_the_models_registered(tmp_path):
+    script = tmp_path / 'user_train.py'
+    script.write_text(USER_SCRIPT)
+    proc = cli('run', str(script), '3', '--model', 'mobilenetv2_ca')
+    assert proc.returncode == 3, proc.stderr  # the script's own exit status
+    assert "name=__main__ argv=['3', '--model', 'mobilenetv2_ca'] classes=7" in proc.stdout
+    # without the package imported first, timm does not know the model
+    plain = subprocess.run([sys.executable, str(script), '0'], capture_output=True, text=True, timeout=300)
+    assert plain.returncode != 0 and 'Unknown model' in plain.stderr
+
+
+@pytest.mark.slow
+def test_run_under_torchrun(tmp_path):
+    script = tmp_path / 'user_train.py'
+    script.write_text(USER_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'timm_coordatt',
+         'run', str(script), '0'], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(line.split()[0] for line in proc.stdout.splitlines() if line.startswith('rank=')) == \
+        ['rank=0', 'rank=1']
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: a clear message, exit status 2, no traceback, nothing written or lost
+
+def _error(capsys, argv):
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert 'error:' in err and 'Traceback' not in err
+    return err
+
+
+def test_missing_data_dir(tmp_path, capsys):
+    err = _error(capsys, ['train', '--data-dir', str(tmp_path / 'nope'), '--output', str(tmp_path / 'run')])
+    assert 'does not exist' in err and str(tmp_path / 'nope') in err
+    assert not os.path.exists(tmp_path / 'run')
+
+
+def test_empty_data_dir(tmp_path, capsys):
+    (tmp_path / 'data').mkdir()
+    err = _error(capsys, ['train', '--data-dir', str(tmp_path / 'data'), '--output', str(tmp_path / 'run')])
+    assert 'no class folders' in err
+
+
+def test_class_folder_without_images(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'data')
+    os.makedirs(os.path.join(data, 'empty_class'))
+    open(os.path.join(data, 'empty_class', 'notes.txt'), 'w').write('no images here')
+    err = _error(capsys, ['train', '--data-dir', data, '--output', str(tmp_path / 'run')])
+    assert 'empty_class' in err and 'no images' in err
+
+
+@pytest.mark.parametrize('damage', ['garbage', 'truncated'])
+def test_corrupt_image(tmp_path, capsys, damage):
+    data = make_image_folder(tmp_path / 'data')
+    bad = os.path.join(data, 'dog', '1.png')
+    if damage == 'garbage':
+        open(bad, 'wb').write(b'this is not a png')
+    else:
+        content = open(bad, 'rb').read()
+        open(bad, 'wb').write(content[:len(content) // 2])
+    err = _error(capsys, ['train', '--data-dir', data, '--output', str(tmp_path / 'run')])
+    assert bad in err and 'cannot be read' in err
+    err = _error(capsys, ['validate', '--model', MODEL, '--data-dir', data])
+    assert bad in err
+    err = _error(capsys, ['predict', '--model', MODEL, bad])
+    assert bad in err
+
+
+def test_unknown_model(tmp_path, capsys):
+    err = _error(capsys, ['train', '--model', 'mobilenetv2_ca_typo', '--output', str(tmp_path / 'run')])
+    assert "unknown model 'mobilenetv2_ca_typo'" in err and 'mobilenetv2_ca' in err
+    _error(capsys, ['validate', '--model', 'no_such_model'])
+    _error(capsys, ['predict', '--model', 'no_such_model', __file__])
+
+
+def test_checkpoint_of_another_architecture(tmp_path, capsys):
+    ckpt = str(tmp_path / 'resnet.safetensors')
+    import safetensors.torch
+    safetensors.torch.save_file(timm.create_model('resnet10t', num_classes=9).state_dict(), ckpt)
+    err = _error(capsys, ['train', '--model', MODEL, '--initial-checkpoint', ckpt, '--output', str(tmp_path / 'run')])
+    assert 'does not fit mobilenetv2_050_ca' in err and 'missing' in err
+    err = _error(capsys, ['validate', '--model', MODEL, '--checkpoint', ckpt])
+    assert 'does not fit' in err
+
+
+def test_impossible_option_combinations(tmp_path, capsys):
+    out = str(tmp_path / 'run')
+    assert '--sync-bn' in _error(capsys, ['train', '--sync-bn', '--output', out])
+    ckpt = str(tmp_path / 'w.safetensors')
+    err = _error(capsys, ['train', '--pretrained', '--initial-checkpoint', ckpt, '--output', out])
+    assert '--pretrained' in err and '--initial-checkpoint' in err
+    assert '--warmup-epochs' in _error(capsys, ['train', '--epochs', '2', '--warmup-epochs', '2', '--output', out])
+    assert not os.path.exists(out)
+
+
+def test_nothing_written_is_lost(run_dir, tmp_path, capsys):
+    run, data = run_dir
+    before = digest(run)
+    # a new run into a used directory, and a resume that changes the run's options: both refused
+    assert 'not empty' in _error(capsys, ['train', '--data-dir', data, '--output', run])
+    err = _error(capsys, ['train', '--resume', run, '--lr', '0.5'])
+    assert '--lr 0.5' in err
+    assert digest(run) == before
+
+
+def test_bad_input_from_the_console_has_no_traceback(tmp_path):
+    proc = cli('train', '--data-dir', str(tmp_path / 'missing'), '--output', str(tmp_path / 'run'))
+    assert proc.returncode == 2
+    assert 'error:' in proc.stderr and 'Traceback' not in proc.stderr

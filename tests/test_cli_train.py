@@ -1,0 +1,200 @@
+""" `timm-coordatt train`: run directory, exact resume, Ctrl-C, freezing, DDP. """
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import safetensors.torch
+import torch
+
+import timm
+import timm_coordatt  # noqa: F401  registers the models
+from timm.data import resolve_data_config
+from timm.utils import random_seed
+from timm_coordatt.cli import main
+
+from cli_helpers import make_image_folder, one_thread  # noqa: F401  (one_thread: an autouse fixture)
+
+MODEL = 'mobilenetv2_050_ca'
+# small, fast, and on the embedded task: a handful of steps per epoch at 32 px
+TINY = ['--img-size', '32', '--workers', '0', '--grid-val-samples', '16']
+
+
+def read_metrics(run):
+    with open(os.path.join(run, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def load_weights(path):
+    return safetensors.torch.load_file(path)
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f'{len(different)} tensors differ, e.g. {different[:3]}'
+
+
+def test_train_on_image_folder_writes_a_loadable_run(tmp_path):
+    data = tmp_path / 'data'
+    make_image_folder(data / 'train', per_class=4)
+    make_image_folder(data / 'val', per_class=2, seed=1)
+    run = str(tmp_path / 'run')
+    rc = main(['train', '--data-dir', str(data), '--model', MODEL, '--epochs', '2', '--batch-size', '4',
+               '--img-size', '32', '--workers', '0', '--model-ema', '--output', run])
+    assert rc == 0
+    assert sorted(os.listdir(run)) == sorted(
+        ['best', 'config.json', 'metrics.jsonl', 'model.safetensors', 'model_ema.safetensors', 'training_state.pt'])
+    assert sorted(os.listdir(os.path.join(run, 'best'))) == ['config.json', 'model.safetensors']
+
+    records = read_metrics(run)
+    assert [r['epoch'] for r in records] == [1, 2]
+    for r in records:
+        assert r['val_images'] == 6 and 0 <= r['val_top1'] <= r['val_top5'] <= 100 and r['val_loss'] > 0
+        assert 'ema_val_top1' in r and r['train_loss'] > 0
+
+    # the resumable state loads without unpickling arbitrary objects and holds the latest weights
+    state = torch.load(os.path.join(run, 'training_state.pt'), weights_only=True)
+    assert state['progress']['epoch'] == 2
+    assert_same_tensors(load_weights(os.path.join(run, 'model.safetensors')),
+                        {k: v for k, v in state['model'].items()})
+
+    # timm itself loads the run directory: architecture, head size, class names and data config
+    config = json.load(open(os.path.join(run, 'config.json')))
+    assert config['architecture'] == MODEL and config['label_names'] == ['cat', 'dog', 'fox']
+    model = timm.create_model(f'local-dir:{run}', pretrained=True)
+    assert model.num_classes == 3
+    assert_same_tensors(model.state_dict(), state['model'])
+    data_config = resolve_data_config(model=model)
+    assert data_config['input_size'] == (3, 32, 32)
+
+
+def test_resume_at_epoch_boundary_is_exact(tmp_path):
+    # a schedule that does not depend on the number of epochs, so 1 + 1 epochs must equal 2
+    common = ['--model', MODEL, '--grid-samples', '32', '--batch-size', '8', '--sched', 'constant',
+              '--warmup-epochs', '0', *TINY]
+    straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
+    assert main(['train', *common, '--epochs', '2', '--output', straight]) == 0
+    assert main(['train', *common, '--epochs', '1', '--output', split]) == 0
+    assert main(['train', '--resume', split, '--epochs', '2']) == 0
+    assert_same_tensors(load_weights(os.path.join(straight, 'model.safetensors')),
+                        load_weights(os.path.join(split, 'model.safetensors')))
+    assert read_metrics(straight) == read_metrics(split)
+
+
+def test_ctrl_c_leaves_a_checkpoint_that_resumes_exactly(tmp_path):
+    common = ['--model', MODEL, '--grid-samples', '64', '--batch-size', '8', '--epochs', '2', *TINY]
+    straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
+    assert main(['train', *common, '--output', straight]) == 0
+
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'timm_coordatt', 'train', *common, '--output', interrupted],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(interrupted, 'metrics.jsonl')
+    deadline = time.time() + 300
+    while not (os.path.exists(metrics) and read_metrics(interrupted)) and proc.poll() is None:
+        assert time.time() < deadline, 'the first epoch did not finish in time'
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends; epoch 2 is still to go
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr
+    assert 'Traceback' not in stderr and '--resume' in stderr
+
+    state = torch.load(os.path.join(interrupted, 'training_state.pt'), weights_only=True)
+    assert state['progress']['epoch'] == 1  # stopped in epoch 2 (in training or validation)
+    # usable as it is: the weights load into the architecture
+    model = timm.create_model(f'local-dir:{interrupted}', pretrained=True)
+    assert_same_tensors(model.state_dict(), state['model'])
+
+    assert main(['train', '--resume', interrupted]) == 0
+    assert_same_tensors(load_weights(os.path.join(straight, 'model.safetensors')),
+                        load_weights(os.path.join(interrupted, 'model.safetensors')))
+    assert read_metrics(straight) == read_metrics(interrupted)
+    assert not [f for f in os.listdir(interrupted) if '.tmp' in f]
+
+
+def test_freeze_keeps_the_first_groups_unchanged(tmp_path):
+    run = str(tmp_path / 'run')
+    groups = 3  # stem and the first two stages of blocks
+    assert main(['train', '--model', MODEL, '--freeze', str(groups), '--epochs', '1', '--grid-samples', '16',
+                 '--batch-size', '8', '--output', run, *TINY]) == 0
+    random_seed(42, 0)  # train's default --seed: the same initial weights
+    initial = timm.create_model(MODEL, num_classes=9).state_dict()
+    trained = load_weights(os.path.join(run, 'model.safetensors'))
+    frozen_prefixes = ('conv_stem.', 'bn1.', 'blocks.0.', 'blocks.1.')
+    for key, value in trained.items():
+        if key.startswith(frozen_prefixes):
+            assert torch.equal(value, initial[key]), f'{key} changed although frozen'
+    for key in ('blocks.2.0.conv_pw.weight', 'blocks.2.0.bn1.running_mean', 'classifier.weight'):
+        assert not torch.equal(trained[key], initial[key]), f'{key} did not train'
+
+
+def test_freeze_out_of_range_is_an_error(tmp_path, capsys):
+    rc = main(['train', '--model', MODEL, '--freeze', '99', '--output', str(tmp_path / 'run'), *TINY])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert '--freeze 99' in err and 'layer groups' in err
+    assert not os.path.exists(tmp_path / 'run')
+
+
+def _ddp_env():
+    env = dict(os.environ)
+    env.pop('CUDA_VISIBLE_DEVICES', None)
+    return env
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    # GroupNorm: no batch statistics, so the gradient of the global batch is the mean of the two
+    # processes' gradients and one plain SGD step (timm's 'momentum' optimizer with momentum 0, no
+    # Nesterov) must land on the same weights
+    common = ['--model', 'test_efficientnet_gn', '--grid-samples', '8', '--epochs', '1', '--opt', 'momentum',
+              '--momentum', '0', '--weight-decay', '0', '--sched', 'constant', '--warmup-epochs', '0',
+              '--lr', '0.5', '--device', 'cpu', *TINY]
+    single, ddp = str(tmp_path / 'single'), str(tmp_path / 'ddp')
+    assert main(['train', *common, '--batch-size', '8', '--output', single]) == 0
+    proc = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'timm_coordatt',
+         'train', *common, '--batch-size', '4', '--output', ddp],
+        capture_output=True, text=True, timeout=600, env=_ddp_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # rank 0 alone writes: one run directory, one record per epoch, no stray files
+    assert sorted(os.listdir(ddp)) == ['best', 'config.json', 'metrics.jsonl', 'model.safetensors',
+                                       'training_state.pt']
+    assert len(read_metrics(ddp)) == 1
+    assert read_metrics(ddp)[0]['val_images'] == 16  # each validation image counted once across ranks
+    a, b = load_weights(os.path.join(single, 'model.safetensors')), load_weights(os.path.join(ddp, 'model.safetensors'))
+    random_seed(42, 0)
+    initial = timm.create_model('test_efficientnet_gn', num_classes=9)
+    moved = [k for k in a if a[k].is_floating_point() and not torch.equal(a[k], initial.state_dict()[k])]
+    assert moved, 'the step did not change the weights'
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def _train_with(tmp_path, *options):
+    run = str(tmp_path / 'run')
+    assert main(['train', '--model', MODEL, '--epochs', '1', '--grid-samples', '16', '--batch-size', '8',
+                 '--output', run, *TINY, *options]) == 0
+    random_seed(42, 0)
+    initial = timm.create_model(MODEL, num_classes=9).state_dict()
+    trained = load_weights(os.path.join(run, 'model.safetensors'))
+    assert all(torch.isfinite(v).all() for v in trained.values())
+    moved = [k for k in initial if initial[k].is_floating_point() and not torch.equal(initial[k], trained[k])]
+    assert len(moved) > len(initial) // 2, 'training did not update the weights'
+    return read_metrics(run)
+
+
+def test_speed_and_memory_options_train(tmp_path):
+    records = _train_with(tmp_path, '--channels-last', '--amp', 'bfloat16', '--grad-checkpointing',
+                          '--clip-grad', '1.0', '--layer-decay', '0.8', '--opt', 'sgd', '--model-ema')
+    assert records[0]['train_loss'] > 0 and 'ema_val_top1' in records[0]
+
+
+@pytest.mark.slow
+def test_compiled_training(tmp_path):
+    records = _train_with(tmp_path, '--compile')
+    assert records[0]['train_loss'] > 0

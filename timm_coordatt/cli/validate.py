@@ -1,0 +1,53 @@
+""" `timm-coordatt validate`: top-1 / top-5 and loss of a model on an ImageFolder (or the embedded task). """
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        'validate', help='top-1 / top-5 accuracy and loss on an ImageFolder',
+        description="Evaluate a model with its own data config (input size, crop, interpolation, mean/std "
+                    "from resolve_data_config). Folder names are matched to the model's label names when its "
+                    "config has them (e.g. a run directory of `train`), else taken in sorted order. With no "
+                    "--data-dir, evaluates on the embedded grid task's validation split.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_arguments(p, batch_size=64)
+    p.add_argument('--data-dir', metavar='DIR', help='ImageFolder root, or a root with a val/validation folder')
+    p.add_argument('--grid', type=int, default=3, help='embedded task: cells per side')
+    p.add_argument('--grid-val-samples', type=int, default=500, help='embedded task: validation images')
+    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--results-file', metavar='FILE', help='also write the results as JSON to FILE')
+    p.set_defaults(func=_main)
+
+
+def add_model_arguments(p: argparse.ArgumentParser, batch_size: int) -> None:
+    """The model, its weights and how to run it: shared by `validate` and `predict`."""
+    p.add_argument('--model', required=True, help='timm model name, local-dir:RUN_DIR or hf-hub:ID')
+    p.add_argument('--checkpoint', metavar='FILE', help='weights to use (safetensors or torch file)')
+    p.add_argument('--pretrained', action='store_true', help="the model's pretrained weights")
+    p.add_argument('--img-size', type=int, help="input size (default: the model's data config)")
+    p.add_argument('--batch-size', '-b', type=int, default=batch_size)
+    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--amp', nargs='?', const='auto', choices=('auto', 'float16', 'bfloat16'),
+                   help='mixed precision (float16 on CUDA, bfloat16 on CPU for auto)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def _main(args: argparse.Namespace) -> int:
+    from ..training import UsageError, validate
+    try:
+        results = validate(args)
+    except UsageError as e:
+        print(f'timm-coordatt validate: error: {e}', file=sys.stderr)
+        return 2
+    print(f'{results["model"]}: top-1 {results["top1"]:.3f}%  top-5 {results["top5"]:.3f}%  '
+          f'loss {results["loss"]:.4f}  ({results["images"]} images, {results["img_size"]}px)')
+    if args.results_file:
+        from ..training import atomic_write
+        os.makedirs(os.path.dirname(os.path.abspath(args.results_file)), exist_ok=True)
+        atomic_write(args.results_file, lambda tmp: open(tmp, 'w').write(json.dumps(results, indent=2) + '\n'))
+    return 0

@@ -1,0 +1,1007 @@
+""" The fine-tuning loop behind `timm-coordatt train` and the helpers `validate` / `predict` share.
+
+Everything is assembled from timm's own parts: `create_model` / `load_pretrained` for weights,
+`create_dataset` / `create_transform` / `resolve_data_config` for data, `create_optimizer_v2`,
+`create_scheduler_v2`, `LabelSmoothingCrossEntropy`, `ModelEmaV3`, `accuracy` / `AverageMeter`,
+`freeze`, `group_modules`, `distribute_bn` and timm's distributed setup.
+
+A run directory holds:
+    config.json, model.safetensors   latest weights, loadable as `timm.create_model('local-dir:RUN')`
+    model_ema.safetensors            EMA of the weights (with --model-ema)
+    best/                            the best epoch's weights (by validation top-1), same layout
+    training_state.pt                everything `--resume` needs (tensors and plain containers only,
+                                     loadable with `torch.load(..., weights_only=True)`)
+    metrics.jsonl                    one JSON record per finished epoch
+Every file is written to a temporary name and moved into place, so an interrupted write never
+leaves a broken file behind. `training_state.pt` is self-contained (it holds the weights too), so
+it is always consistent with itself whatever else was interrupted.
+"""
+import argparse
+import contextlib
+import dataclasses
+import difflib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from tqdm import tqdm
+
+import timm
+from timm.data import (
+    ImageDataset, ImageNetInfo, create_dataset, create_transform, get_img_extensions, infer_imagenet_subset,
+    resolve_data_config)
+from timm.layers import convert_sync_batchnorm
+from timm.loss import LabelSmoothingCrossEntropy
+from timm.models import group_modules, load_pretrained, load_state_dict, parse_model_name
+from timm.models._hub import save_config_for_hf
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import AverageMeter, ModelEmaV3, accuracy, dispatch_clip_grad, distribute_bn, freeze, random_seed
+from timm.utils.distributed import init_distributed_device_so
+
+from .datasets import DEFAULT_IMG_SIZE as GRID_IMG_SIZE, GridShapes
+
+__all__ = [
+    'UsageError', 'atomic_write', 'save_weights', 'export_model', 'check_image_folder', 'create_model',
+    'label_names', 'evaluate', 'fit', 'STATE_FILE', 'METRICS_FILE', 'WEIGHTS_FILE', 'CONFIG_FILE',
+]
+
+WEIGHTS_FILE = 'model.safetensors'
+EMA_WEIGHTS_FILE = 'model_ema.safetensors'
+CONFIG_FILE = 'config.json'
+STATE_FILE = 'training_state.pt'
+METRICS_FILE = 'metrics.jsonl'
+BEST_DIR = 'best'
+STATE_VERSION = 1
+
+_TRAIN_DIRS = ('train', 'training')
+_VAL_DIRS = ('validation', 'val', 'valid', 'eval')
+# options that may differ from the interrupted run's when resuming
+RESUME_OVERRIDES = ('epochs', 'workers', 'device', 'resume', 'output')
+
+
+class UsageError(Exception):
+    """Bad input or an impossible request: reported as one message and a non-zero exit, no traceback."""
+
+
+def _print(*args, **kwargs) -> None:
+    # through tqdm so that messages do not tear an active progress bar
+    tqdm.write(' '.join(str(a) for a in args), file=kwargs.get('file', sys.stderr))
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_path)`, then move the finished file onto `path` in one step."""
+    tmp = f'{path}.tmp-{os.getpid()}'
+    try:
+        write(tmp)
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_text(path: str, text: str) -> None:
+    """`text` into `path`, atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_weights(model: nn.Module, path: str) -> None:
+    """The model's state dict as safetensors, written atomically."""
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={'format': 'pt'}))
+
+
+def export_model(model: nn.Module, directory: str, class_names: Sequence[str], data_config: Dict[str, Any]) -> None:
+    """`config.json` + `model.safetensors` in timm's Hub layout (`timm.create_model('local-dir:DIR')` loads it)."""
+    os.makedirs(directory, exist_ok=True)
+    atomic_write(
+        os.path.join(directory, CONFIG_FILE),
+        lambda tmp: save_config_for_hf(
+            model, tmp, data_config=data_config,
+            # the source weights' tag (e.g. in1k) no longer describes these
+            model_config={'label_names': list(class_names), 'pretrained_cfg': {'tag': 'finetuned'}}))
+    save_weights(model, os.path.join(directory, WEIGHTS_FILE))
+
+
+def _load_training_state(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise UsageError(f'cannot resume: {path} does not exist (expected the run directory of an earlier `train`)')
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise UsageError(f'cannot resume: {path} is not a readable training state ({e})') from None
+    if not isinstance(state, dict) or state.get('version') != STATE_VERSION:
+        raise UsageError(f'cannot resume: {path} is not a training state of this version of timm-coordatt')
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+def _split_dir(root: str, names: Sequence[str]) -> Optional[str]:
+    for name in names:
+        path = os.path.join(root, name)
+        if os.path.isdir(path):
+            return path
+    return None
+
+
+def check_image_folder(root: str) -> List[str]:
+    """Class names of the ImageFolder tree `root/<class>/<image>`; UsageError naming what is wrong.
+
+    Each image's header is read and checked (PIL `verify`), so a corrupt or non-image file is reported
+    before training starts instead of failing (or being skipped) in the middle of an epoch.
+    """
+    if not os.path.exists(root):
+        raise UsageError(f'data directory {root} does not exist')
+    if not os.path.isdir(root):
+        raise UsageError(f'data directory {root} is not a directory')
+    extensions = get_img_extensions(as_set=True)
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
+    if not classes:
+        raise UsageError(
+            f'data directory {root} has no class folders: expected {root}/<class name>/<image> '
+            f'with images ending in {", ".join(sorted(extensions))}')
+    empty, bad, count = [], [], 0
+    for name in classes:
+        files = [
+            os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, name), followlinks=True)
+            for f in sorted(fs) if os.path.splitext(f)[1].lower() in extensions]
+        if not files:
+            empty.append(name)
+        for path in files:
+            try:
+                with Image.open(path) as img:
+                    img.verify()
+            except Exception as e:
+                bad.append(f'{path} ({type(e).__name__}: {e})')
+        count += len(files)
+    if empty:
+        raise UsageError(
+            f'class folder(s) with no images in {root}: {", ".join(empty)} '
+            f'(expected files ending in {", ".join(sorted(extensions))})')
+    if bad:
+        shown = '\n  '.join(bad[:10])
+        more = f'\n  ... and {len(bad) - 10} more' if len(bad) > 10 else ''
+        raise UsageError(f'{len(bad)} of {count} image files in {root} cannot be read:\n  {shown}{more}')
+    return classes
+
+
+def _image_folder(root: str, class_names: Sequence[str]) -> Dataset:
+    class_map = {name: i for i, name in enumerate(class_names)}
+    dataset = create_dataset('', root=root, split='', search_split=False, class_map=class_map)
+    found = set(os.path.basename(os.path.dirname(f)) for f in dataset.filenames(absolute=True))
+    if not found <= set(class_names):
+        raise UsageError(
+            f'{root} has images in nested folders ({", ".join(sorted(found - set(class_names))[:5])}); '
+            f'expected {root}/<class name>/<image>')
+    return dataset
+
+
+@dataclasses.dataclass
+class DataSplits:
+    train: Dataset
+    val: Dataset
+    class_names: List[str]
+    description: str
+
+
+def find_data(args: argparse.Namespace) -> DataSplits:
+    """The train / validation datasets (no transforms yet) and class names that `args` asks for."""
+    if args.data_dir is None:
+        train = GridShapes('train', args.grid_samples, img_size=args.img_size, grid=args.grid)
+        val = GridShapes('validation', args.grid_val_samples, img_size=args.img_size, grid=args.grid)
+        return DataSplits(train, val, train.classes, f'embedded GridShapes task ({args.grid}x{args.grid} grid)')
+
+    root = args.data_dir
+    train_dir = _split_dir(root, _TRAIN_DIRS) if os.path.isdir(root) else None
+    val_dir = _split_dir(root, _VAL_DIRS) if train_dir else None
+    class_names = check_image_folder(train_dir or root)
+    if val_dir:
+        val_classes = check_image_folder(val_dir)
+        unknown = sorted(set(val_classes) - set(class_names))
+        if unknown:
+            raise UsageError(f'{val_dir} has classes that {train_dir} lacks: {", ".join(unknown[:10])}')
+        return DataSplits(
+            _image_folder(train_dir, class_names), _image_folder(val_dir, class_names), class_names,
+            f'{train_dir} / {val_dir}')
+
+    if not 0. < args.val_fraction < 1.:
+        raise UsageError(
+            f'{root} has no validation folder ({"/".join(_VAL_DIRS)}), so --val-fraction must be in (0, 1) '
+            f'to hold out part of it, got {args.val_fraction}')
+    dataset = _image_folder(train_dir or root, class_names)
+    n = len(dataset)
+    n_val = max(1, round(n * args.val_fraction))
+    if n_val >= n:
+        raise UsageError(f'{train_dir or root} has only {n} images: too few to hold out {args.val_fraction:.0%}')
+    # a fixed split, independent of --seed, so runs with different seeds validate on the same images
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    val = ImageDataset(train_dir or root, reader=dataset.reader)  # the same files, its own transform
+    return DataSplits(
+        Subset(dataset, order[n_val:]), Subset(val, order[:n_val]), class_names,
+        f'{train_dir or root} ({n - n_val} train / {n_val} held-out images)')
+
+
+def _set_transform(dataset: Dataset, transform: Callable) -> None:
+    (dataset.dataset if isinstance(dataset, Subset) else dataset).transform = transform
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+def _check_model_name(model_name: str) -> None:
+    source, name = parse_model_name(model_name)
+    if source:
+        return  # `local-dir:` / `hf-hub:` configs name their architecture; create_model checks it
+    arch = name.split('.')[0]
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5)
+        hint = f'; did you mean {", ".join(close)}?' if close else ' (see `timm.list_models()`)'
+        raise UsageError(f'unknown model {model_name!r}{hint}')
+
+
+def _classifier_keys(model: nn.Module) -> List[str]:
+    classifier = model.pretrained_cfg.get('classifier') or []
+    return [classifier] if isinstance(classifier, str) else list(classifier)
+
+
+def _check_fits(model: nn.Module, state_dict: Dict[str, torch.Tensor], skip: Sequence[str], source: str) -> None:
+    """UsageError describing how `state_dict` differs from the model's, ignoring keys under `skip`."""
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(skip))}
+    theirs = {k: v for k, v in state_dict.items() if not k.startswith(tuple(skip))}
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    shapes = [
+        f'{k}: {tuple(theirs[k].shape)} vs {tuple(own[k].shape)}' for k in own
+        if k in theirs and theirs[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        problems = []
+        if missing:
+            problems.append(f'{len(missing)} missing (e.g. {", ".join(missing[:3])})')
+        if unexpected:
+            problems.append(f'{len(unexpected)} unexpected (e.g. {", ".join(unexpected[:3])})')
+        if shapes:
+            problems.append(f'{len(shapes)} of another shape (checkpoint vs model: {"; ".join(shapes[:3])})')
+        arch = model.pretrained_cfg.get('architecture', type(model).__name__)
+        raise UsageError(
+            f'{source} does not fit {arch}: {", ".join(problems)} tensors; is it a checkpoint of another architecture?')
+
+
+def create_model(
+        model_name: str,
+        num_classes: Optional[int] = None,
+        pretrained: bool = False,
+        checkpoint: Optional[str] = None,
+        **kwargs,
+) -> nn.Module:
+    """`timm.create_model` with clear errors, optionally loading a local checkpoint.
+
+    `model_name` may be any timm name, `local-dir:DIR` (a run directory of `train`) or `hf-hub:ID`.
+    `checkpoint` (safetensors or a torch file, read with `weights_only=True`) is loaded like
+    pretrained weights: with `num_classes` given and different from the checkpoint's, its
+    classifier is dropped (fine-tuning); with `num_classes=None` the head takes the checkpoint's
+    number of classes.
+    """
+    _check_model_name(model_name)
+    if checkpoint is not None and not os.path.isfile(checkpoint):
+        raise UsageError(f'checkpoint {checkpoint} does not exist')
+    if num_classes is not None:
+        kwargs['num_classes'] = num_classes
+    # a run directory's config.json names the architecture, its weights sit beside it
+    pretrained = pretrained or parse_model_name(model_name)[0] is not None
+    try:
+        model = timm.create_model(model_name, pretrained=pretrained and checkpoint is None, **kwargs)
+    except UsageError:
+        raise
+    except Exception as e:  # the Hub, a missing file, a bad config: all reported the same way
+        raise UsageError(f'cannot create model {model_name!r}: {type(e).__name__}: {e}') from None
+    if checkpoint is None:
+        return model
+
+    try:
+        state_dict = load_state_dict(checkpoint)
+    except Exception as e:
+        raise UsageError(f'cannot read checkpoint {checkpoint}: {type(e).__name__}: {e}') from None
+    heads = _classifier_keys(model)
+    head_weight = state_dict.get(f'{heads[0]}.weight') if heads else None
+    ckpt_classes = head_weight.shape[0] if head_weight is not None and head_weight.ndim >= 1 else model.num_classes
+    if num_classes is None and ckpt_classes != model.num_classes:
+        model.reset_classifier(ckpt_classes)
+    _check_fits(model, state_dict, heads if ckpt_classes != model.num_classes else (), f'checkpoint {checkpoint}')
+    # timm's loader: drops the classifier when the number of classes differs
+    cfg = {**model.pretrained_cfg, 'state_dict': state_dict, 'num_classes': ckpt_classes}
+    load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes, in_chans=kwargs.get('in_chans', 3))
+    return model
+
+
+def label_names(model: nn.Module, descriptions: bool = False) -> Optional[List[str]]:
+    """Class names of the model's outputs: its config's `label_names`, else ImageNet's by head size.
+
+    ImageNet names are WordNet synsets (the folder names of ImageNet), or with `descriptions` their
+    readable lemmas.
+    """
+    names = model.pretrained_cfg.get('label_names')
+    if names and len(names) == model.num_classes:
+        return list(names)
+    subset = infer_imagenet_subset(model)
+    if subset:
+        info = ImageNetInfo(subset)
+        if descriptions:
+            return [info.index_to_description(i) for i in range(info.num_classes())]
+        return list(info.label_names())
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed, precision, interruption
+
+@dataclasses.dataclass
+class _Dist:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    distributed: bool = False
+
+    @property
+    def primary(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device: str) -> _Dist:
+    try:
+        info = init_distributed_device_so(device=device)
+    except (AssertionError, RuntimeError) as e:
+        raise UsageError(f'cannot use device {device!r}: {e}') from None
+    return _Dist(torch.device(info['device']), info['global_rank'], info['world_size'], info['distributed'])
+
+
+def _autocast(device: torch.device, amp: Optional[str]):
+    """(autocast context factory, GradScaler) for `--amp`: fp16 + loss scaling on CUDA, bf16 elsewhere."""
+    if not amp:
+        return contextlib.nullcontext, torch.amp.GradScaler(device.type, enabled=False)
+    if amp == 'auto':
+        amp = 'float16' if device.type == 'cuda' else 'bfloat16'
+    dtype = getattr(torch, amp)
+    if device.type == 'cuda' and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise UsageError('--amp bfloat16: this GPU does not support bfloat16; use --amp float16')
+    return (partial(torch.autocast, device_type=device.type, dtype=dtype),
+            torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
+
+
+class _GracefulStop:
+    """Turns the first SIGINT / SIGTERM into a request to stop after the current step.
+
+    The training loop checks `requested()` between steps, so weights and optimizer state are never
+    saved half-updated. A second signal interrupts at once.
+    """
+
+    def __init__(self, ctx: _Dist):
+        self.ctx = ctx
+        self.flag = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+        if self.ctx.primary:
+            _print(f'\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint '
+                   f'(send it again to abort without saving)')
+
+    def requested(self) -> bool:
+        if not self.ctx.distributed:
+            return self.flag
+        # every rank must stop at the same step (each may have seen the signal at another time)
+        flag = torch.tensor([float(self.flag)], device=self.ctx.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    # each epoch's randomness depends only on (seed, epoch, rank), so resuming at an epoch
+    # boundary repeats it exactly whatever happened before
+    derived = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+    random_seed(derived, 0)
+
+
+def _rng_state() -> Dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        'python': random.getstate(),
+        'numpy': [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+@torch.no_grad()
+def evaluate(
+        model: nn.Module,
+        loader: Iterable,
+        device: torch.device,
+        autocast: Callable = contextlib.nullcontext,
+        channels_last: bool = False,
+        ctx: Optional[_Dist] = None,
+        desc: str = 'validate',
+        stop: Optional[_GracefulStop] = None,
+) -> Optional[Dict[str, float]]:
+    """Loss, top-1 and top-5 (%) of `model` over `loader`, summed over all ranks; None if stopped."""
+    model.eval()
+    meters = {k: AverageMeter() for k in ('loss', 'top1', 'top5')}
+    show = ctx is None or ctx.primary
+    with tqdm(loader, desc=desc, disable=not show, leave=False, dynamic_ncols=True) as bar:
+        for x, y in bar:
+            x, y = x.to(device), y.to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                output = model(x)
+            loss = nn.functional.cross_entropy(output.float(), y)
+            top1, top5 = accuracy(output, y, topk=(1, 5))
+            for k, v in (('loss', loss), ('top1', top1), ('top5', top5)):
+                meters[k].update(v.item(), x.shape[0])
+            bar.set_postfix(loss=f'{meters["loss"].avg:.3f}', top1=f'{meters["top1"].avg:.1f}')
+            if stop is not None and stop.flag:
+                break
+    if stop is not None and stop.requested():
+        return None
+    sums = torch.tensor([meters[k].sum for k in meters] + [meters['loss'].count], dtype=torch.float64)
+    if ctx is not None and ctx.distributed:
+        sums = sums.to(ctx.device)
+        dist.all_reduce(sums)
+        sums = sums.cpu()
+    count = sums[-1].item()
+    if count == 0:
+        raise UsageError('the validation set is empty')
+    return {k: sums[i].item() / count for i, k in enumerate(meters)} | {'images': int(count)}
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+def _default_output(args: argparse.Namespace) -> str:
+    name = args.model.replace('/', '_').replace(':', '_')
+    return os.path.join('output', 'train', f'{time.strftime("%Y%m%d-%H%M%S")}-{name}')
+
+
+def _check_options(args: argparse.Namespace, ctx: _Dist) -> None:
+    """UsageError for option values and combinations that cannot work."""
+    positive = {'epochs': args.epochs, 'batch_size': args.batch_size, 'grid_samples': args.grid_samples,
+                'grid_val_samples': args.grid_val_samples}
+    for name, value in positive.items():
+        if value < 1:
+            raise UsageError(f'--{name.replace("_", "-")} must be >= 1, got {value}')
+    if args.lr <= 0:
+        raise UsageError(f'--lr must be > 0, got {args.lr}')
+    if not 0. <= args.smoothing < 1.:
+        raise UsageError(f'--smoothing must be in [0, 1), got {args.smoothing}')
+    if args.warmup_epochs is None:
+        args.warmup_epochs = 1 if args.epochs > 1 else 0
+    if args.warmup_epochs != 0 and not 0 < args.warmup_epochs < args.epochs:
+        raise UsageError(f'--warmup-epochs must be in [0, --epochs) = [0, {args.epochs}), got {args.warmup_epochs}')
+    if args.pretrained and args.initial_checkpoint:
+        raise UsageError('--pretrained and --initial-checkpoint both give starting weights; pass one of them')
+    if args.sync_bn and not ctx.distributed:
+        raise UsageError('--sync-bn needs distributed training (launch with torchrun --nproc_per_node=N)')
+    if args.sync_bn and ctx.device.type == 'cpu':
+        raise UsageError('--sync-bn: PyTorch has SyncBatchNorm for GPUs only, not for --device cpu')
+    if args.model_ema and not 0. < args.model_ema_decay < 1.:
+        raise UsageError(f'--model-ema-decay must be in (0, 1), got {args.model_ema_decay}')
+    if args.freeze < 0:
+        raise UsageError(f'--freeze must be >= 0, got {args.freeze}')
+
+
+def _resume_args(args: argparse.Namespace, saved: Dict[str, Any], defaults: Dict[str, Any]) -> argparse.Namespace:
+    """The interrupted run's options, with the few that may change (`RESUME_OVERRIDES`) taken from `args`."""
+    merged = argparse.Namespace(**saved)
+    conflicts = []
+    for key, value in vars(args).items():
+        given = key not in defaults or value != defaults[key]  # on the command line (or not an option)
+        if key not in saved or (key in RESUME_OVERRIDES and given):
+            setattr(merged, key, value)
+        elif given and value != saved[key]:
+            conflicts.append(f'--{key.replace("_", "-")} {value} (the run used {saved[key]})')
+    if conflicts:
+        raise UsageError(
+            'a resumed run keeps its options, only ' + ', '.join(f'--{k}' for k in RESUME_OVERRIDES[:3]) +
+            ' may change; got ' + '; '.join(conflicts))
+    return merged
+
+
+def _freeze_groups(model: nn.Module, groups: int) -> List[str]:
+    """Freeze the first `groups` layer groups of `model.group_matcher` (stem first); returns the frozen names."""
+    if not hasattr(model, 'group_matcher'):
+        raise UsageError(f'--freeze: {type(model).__name__} has no group_matcher, so it has no layer groups')
+    layers = group_modules(model, model.group_matcher(coarse=True))
+    # the last group holds the classifier, which must stay trainable
+    if groups >= len(layers):
+        raise UsageError(
+            f'--freeze {groups}: this model has {len(layers)} layer groups and the last holds the classifier, '
+            f'so --freeze must be in [0, {len(layers) - 1}]')
+    names = [name for g in sorted(layers)[:groups] for name in layers[g]]
+    # BN statistics are kept fixed by eval mode (see `_train_mode`) rather than by swapping in frozen
+    # BN modules, so the saved state dict keeps the architecture's own keys
+    freeze(model, names, include_bn_running_stats=False)
+    return names
+
+
+def _train_mode(model: nn.Module, frozen: Sequence[nn.Module]) -> None:
+    model.train()
+    for module in frozen:
+        module.eval()
+
+
+@dataclasses.dataclass
+class _Progress:
+    epoch: int = 0  # epochs finished (training and validation)
+    step: int = 0  # batches finished in epoch `epoch`
+    num_updates: int = 0
+    train_sums: Tuple[float, float, float] = (0., 0., 0.)  # loss sum, top-1 sum, images of the current epoch
+    best_top1: float = -1.
+    best_epoch: int = 0
+
+
+def fit(args: argparse.Namespace, defaults: Optional[Dict[str, Any]] = None) -> int:
+    """Train as `args` (the `train` subcommand's options) says; returns the exit code."""
+    ctx = _init_distributed(args.device)
+    try:
+        return _fit(args, defaults or {}, ctx)
+    finally:
+        if ctx.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
+    # -- everything that can be wrong with the request is checked before anything is written
+    resume = None
+    if args.resume:
+        out_dir = args.resume
+        if args.output and os.path.abspath(args.output) != os.path.abspath(out_dir):
+            raise UsageError('--resume continues in the run directory it names; drop --output or make them equal')
+        resume = _load_training_state(os.path.join(out_dir, STATE_FILE))
+        args = _resume_args(args, resume['args'], defaults)
+    else:
+        out_dir = args.output or _default_output(args)
+        if os.path.isdir(out_dir) and os.listdir(out_dir):
+            raise UsageError(f'output directory {out_dir} is not empty; pass --resume {out_dir} to continue that run '
+                             f'or choose another --output')
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise UsageError(f'--output {out_dir} exists and is not a directory')
+    _check_options(args, ctx)
+    if args.img_size is None and args.data_dir is None:
+        args.img_size = GRID_IMG_SIZE
+    splits = find_data(args)
+    num_classes = len(splits.class_names)
+
+    random_seed(args.seed, 0)  # the same initial weights on every rank
+    # a resumed run's weights come from its state: no download or checkpoint read for weights replaced anyway
+    model = create_model(
+        args.model, num_classes=num_classes, pretrained=args.pretrained and resume is None,
+        checkpoint=args.initial_checkpoint if resume is None else None, **args.model_kwargs)
+    if resume is not None:
+        _check_fits(model, resume['model'], (), f'training state in {out_dir}')
+    data_config = resolve_data_config({'img_size': args.img_size}, model=model)
+    if args.data_dir is None:
+        data_config['crop_pct'] = 1.0  # no crop: the label is where the target is in the full image
+        data_config['input_size'] = (3, args.img_size, args.img_size)
+    frozen_names = _freeze_groups(model, args.freeze) if args.freeze else []
+    if args.grad_checkpointing:
+        try:
+            model.set_grad_checkpointing(True)
+        except (AttributeError, AssertionError, NotImplementedError) as e:
+            raise UsageError(f'--grad-checkpointing: {args.model} does not support it ({e})') from None
+
+    device = ctx.device
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.sync_bn:
+        model = convert_sync_batchnorm(model)
+    frozen = [model.get_submodule(name) for name in frozen_names]  # after SyncBN conversion replaced modules
+    autocast, scaler = _autocast(device, args.amp)
+
+    try:
+        optimizer = create_optimizer_v2(
+            model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
+            layer_decay=args.layer_decay)
+    except (ValueError, AssertionError, RuntimeError) as e:
+        raise UsageError(f'cannot create optimizer {args.opt!r}: {e}') from None
+    model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+
+    # -- data
+    # the embedded task's labels are positions: flips and crops would change them
+    no_aug = args.no_aug or args.data_dir is None
+    _set_transform(splits.train, create_transform(**data_config, is_training=True, no_aug=no_aug))
+    _set_transform(splits.val, create_transform(**data_config, is_training=False))
+    sampler = DistributedSampler(
+        splits.train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader_kwargs = dict(num_workers=args.workers, pin_memory=device.type == 'cuda')
+    train_loader = DataLoader(
+        splits.train, batch_size=args.batch_size, sampler=sampler, drop_last=True, **loader_kwargs)
+    steps = len(train_loader)
+    if steps == 0:
+        raise UsageError(
+            f'the training set has {len(splits.train)} images, fewer than one batch '
+            f'(--batch-size {args.batch_size} x {ctx.world_size} processes)')
+    # each rank validates its own slice; the sums are reduced, so every image counts exactly once
+    val_loader = DataLoader(
+        Subset(splits.val, range(ctx.rank, len(splits.val), ctx.world_size)), batch_size=args.batch_size,
+        shuffle=False, **loader_kwargs)
+
+    try:
+        scheduler, num_epochs = create_scheduler_v2(
+            optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+            warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=False, updates_per_epoch=steps)
+    except (ValueError, AssertionError) as e:
+        raise UsageError(f'cannot create scheduler {args.sched!r}: {e}') from None
+    train_loss_fn = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss()
+
+    # -- restore an interrupted run
+    progress = _Progress()
+    rng_state = None
+    if resume is not None:
+        model.load_state_dict(resume['model'])
+        optimizer.load_state_dict(resume['optimizer'])
+        if scheduler is not None and resume['scheduler'] is not None and resume['args']['epochs'] == args.epochs:
+            scheduler.load_state_dict(resume['scheduler'])  # else rebuilt above for the new length
+        scaler.load_state_dict(resume['scaler'])
+        if model_ema is not None:
+            model_ema.load_state_dict(resume['model_ema'])
+        progress = _Progress(**resume['progress'])
+        if progress.step:
+            if len(resume['rng']) != ctx.world_size:
+                raise UsageError(
+                    f'the run was interrupted mid-epoch with {len(resume["rng"])} processes; resume it with as many')
+            rng_state = resume['rng'][ctx.rank]
+        if progress.epoch >= num_epochs:
+            _print(f'{out_dir} already finished its {num_epochs} epochs; pass a larger --epochs to train on')
+            return 0
+
+    train_model = model
+    if ctx.distributed:
+        train_model = DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
+
+    # -- from here on files are written (rank 0 only)
+    if ctx.distributed:
+        dist.barrier()  # every rank has checked the output directory before rank 0 fills it
+    if ctx.primary:
+        os.makedirs(out_dir, exist_ok=True)
+        metrics_path = os.path.join(out_dir, METRICS_FILE)
+        if resume is not None:
+            _truncate_metrics(metrics_path, progress.epoch)
+        _print(f'training {args.model} on {splits.description}: {len(splits.train)} train / {len(splits.val)} '
+               f'validation images, {num_classes} classes, {data_config["input_size"][1]}px, {num_epochs} epochs '
+               f'of {steps} steps x {args.batch_size * ctx.world_size} images; writing to {out_dir}')
+
+    def save(stopped_mid_epoch: bool) -> None:
+        rng = [_rng_state()] if stopped_mid_epoch else []
+        if ctx.distributed and stopped_mid_epoch:
+            rng = [None] * ctx.world_size
+            dist.all_gather_object(rng, _rng_state())
+        if not ctx.primary:
+            return
+        export_model(model, out_dir, splits.class_names, data_config)
+        if model_ema is not None:
+            save_weights(model_ema.module, os.path.join(out_dir, EMA_WEIGHTS_FILE))
+        state = {
+            'version': STATE_VERSION,
+            'args': {k: v for k, v in vars(args).items() if k not in ('func',)},
+            'model': model.state_dict(),
+            'model_ema': model_ema.state_dict() if model_ema is not None else None,
+            'optimizer': optimizer.state_dict(),
+            'scheduler': scheduler.state_dict() if scheduler is not None else None,
+            'scaler': scaler.state_dict(),
+            'progress': dataclasses.asdict(progress),
+            'rng': rng,
+        }
+        atomic_write(os.path.join(out_dir, STATE_FILE), lambda tmp: torch.save(state, tmp))
+
+    with _GracefulStop(ctx) as stop:
+        for epoch in range(progress.epoch, num_epochs):
+            if progress.step < steps:
+                stopped = _train_epoch(
+                    train_model, model, frozen, train_loader, sampler, epoch, num_epochs, progress, rng_state, args,
+                    ctx, optimizer, scheduler, scaler, autocast, train_loss_fn, model_ema, stop)
+                rng_state = None
+                if stopped:
+                    save(stopped_mid_epoch=True)
+                    return _interrupted(out_dir, epoch, progress, steps, ctx)
+
+            if ctx.distributed and not args.sync_bn:
+                distribute_bn(model, ctx.world_size, reduce=True)
+            eval_kwargs = dict(device=device, autocast=autocast, channels_last=args.channels_last, ctx=ctx, stop=stop)
+            metrics = evaluate(model, val_loader, desc=f'epoch {epoch + 1}/{num_epochs} validate', **eval_kwargs)
+            ema_metrics = None
+            if metrics is not None and model_ema is not None:
+                ema_metrics = evaluate(
+                    model_ema.module, val_loader, desc=f'epoch {epoch + 1}/{num_epochs} validate EMA', **eval_kwargs)
+            if metrics is None or (model_ema is not None and ema_metrics is None):
+                # stopped during validation: training of this epoch is kept, validation redone on resume
+                save(stopped_mid_epoch=True)
+                return _interrupted(out_dir, epoch, progress, steps, ctx)
+
+            loss_sum, top1_sum, count = progress.train_sums
+            record = {
+                'epoch': epoch + 1,
+                'lr': optimizer.param_groups[0]['lr'],
+                'train_loss': loss_sum / count,
+                'train_top1': top1_sum / count,
+                **{f'val_{k}': v for k, v in metrics.items()},
+                **({f'ema_val_{k}': v for k, v in ema_metrics.items()} if ema_metrics else {}),
+            }
+            scored = ema_metrics or metrics
+            improved = scored['top1'] > progress.best_top1
+            if improved:
+                progress.best_top1, progress.best_epoch = scored['top1'], epoch + 1
+            progress.epoch, progress.step, progress.train_sums = epoch + 1, 0, (0., 0., 0.)
+            if ctx.primary:
+                if improved:
+                    export_model(model_ema.module if ema_metrics else model, os.path.join(out_dir, BEST_DIR),
+                                 splits.class_names, data_config)
+                with open(metrics_path, 'a') as f:
+                    f.write(json.dumps(record) + '\n')
+                summary = (f'epoch {epoch + 1}/{num_epochs}: train loss {record["train_loss"]:.4f} '
+                           f'top-1 {record["train_top1"]:.2f}% | val loss {metrics["loss"]:.4f} '
+                           f'top-1 {metrics["top1"]:.2f}% top-5 {metrics["top5"]:.2f}%')
+                if ema_metrics:
+                    summary += f' | EMA top-1 {ema_metrics["top1"]:.2f}%'
+                _print(summary)
+            save(stopped_mid_epoch=False)
+
+    if ctx.primary:
+        best = os.path.join(out_dir, BEST_DIR)
+        _print(f'done: best validation top-1 {progress.best_top1:.2f}% at epoch {progress.best_epoch}; '
+               f'weights in {best} (use --model local-dir:{best})')
+    return 0
+
+
+def _interrupted(out_dir: str, epoch: int, progress: _Progress, steps: int, ctx: _Dist) -> int:
+    if ctx.primary:
+        _print(f'interrupted in epoch {epoch + 1} after {progress.step}/{steps} steps; checkpoint saved in {out_dir}; '
+               f'continue with: timm-coordatt train --resume {out_dir}')
+    return 130
+
+
+def _truncate_metrics(path: str, epochs_done: int) -> None:
+    """Drop records of epochs the resumed state has not finished (written just before an interruption)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)['epoch'] <= epochs_done]
+    write_text(path, ''.join(lines))
+
+
+def _train_epoch(
+        train_model, model, frozen, loader, sampler, epoch, num_epochs, progress, rng_state, args, ctx,
+        optimizer, scheduler, scaler, autocast, loss_fn, model_ema, stop) -> bool:
+    """One epoch from `progress.step` on; True if stopped early (progress then says where)."""
+    _seed_epoch(args.seed, epoch, ctx.rank)
+    sampler.set_epoch(epoch)
+    if hasattr(loader.dataset, 'set_epoch'):
+        loader.dataset.set_epoch(epoch)  # the embedded task draws new images every epoch
+    _train_mode(train_model, frozen)
+    steps = len(loader)
+    batches = iter(loader)
+    # resuming mid-epoch: the same batches, drawn and discarded, then the RNG as it was at the stop,
+    # so the remaining steps see exactly the data and randomness they would have seen
+    for _ in range(progress.step):
+        next(batches)
+    if rng_state is not None:
+        _set_rng_state(rng_state)
+
+    loss_sum, top1_sum, count = progress.train_sums
+    global_batch = args.batch_size * ctx.world_size
+    desc = f'epoch {epoch + 1}/{num_epochs} train'
+    with tqdm(total=steps, initial=progress.step, desc=desc, disable=not ctx.primary, leave=False,
+              dynamic_ncols=True) as bar:
+        rate = AverageMeter()
+        for step in range(progress.step, steps):
+            start = time.perf_counter()
+            x, y = next(batches)
+            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                output = train_model(x)
+                loss = loss_fn(output, y)
+            if not math.isfinite(loss.item()):
+                raise UsageError(f'the training loss is {loss.item()} at epoch {epoch + 1} step {step + 1}; '
+                                 f'try a lower --lr')
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if args.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                dispatch_clip_grad(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            progress.num_updates += 1
+            if scheduler is not None:
+                scheduler.step_update(num_updates=progress.num_updates)
+            if model_ema is not None:
+                model_ema.update(model, step=progress.num_updates)
+
+            # the step's statistics and the stop flag in one reduction: every rank logs global numbers
+            # and all stop at the same step, whichever of them got the signal
+            top1 = accuracy(output.detach(), y, topk=(1,))[0]
+            stats = torch.tensor([loss.item() * x.shape[0], top1.item() * x.shape[0], x.shape[0], stop.flag],
+                                 dtype=torch.float64)
+            if ctx.distributed:
+                stats = stats.to(ctx.device)
+                dist.all_reduce(stats)
+                stats = stats.cpu()
+            loss_sum, top1_sum, count = loss_sum + stats[0].item(), top1_sum + stats[1].item(), count + stats[2].item()
+            progress.step = step + 1
+            progress.train_sums = (loss_sum, top1_sum, count)
+            rate.update(global_batch / (time.perf_counter() - start))
+            bar.update(1)
+            bar.set_postfix(loss=f'{loss_sum / count:.3f}', top1=f'{top1_sum / count:.1f}',
+                            img_s=f'{rate.avg:.0f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}')
+            if stats[3] > 0:
+                return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# validate / predict
+
+def _eval_model(args: argparse.Namespace) -> Tuple[nn.Module, torch.device]:
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise UsageError(f'--device {args.device!r}: {e}') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UsageError(f'--device {args.device}: CUDA is not available')
+    if args.pretrained and args.checkpoint:
+        raise UsageError('--pretrained and --checkpoint both give weights; pass one of them')
+    model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
+    model.to(device).eval()
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, device
+
+
+def _class_map(model: nn.Module, classes: Sequence[str], root: str) -> Dict[str, int]:
+    """Folder name -> output index: by the model's label names when they name the folders, else in order."""
+    names = label_names(model)
+    if names and set(classes) <= set(names):
+        index = {name: i for i, name in enumerate(names)}
+        return {c: index[c] for c in classes}
+    if names and set(classes) & set(names):
+        unknown = sorted(set(classes) - set(names))
+        raise UsageError(f'class folders of {root} that the model has no output for: {", ".join(unknown[:10])}')
+    if len(classes) > model.num_classes:
+        raise UsageError(
+            f'{root} has {len(classes)} class folders but the model has {model.num_classes} outputs')
+    return {c: i for i, c in enumerate(classes)}
+
+
+def validate(args: argparse.Namespace) -> Dict[str, Any]:
+    """Loss, top-1 and top-5 of a model on an ImageFolder (or the embedded task), as `validate` reports them."""
+    root = classes = None
+    if args.data_dir is not None:  # the data first: checking it is cheaper than building the model
+        root = _split_dir(args.data_dir, _VAL_DIRS) if os.path.isdir(args.data_dir) else None
+        root = root or args.data_dir
+        classes = check_image_folder(root)
+    model, device = _eval_model(args)
+    data_config = resolve_data_config({'img_size': args.img_size}, model=model)
+    img_size = data_config['input_size'][-1]
+    if args.data_dir is None:
+        if model.num_classes != args.grid ** 2:
+            raise UsageError(
+                f'the embedded {args.grid}x{args.grid} grid task has {args.grid ** 2} classes but the model has '
+                f'{model.num_classes} outputs; pass --data-dir or a model trained on the task')
+        dataset = GridShapes('validation', args.grid_val_samples, img_size=img_size, grid=args.grid)
+        data_config['crop_pct'] = 1.0  # the label is where the target is in the full image
+    else:
+        dataset = create_dataset('', root=root, split='', search_split=False,
+                                 class_map=_class_map(model, classes, root))
+    dataset.transform = create_transform(**data_config, is_training=False)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
+                        pin_memory=device.type == 'cuda')
+    autocast, _ = _autocast(device, args.amp)
+    metrics = evaluate(model, loader, device, autocast=autocast, channels_last=args.channels_last)
+    return {'model': args.model, 'checkpoint': args.checkpoint, 'img_size': img_size,
+            'crop_pct': data_config['crop_pct'], 'interpolation': data_config['interpolation'], **metrics}
+
+
+def _image_files(paths: Sequence[str]) -> List[str]:
+    extensions = get_img_extensions(as_set=True)
+    files, missing = [], []
+    for path in paths:
+        if os.path.isdir(path):
+            files += sorted(
+                os.path.join(path, f) for f in os.listdir(path) if os.path.splitext(f)[1].lower() in extensions)
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            missing.append(path)
+    if missing:
+        raise UsageError(f'no such file or directory: {", ".join(missing)}')
+    if not files:
+        raise UsageError(f'no image files in {", ".join(paths)}')
+    return files
+
+
+def predict(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """Top-k (label, probability) for each image file (or each image in a directory) of `args.images`."""
+    files = _image_files(args.images)
+    if args.topk < 1:
+        raise UsageError(f'--topk must be >= 1, got {args.topk}')
+    model, device = _eval_model(args)
+    data_config = resolve_data_config({'img_size': args.img_size}, model=model)
+    transform = create_transform(**data_config, is_training=False)
+    images, bad = [], []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                images.append(transform(img.convert('RGB')))
+        except Exception as e:
+            bad.append(f'{path} ({type(e).__name__}: {e})')
+    if bad:
+        raise UsageError('cannot read image file(s):\n  ' + '\n  '.join(bad))
+    names = label_names(model, descriptions=True)
+    k = min(args.topk, model.num_classes)
+    autocast, _ = _autocast(device, args.amp)
+    results = []
+    with torch.no_grad():
+        for start in range(0, len(images), args.batch_size):
+            x = torch.stack(images[start:start + args.batch_size]).to(device)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                probs = model(x).float().softmax(dim=-1)
+            top = probs.topk(k, dim=-1)
+            for i, (p, idx) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+                results.append({'file': files[start + i], 'predictions': [
+                    {'index': j, 'label': names[j] if names else str(j), 'probability': q} for q, j in zip(p, idx)]})
+    return results
