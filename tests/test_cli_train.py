@@ -47,7 +47,8 @@ def test_train_on_image_folder_writes_a_loadable_run(tmp_path):
                '--img-size', '32', '--workers', '0', '--model-ema', '--output', run])
     assert rc == 0
     assert sorted(os.listdir(run)) == sorted(
-        ['best', 'config.json', 'metrics.jsonl', 'model.safetensors', 'model_ema.safetensors', 'training_state.pt'])
+        ['best', 'config.json', 'ema', 'metrics.jsonl', 'model.safetensors', 'training_state.pt'])
+    assert sorted(os.listdir(os.path.join(run, 'ema'))) == ['config.json', 'model.safetensors']
     assert sorted(os.listdir(os.path.join(run, 'best'))) == ['config.json', 'model.safetensors']
 
     records = read_metrics(run)
@@ -69,7 +70,10 @@ def test_train_on_image_folder_writes_a_loadable_run(tmp_path):
     assert model.num_classes == 3
     assert_same_tensors(model.state_dict(), state['model'])
     data_config = resolve_data_config(model=model)
-    assert data_config['input_size'] == (3, 32, 32)
+    assert tuple(data_config['input_size']) == (3, 32, 32)  # a list on timm < 1.0.23
+    # the EMA weights load the same way and are the training state's EMA
+    ema = timm.create_model(f'local-dir:{run}/ema', pretrained=True)
+    assert_same_tensors(ema.state_dict(), {k[len('module.'):]: v for k, v in state['model_ema'].items()})
 
 
 def test_resume_at_epoch_boundary_is_exact(tmp_path):

@@ -7,7 +7,7 @@ Everything is assembled from timm's own parts: `create_model` / `load_pretrained
 
 A run directory holds:
     config.json, model.safetensors   latest weights, loadable as `timm.create_model('local-dir:RUN')`
-    model_ema.safetensors            EMA of the weights (with --model-ema)
+    ema/                             the EMA of the weights (with --model-ema), same layout
     best/                            the best epoch's weights (by validation top-1), same layout
     training_state.pt                everything `--resume` needs (tensors and plain containers only,
                                      loadable with `torch.load(..., weights_only=True)`)
@@ -50,6 +50,7 @@ from timm.layers import convert_sync_batchnorm
 from timm.loss import LabelSmoothingCrossEntropy
 from timm.models import group_modules, load_pretrained, load_state_dict, parse_model_name
 from timm.models._hub import save_config_for_hf
+from timm.models._pretrained import filter_pretrained_cfg
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import AverageMeter, ModelEmaV3, accuracy, dispatch_clip_grad, distribute_bn, freeze, random_seed
@@ -63,7 +64,7 @@ __all__ = [
 ]
 
 WEIGHTS_FILE = 'model.safetensors'
-EMA_WEIGHTS_FILE = 'model_ema.safetensors'
+EMA_DIR = 'ema'  # a folder of its own: timm < 1.0.23 fails on a local-dir with two .safetensors
 CONFIG_FILE = 'config.json'
 STATE_FILE = 'training_state.pt'
 METRICS_FILE = 'metrics.jsonl'
@@ -113,15 +114,26 @@ def save_weights(model: nn.Module, path: str) -> None:
     atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={'format': 'pt'}))
 
 
+_DATA_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
+
+
 def export_model(model: nn.Module, directory: str, class_names: Sequence[str], data_config: Dict[str, Any]) -> None:
     """`config.json` + `model.safetensors` in timm's Hub layout (`timm.create_model('local-dir:DIR')` loads it)."""
+    # The whole pretrained_cfg is given: timm < 1.0.23 replaces it with ours (and has no `data_config`
+    # argument), later versions merge ours into the model's.
+    pretrained_cfg = filter_pretrained_cfg(model.pretrained_cfg, remove_source=True, remove_null=True)
+    resized = tuple(data_config['input_size']) != tuple(pretrained_cfg.get('input_size', ()))
+    pretrained_cfg.update({k: data_config[k] for k in _DATA_KEYS if k in data_config})
+    pretrained_cfg.update(
+        tag='finetuned',  # the source weights' tag (e.g. in1k) no longer describes these
+        num_classes=model.num_classes, test_input_size=None, test_crop_pct=None)
+    if resized:
+        pretrained_cfg['pool_size'] = None
     os.makedirs(directory, exist_ok=True)
     atomic_write(
         os.path.join(directory, CONFIG_FILE),
         lambda tmp: save_config_for_hf(
-            model, tmp, data_config=data_config,
-            # the source weights' tag (e.g. in1k) no longer describes these
-            model_config={'label_names': list(class_names), 'pretrained_cfg': {'tag': 'finetuned'}}))
+            model, Path(tmp), model_config={'label_names': list(class_names), 'pretrained_cfg': pretrained_cfg}))
     save_weights(model, os.path.join(directory, WEIGHTS_FILE))
 
 
@@ -732,7 +744,7 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
             return
         export_model(model, out_dir, splits.class_names, data_config)
         if model_ema is not None:
-            save_weights(model_ema.module, os.path.join(out_dir, EMA_WEIGHTS_FILE))
+            export_model(model_ema.module, os.path.join(out_dir, EMA_DIR), splits.class_names, data_config)
         state = {
             'version': STATE_VERSION,
             'args': {k: v for k, v in vars(args).items() if k not in ('func',)},
