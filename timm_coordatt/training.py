@@ -866,8 +866,9 @@ def _train_epoch(
             with autocast():
                 output = train_model(x)
                 loss = loss_fn(output, y)
-            if not math.isfinite(loss.item()):
-                raise UsageError(f'the training loss is {loss.item()} at epoch {epoch + 1} step {step + 1}; '
+            loss_value = loss.item()  # one device sync per step, shared by the check and the statistics
+            if not math.isfinite(loss_value):
+                raise UsageError(f'the training loss is {loss_value} at epoch {epoch + 1} step {step + 1}; '
                                  f'try a lower --lr')
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -885,7 +886,7 @@ def _train_epoch(
             # the step's statistics and the stop flag in one reduction: every rank logs global numbers
             # and all stop at the same step, whichever of them got the signal
             top1 = accuracy(output.detach(), y, topk=(1,))[0]
-            stats = torch.tensor([loss.item() * x.shape[0], top1.item() * x.shape[0], x.shape[0], stop.flag],
+            stats = torch.tensor([loss_value * x.shape[0], top1.item() * x.shape[0], x.shape[0], stop.flag],
                                  dtype=torch.float64)
             if ctx.distributed:
                 stats = stats.to(ctx.device)
