@@ -61,9 +61,13 @@ def image_file(tmp_path):
 def test_maps_are_the_gates_each_block_multiplies_by(ca_model):
     # H != W so a transposed gate cannot pass
     x = torch.randn(2, 3, 96, 64)
-    seen = {}
-    handles = [m.register_forward_hook(lambda m, args, out, n=n: seen.update({n: (args[0], out)}))
-               for n, m in ca_model.named_modules() if isinstance(m, CoordAttention)]
+    inputs, seen = {}, {}
+    handles = []
+    for n, m in ca_model.named_modules():
+        if isinstance(m, CoordAttention):
+            # a copy of the input: the models' blocks gate in place in inference
+            handles.append(m.register_forward_pre_hook(lambda m, args, n=n: inputs.update({n: args[0].clone()})))
+            handles.append(m.register_forward_hook(lambda m, args, out, n=n: seen.update({n: (inputs[n], out)})))
     ca_model.train()
     try:
         maps = attention_maps(ca_model, x, blocks='all')

@@ -1,13 +1,14 @@
 """ Parameters and MACs of every model against the figures in coordatt.md / mobilenext.md.
 
-MACs are counted independently with fvcore (Conv2d + Linear at 224x224) and compared with the
-references within 1%; the package's own counter (used by `timm-coordatt models`) must agree
-with fvcore.
+MACs are counted independently with fvcore (convs, linears and CoordAttention's strip matmuls, at
+224x224) and compared with the references within 1%; the package's own counter (used by
+`timm-coordatt models`) must agree with fvcore.
 """
 import pytest
 import timm
 import torch
 from fvcore.nn import FlopCountAnalysis
+from fvcore.nn.jit_handles import get_shape
 
 import timm_coordatt  # noqa: F401
 from timm_coordatt.complexity import count_complexity
@@ -28,11 +29,18 @@ REFERENCE = {
 REFERENCE_WITH_MULS = {'mobilenetv2_ca': 310.5, 'mobilenext_ca': 330.1}
 
 
+def _baddbmm_macs(inputs, outputs) -> int:
+    """fvcore has no handle for baddbmm (CoordAttention's strip convs): (B, n, m) @ (B, m, p)."""
+    (b, n, m), p = get_shape(inputs[1]), get_shape(inputs[2])[-1]
+    return b * n * m * p
+
+
 def _fvcore_macs(model: torch.nn.Module) -> int:
     analysis = FlopCountAnalysis(model.eval(), torch.zeros(1, 3, 224, 224))
+    analysis.set_op_handle('aten::baddbmm', _baddbmm_macs)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     by_op = analysis.by_operator()
-    return by_op['conv'] + by_op['linear']
+    return by_op['conv'] + by_op['linear'] + by_op['baddbmm'] + by_op['bmm']
 
 
 @pytest.mark.parametrize('name', list(REFERENCE))

@@ -142,7 +142,8 @@ def record_gates(
     maps: Dict[str, GateMaps] = {}
 
     def hook(name: str):
-        def fn(module: CoordAttention, args, output):
+        # before the block runs: an in-place block (`inplace=True`) overwrites its input
+        def fn(module: CoordAttention, args):
             if module.training:
                 # recomputing the gates in training mode would update BatchNorm statistics a second time
                 raise RuntimeError('record_gates needs the model in eval mode (call model.eval())')
@@ -151,7 +152,7 @@ def record_gates(
             maps[name] = GateMaps(name, a_h, a_w)
         return fn
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in _resolve_blocks(model, blocks).items()]
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in _resolve_blocks(model, blocks).items()]
     try:
         yield maps
     finally:

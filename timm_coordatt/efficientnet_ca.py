@@ -31,6 +31,10 @@ PAPER = dict(
     origin_url='https://github.com/houqb/CoordAttention',
 )
 
+# timm's InvertedResidual and DepthwiseSeparableConv never read the attention's input again, so
+# inference can gate in place
+_CA_INPLACE = CoordAttentionFactory(inplace=True)
+
 
 def _gen_mobilenetv2_ca(variant: str, channel_multiplier: float = 1.0, pretrained: bool = False, **kwargs):
     """MobileNetV2 (timm's layout) with CA in every expansion-6 block; `_se` marks where it goes."""
@@ -51,7 +55,7 @@ def _gen_mobilenetv2_ca(variant: str, channel_multiplier: float = 1.0, pretraine
         round_chs_fn=round_chs_fn,
         norm_layer=kwargs.pop('norm_layer', None) or partial(nn.BatchNorm2d, **resolve_bn_args(kwargs)),
         act_layer=resolve_act_layer(kwargs, 'relu6'),
-        se_layer=CoordAttentionFactory(),
+        se_layer=_CA_INPLACE,
         **kwargs,
     )
     return _create_effnet(variant, pretrained, **prepare_pretrained(variant, pretrained, model_kwargs))
@@ -108,4 +112,4 @@ def efficientnet_b0_ca(pretrained: bool = False, **kwargs) -> EfficientNet:
     kwargs = prepare_pretrained('efficientnet_b0_ca', pretrained, kwargs)
     return _gen_efficientnet(
         'efficientnet_b0_ca', channel_multiplier=1.0, depth_multiplier=1.0,
-        se_layer=CoordAttentionFactory(), pretrained=pretrained, **kwargs)
+        se_layer=_CA_INPLACE, pretrained=pretrained, **kwargs)

@@ -28,7 +28,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs
 
-from .coordinate_attention import CoordAttention
+from .coordinate_attention import CoordAttentionFactory
 from .pretrained import prepare_pretrained
 
 __all__ = ['MobileNeXt', 'SandglassBlock', 'sandglass_hidden_chs']
@@ -430,29 +430,33 @@ def mobilenext_140(pretrained: bool = False, **kwargs) -> MobileNeXt:
     return _create_mobilenext('mobilenext_140', pretrained, width_multiplier=1.4, **kwargs)
 
 
+# the sandglass block never reads the attention's input again, so inference can gate in place
+_CA_INPLACE = CoordAttentionFactory(inplace=True)
+
+
 @register_model
 def mobilenext_050_ca(pretrained: bool = False, **kwargs) -> MobileNeXt:
     """MobileNeXt 0.5 + Coordinate Attention."""
     return _create_mobilenext(
-        'mobilenext_050_ca', pretrained, width_multiplier=0.5, attn_layer=CoordAttention, **kwargs)
+        'mobilenext_050_ca', pretrained, width_multiplier=0.5, attn_layer=_CA_INPLACE, **kwargs)
 
 
 @register_model
 def mobilenext_075_ca(pretrained: bool = False, **kwargs) -> MobileNeXt:
     """MobileNeXt 0.75 + Coordinate Attention."""
     return _create_mobilenext(
-        'mobilenext_075_ca', pretrained, width_multiplier=0.75, attn_layer=CoordAttention, **kwargs)
+        'mobilenext_075_ca', pretrained, width_multiplier=0.75, attn_layer=_CA_INPLACE, **kwargs)
 
 
 @register_model
 def mobilenext_ca(pretrained: bool = False, **kwargs) -> MobileNeXt:
     """MobileNeXt 1.0 + Coordinate Attention (CA paper: 4.09M params, 330M M-Adds, 75.2% top-1)."""
     return _create_mobilenext(
-        'mobilenext_ca', pretrained, width_multiplier=1.0, attn_layer=CoordAttention, **kwargs)
+        'mobilenext_ca', pretrained, width_multiplier=1.0, attn_layer=_CA_INPLACE, **kwargs)
 
 
 @register_model
 def mobilenext_140_ca(pretrained: bool = False, **kwargs) -> MobileNeXt:
     """MobileNeXt 1.4 + Coordinate Attention."""
     return _create_mobilenext(
-        'mobilenext_140_ca', pretrained, width_multiplier=1.4, attn_layer=CoordAttention, **kwargs)
+        'mobilenext_140_ca', pretrained, width_multiplier=1.4, attn_layer=_CA_INPLACE, **kwargs)
