@@ -251,28 +251,33 @@ def test_low_precision(dtype, tol, training):
     assert xl.grad.dtype == dtype and torch.isfinite(xl.grad.float()).all()
 
 
-def test_coord_gate_gradcheck():
-    x = torch.randn(2, 3, 4, 5, dtype=torch.double, requires_grad=True)
-    a_h = torch.rand(2, 3, 4, 1, dtype=torch.double, requires_grad=True)
-    a_w = torch.rand(2, 3, 1, 5, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(coord_gate, (x, a_h, a_w))
+def _gate_inputs(memory_format: torch.memory_format):
+    """x and the two gates in float64; channels_last takes the backward's NHWC reductions."""
+    x = torch.randn(2, 3, 4, 5, dtype=torch.double).contiguous(memory_format=memory_format)
+    return x, torch.rand(2, 3, 4, 1, dtype=torch.double), torch.rand(2, 3, 1, 5, dtype=torch.double)
 
 
-@pytest.mark.parametrize('needs_grad', [(True, False, False), (False, True, False), (False, False, True)])
-def test_coord_gate_partial_grads(needs_grad):
-    """Each input alone: the backward skips the other gradients (and the temporary they share)."""
-    x = torch.randn(2, 3, 4, 5, dtype=torch.double)
-    a_h = torch.rand(2, 3, 4, 1, dtype=torch.double)
-    a_w = torch.rand(2, 3, 1, 5, dtype=torch.double)
-    inputs = [t.requires_grad_(r) for t, r in zip((x, a_h, a_w), needs_grad)]
+MEMORY_FORMATS = [torch.contiguous_format, torch.channels_last]
+
+
+@pytest.mark.parametrize('memory_format', MEMORY_FORMATS)
+def test_coord_gate_gradcheck(memory_format):
+    inputs = [t.requires_grad_() for t in _gate_inputs(memory_format)]
     assert torch.autograd.gradcheck(coord_gate, inputs)
 
 
-def test_coord_gate_double_backward():
-    x = torch.randn(2, 3, 4, 5, dtype=torch.double, requires_grad=True)
-    a_h = torch.rand(2, 3, 4, 1, dtype=torch.double, requires_grad=True)
-    a_w = torch.rand(2, 3, 1, 5, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradgradcheck(coord_gate, (x, a_h, a_w))
+@pytest.mark.parametrize('memory_format', MEMORY_FORMATS)
+@pytest.mark.parametrize('needs_grad', [(True, False, False), (False, True, False), (False, False, True)])
+def test_coord_gate_partial_grads(needs_grad, memory_format):
+    """Each input alone: the backward skips the other gradients (and the temporary they share)."""
+    inputs = [t.requires_grad_(r) for t, r in zip(_gate_inputs(memory_format), needs_grad)]
+    assert torch.autograd.gradcheck(coord_gate, inputs)
+
+
+@pytest.mark.parametrize('memory_format', MEMORY_FORMATS)
+def test_coord_gate_double_backward(memory_format):
+    inputs = [t.requires_grad_() for t in _gate_inputs(memory_format)]
+    assert torch.autograd.gradgradcheck(coord_gate, inputs)
 
 
 def test_coord_gate_saves_less_for_backward():

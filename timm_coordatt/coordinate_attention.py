@@ -20,6 +20,10 @@ from timm.layers import LayerType, create_act_layer, register_notrace_function
 __all__ = ['CoordAttention', 'CoordAttentionFactory', 'coord_gate']
 
 
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 class _CoordGate(torch.autograd.Function):
     """`x * a_h * a_w` that saves only `x` and the two small gates for backward.
 
@@ -37,12 +41,25 @@ class _CoordGate(torch.autograd.Function):
         x, a_h, a_w = ctx.saved_tensors
         gx = grad_a_h = grad_a_w = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            gx = grad_out * x
-            # strip reductions as batched matmuls, no second full-size temporary
-            if ctx.needs_input_grad[1]:
-                grad_a_h = torch.matmul(gx, a_w.transpose(-1, -2))
-            if ctx.needs_input_grad[2]:
-                grad_a_w = torch.matmul(a_h.transpose(-1, -2), gx)
+            gx = x * grad_out  # in x's memory format
+            if _is_channels_last(gx):
+                # reductions of (N, H, W, C) views, C contiguous (matmul would copy them to NCHW),
+                # both products in one temporary
+                gx_nhwc = gx.permute(0, 2, 3, 1)
+                tmp = None
+                if ctx.needs_input_grad[1]:
+                    tmp = gx_nhwc * a_w.permute(0, 2, 3, 1)
+                    grad_a_h = tmp.sum(2, keepdim=True).permute(0, 3, 1, 2)
+                if ctx.needs_input_grad[2]:
+                    buffer = None if torch.is_grad_enabled() else tmp  # `out=` is not differentiable
+                    grad_a_w = torch.mul(gx_nhwc, a_h.permute(0, 2, 3, 1), out=buffer).sum(1, keepdim=True)
+                    grad_a_w = grad_a_w.permute(0, 3, 1, 2)
+            else:
+                # strip reductions as batched matmuls, no second full-size temporary
+                if ctx.needs_input_grad[1]:
+                    grad_a_h = torch.matmul(gx, a_w.transpose(-1, -2))
+                if ctx.needs_input_grad[2]:
+                    grad_a_w = torch.matmul(a_h.transpose(-1, -2), gx)
         grad_x = None
         if ctx.needs_input_grad[0]:
             # into the buffer of `grad_out * x` once reduced, one fresh full-size tensor rather than
@@ -57,6 +74,10 @@ def coord_gate(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.T
     """Apply the height gate `a_h` (N, C, H, 1) and width gate `a_w` (N, C, 1, W) to `x`."""
     if torch.jit.is_scripting():
         return x * a_h * a_w
+    if _is_channels_last(x):
+        # gates with C contiguous, as in x: the broadcast products then run vectorised (2-3x faster)
+        a_h = a_h.contiguous(memory_format=torch.channels_last)
+        a_w = a_w.contiguous(memory_format=torch.channels_last)
     if torch.is_grad_enabled() and (x.requires_grad or a_h.requires_grad or a_w.requires_grad):
         return _CoordGate.apply(x, a_h, a_w)
     # nothing to differentiate: one output allocation, the second product in place
@@ -64,6 +85,30 @@ def coord_gate(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.T
 
 
 torch.fx.wrap('coord_gate')
+
+
+def _strips_nlc(x: torch.Tensor) -> torch.Tensor:
+    """Both strips of a channels_last `x`, (N, H + W, C): reduced in its (N, H, W, C) view, where C
+    is contiguous; reducing the NCHW view of such a tensor is 3-4x slower."""
+    h, w = x.shape[-2:]
+    # a view per sum: one shared view would add their full-size (expanded) gradients out of place
+    # before passing them on; separate ones are added in place into x's gradient
+    return torch.cat([x.permute(0, 2, 3, 1).sum(2).div_(w), x.permute(0, 2, 3, 1).sum(1).div_(h)], dim=1)
+
+
+@register_notrace_function  # a leaf for FX: it branches on the memory format
+def _pool_strips(x: torch.Tensor) -> torch.Tensor:
+    """The mean over W and the mean over H side by side, (N, C, H + W).
+
+    Sums divided in place: their backward is a free expand, where mean's writes a full-size tensor.
+    """
+    if _is_channels_last(x):
+        return _strips_nlc(x).transpose(1, 2)
+    h, w = x.shape[-2:]
+    return torch.cat([x.sum(3).div_(w), x.sum(2).div_(h)], dim=2)
+
+
+torch.fx.wrap('_pool_strips')
 
 
 @register_notrace_function  # a leaf for FX: it branches on the batch size
@@ -163,9 +208,7 @@ class CoordAttention(nn.Module):
         """The height gate `a_h` (N, C, H, 1) and the width gate `a_w` (N, C, 1, W) for `x`."""
         _check_input(x, self.channels)
         h, w = x.shape[-2:]
-        # Both strips side by side as (N, C, H + W). Sums: their backward is a free expand where
-        # mean's writes a full-size tensor.
-        y = torch.cat([x.sum(3).div_(w), x.sum(2).div_(h)], dim=2)
+        y = _pool_strips(x)
         # The 1x1 convs as matmuls on the strips (same weights, flattened), with no transposes: the
         # norm sees the usual contiguous (N, C, L, 1) layout and so does its gradient. That matters:
         # CPU batch norm's backward is wrong when input and gradient differ in memory format, and
@@ -194,12 +237,17 @@ class CoordAttention(nn.Module):
         else:
             w1, b1, w_hw, b_hw = params
             n, c, h, w = x.shape
-            y = torch.cat([x.sum(3).div_(w), x.sum(2).div_(h)], dim=2)
-            y = self.act(_conv1x1(y, w1, b1))
-            if n * c * (h + w) <= self.stacked_gates_max:
+            if _is_channels_last(x):
+                # strips as (N, L, C) rows, like x: one matmul each, gates with C contiguous as in x
+                y = self.act(F.linear(_strips_nlc(x), w1, b1))
+                a = self.gate(F.linear(y, w_hw, b_hw))
+                a_h, a_w = a[:, :h, :c].transpose(1, 2), a[:, h:, c:].transpose(1, 2)
+            elif n * c * (h + w) <= self.stacked_gates_max:
+                y = self.act(_conv1x1(_pool_strips(x), w1, b1))
                 a = self.gate(_conv1x1(y, w_hw, b_hw))
                 a_h, a_w = a[:, :c, :h], a[:, c:, h:]
             else:
+                y = self.act(_conv1x1(_pool_strips(x), w1, b1))
                 b_h, b_w = (None, None) if b_hw is None else (b_hw[:c], b_hw[c:])
                 a_h = self.gate(_conv1x1(y[:, :, :h], w_hw[:c], b_h))
                 a_w = self.gate(_conv1x1(y[:, :, h:], w_hw[c:], b_w))
