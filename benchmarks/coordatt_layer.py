@@ -6,7 +6,10 @@ hard-swish). Shapes are those of MobileNetV2's CA blocks. The implementations ar
 over several rounds and medians reported; peak memory is the high-water mark of bytes allocated
 during one training step (forward + backward), read from the profiler's allocation records.
 
-    python benchmarks/coordatt_layer.py [--rounds 7] [--threads 2]
+    python benchmarks/coordatt_layer.py [--rounds 7] [--threads 2] [--channels-last]
+
+`--channels-last` puts the modules and the inputs in channels_last memory format, as
+`timm.create_model(...).to(memory_format=torch.channels_last)` pipelines run them.
 """
 import argparse
 import os
@@ -80,21 +83,25 @@ def main(argv: List[str] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument('--rounds', type=int, default=7)
     parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--channels-last', action='store_true', help='channels_last modules and inputs')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f'command: python benchmarks/coordatt_layer.py --rounds {args.rounds} --threads {args.threads}')
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, medians of {args.rounds} interleaved rounds (ms)')
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    print(f'command: python benchmarks/coordatt_layer.py --rounds {args.rounds} --threads {args.threads}'
+          + (' --channels-last' if args.channels_last else ''))
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {memory_format}, '
+          f'medians of {args.rounds} interleaved rounds (ms)')
 
     header = (f"{'C/H/W':>12} | {'case':<9} | " + ' | '.join(f'{n:>10}' for n in IMPLS)
               + ' | ours vs authors | ours vs timm')
     print(header)
     print('-' * len(header))
     for c, hw in SHAPES:
-        modules = {name: make(c) for name, make in IMPLS.items()}
+        modules = {name: make(c).to(memory_format=memory_format) for name, make in IMPLS.items()}
         cases = {}
         for batch, mode in ((1, 'infer'), (32, 'infer'), (32, 'train')):
-            x = torch.randn(batch, c, hw, hw)
+            x = torch.randn(batch, c, hw, hw).contiguous(memory_format=memory_format)
             grad = torch.randn_like(x)
             repeat = max(1, int(2e6 // x.numel()))
             for m in modules.values():
