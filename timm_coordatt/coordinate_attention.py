@@ -202,7 +202,7 @@ class CoordAttention(nn.Module):
         self.conv_w = nn.Conv2d(rd_channels, channels, 1, bias=bias, **dd)
         self.gate = create_act_layer(gate_layer)
         self.inplace = inplace
-        self._inference_params = None  # (key, folded conv1 weight, bias, stacked conv_h|conv_w weight, bias)
+        self._inference_params = None  # (source tensors, their versions, `_fold()`'s result)
 
     def gates(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The height gate `a_h` (N, C, H, 1) and the width gate `a_w` (N, C, 1, W) for `x`."""
@@ -242,15 +242,15 @@ class CoordAttention(nn.Module):
                 y = self.act(F.linear(_strips_nlc(x), w1, b1))
                 a = self.gate(F.linear(y, w_hw, b_hw))
                 a_h, a_w = a[:, :h, :c].transpose(1, 2), a[:, h:, c:].transpose(1, 2)
-            elif n * c * (h + w) <= self.stacked_gates_max:
-                y = self.act(_conv1x1(_pool_strips(x), w1, b1))
-                a = self.gate(_conv1x1(y, w_hw, b_hw))
-                a_h, a_w = a[:, :c, :h], a[:, c:, h:]
             else:
                 y = self.act(_conv1x1(_pool_strips(x), w1, b1))
-                b_h, b_w = (None, None) if b_hw is None else (b_hw[:c], b_hw[c:])
-                a_h = self.gate(_conv1x1(y[:, :, :h], w_hw[:c], b_h))
-                a_w = self.gate(_conv1x1(y[:, :, h:], w_hw[c:], b_w))
+                if n * c * (h + w) <= self.stacked_gates_max:
+                    a = self.gate(_conv1x1(y, w_hw, b_hw))
+                    a_h, a_w = a[:, :c, :h], a[:, c:, h:]
+                else:
+                    b_h, b_w = (None, None) if b_hw is None else (b_hw[:c], b_hw[c:])
+                    a_h = self.gate(_conv1x1(y[:, :, :h], w_hw[:c], b_h))
+                    a_w = self.gate(_conv1x1(y[:, :, h:], w_hw[c:], b_w))
             a_h, a_w = a_h.unsqueeze(3), a_w.unsqueeze(2)
         return torch.mul(x, a_h, out=x if self.inplace else None).mul_(a_w)
 
