@@ -64,8 +64,18 @@ def test_matches_authors_block(shape, training, dtype):
         torch.testing.assert_close(ours.bn1.running_var, authors.bn1.running_var)
 
 
-# the last shape has more gate values than `stacked_gates_max`: conv_h and conv_w run separately
+# the inference path pools by matmul or by sums, runs conv_h and conv_w stacked or separately and
+# gates with the full gate or two products, depending on the input's size: shapes on both sides
 INFERENCE_SHAPES = SHAPES + [(64, 96, 14, 14)]
+
+
+def test_inference_shapes_cover_every_path():
+    small, stacked = CoordAttention.small_input_max, CoordAttention.stacked_gates_max
+    numel = [n * c * h * w for n, c, h, w in INFERENCE_SHAPES]
+    pool_by_matmul = [h + w <= 16 or (h + w <= 28 and size <= small)
+                      for (n, c, h, w), size in zip(INFERENCE_SHAPES, numel)]
+    gates_stacked = [n * c * (h + w) <= stacked for n, c, h, w in INFERENCE_SHAPES]
+    assert set(pool_by_matmul) == set(gates_stacked) == {size <= small for size in numel} == {False, True}
 
 
 @pytest.mark.parametrize('shape', INFERENCE_SHAPES)
@@ -77,7 +87,9 @@ def test_inference_matches_authors_block(shape, grad_mode):
     x = torch.randn(shape)
     with grad_mode():
         torch.testing.assert_close(ours(x), authors(x), rtol=1e-5, atol=1e-6)
-    assert (64 * 96 * 28 > CoordAttention.stacked_gates_max) and (4 * 96 * 28 <= CoordAttention.stacked_gates_max)
+        # neither contiguous nor channels_last
+        x = torch.randn(shape[:2] + shape[:1:-1]).transpose(2, 3)
+        torch.testing.assert_close(ours(x), authors(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('channels_last', [False, True])

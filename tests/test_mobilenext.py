@@ -401,8 +401,10 @@ def test_torch_export_dynamic_hw(model_050_ca):
 
 def test_torch_compile_fullgraph():
     torch.manual_seed(0)
-    model = timm.create_model('mobilenext_050_ca', drop_rate=0.).train()
-    x = torch.randn(2, 3, 64, 64)
+    # float64: eager pools small maps by matmul, the compiled graph by sums; training-mode BN over a few
+    # values amplifies that rounding difference past float32 tolerances
+    model = timm.create_model('mobilenext_050_ca', drop_rate=0.).train().double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     expected = model(x)
     expected.sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]

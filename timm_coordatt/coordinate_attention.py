@@ -8,6 +8,7 @@ The block pools the input along each spatial axis, encodes both strips with one 
 `y = x * a_h * a_w`. Unlike timm's `CoordAttn` it defaults to the paper's widths
 (`max(8, C // 32)`), biased convs and its own hard-swish, whatever the host block's activation.
 """
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -96,15 +97,39 @@ def _strips_nlc(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x.permute(0, 2, 3, 1).sum(2).div_(w), x.permute(0, 2, 3, 1).sum(1).div_(h)], dim=1)
 
 
-@register_notrace_function  # a leaf for FX: it branches on the memory format
-def _pool_strips(x: torch.Tensor) -> torch.Tensor:
+def _is_eager(x: torch.Tensor) -> bool:
+    """Plain eager execution: no compiler, exporter or tracer watching."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy))
+
+
+@functools.lru_cache(maxsize=32)
+def _pooling_matrix(h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(H * W, H + W) weights: `x.view(N * C, H * W) @ P` gives `_pool_strips(x)` in one matmul."""
+    with torch.inference_mode(False):  # cached: usable with autograd, whichever mode built it
+        i = torch.arange(h * w, device=device)
+        p = torch.zeros(h * w, h + w, dtype=dtype, device=device)
+        p[i, i // w] = 1 / w
+        p[i, h + i % w] = 1 / h
+    return p
+
+
+@register_notrace_function  # a leaf for FX: it branches on the memory format and the size
+def _pool_strips(x: torch.Tensor, matmul_max_hw: int = 16) -> torch.Tensor:
     """The mean over W and the mean over H side by side, (N, C, H + W).
 
-    Sums divided in place: their backward is a free expand, where mean's writes a full-size tensor.
+    Small maps (H + W <= `matmul_max_hw`) pool in one matmul with an averaging matrix: H + W
+    multiply-adds an element, but no reductions over rows of a few elements (which vectorise
+    poorly), no cat, no divides. Eager only: a traced or exported graph would keep the matrix of
+    one size. Otherwise sums divided in place: their backward is a free expand, where mean's
+    writes a full-size tensor.
     """
     if _is_channels_last(x):
         return _strips_nlc(x).transpose(1, 2)
-    h, w = x.shape[-2:]
+    n, c, h, w = x.shape
+    if not torch.jit.is_scripting():
+        if _is_eager(x) and h + w <= matmul_max_hw:  # eager first: no guard on symbolic sizes
+            pooling = _pooling_matrix(h, w, x.dtype, x.device)
+            return torch.mm(x.reshape(n * c, h * w), pooling).view(n, c, h + w)
     return torch.cat([x.sum(3).div_(w), x.sum(2).div_(h)], dim=2)
 
 
@@ -131,10 +156,8 @@ torch.fx.wrap('_conv1x1')
 
 
 def _eager_inference(module: nn.Module, x: torch.Tensor) -> bool:
-    """Eval mode, no autograd, plain eager execution: no compiler, exporter or tracer watching."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy):
-        return False
-    return not module.training and not torch.is_grad_enabled()
+    """Eval mode, no autograd, plain eager execution."""
+    return not module.training and not torch.is_grad_enabled() and _is_eager(x)
 
 
 @register_notrace_function
@@ -167,6 +190,9 @@ class CoordAttention(nn.Module):
     # Below this many gate values (N * C * (H + W)), inference runs conv_h and conv_w as one conv
     # over both strips: at batch 1 an op costs more than the wasted half of the multiply-adds.
     stacked_gates_max = 2 ** 16
+    # Inputs up to this many elements (about L2-sized in float32) take the inference paths for small
+    # tensors, where the cost of an op outweighs the cost of touching an element.
+    small_input_max = 2 ** 17
 
     def __init__(
             self,
@@ -243,7 +269,9 @@ class CoordAttention(nn.Module):
                 a = self.gate(F.linear(y, w_hw, b_hw))
                 a_h, a_w = a[:, :h, :c].transpose(1, 2), a[:, h:, c:].transpose(1, 2)
             else:
-                y = self.act(_conv1x1(_pool_strips(x), w1, b1))
+                # pooling by matmul is also the faster at H + W = 28 for small inputs (fewer ops)
+                s = _pool_strips(x, 28 if x.numel() <= self.small_input_max else 16)
+                y = self.act(_conv1x1(s, w1, b1))
                 if n * c * (h + w) <= self.stacked_gates_max:
                     a = self.gate(_conv1x1(y, w_hw, b_hw))
                     a_h, a_w = a[:, :c, :h], a[:, c:, h:]
@@ -252,6 +280,11 @@ class CoordAttention(nn.Module):
                     a_h = self.gate(_conv1x1(y[:, :, :h], w_hw[:c], b_h))
                     a_w = self.gate(_conv1x1(y[:, :, h:], w_hw[c:], b_w))
             a_h, a_w = a_h.unsqueeze(3), a_w.unsqueeze(2)
+        if x.numel() <= self.small_input_max and not _is_channels_last(x):
+            # the full gate, then a plain product: at this size cheaper than a second product
+            # broadcasting over rows of W elements (channels_last rows are C long, no such cost)
+            gate = a_h * a_w
+            return x.mul_(gate) if self.inplace else gate.mul_(x)
         return torch.mul(x, a_h, out=x if self.inplace else None).mul_(a_w)
 
     def _folded_params(self) -> Optional[Tuple[torch.Tensor, ...]]:
