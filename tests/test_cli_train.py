@@ -89,6 +89,15 @@ def test_resume_at_epoch_boundary_is_exact(tmp_path):
     assert read_metrics(straight) == read_metrics(split)
 
 
+def test_recompute_ca_trains_the_same_weights(tmp_path):
+    common = ['--model', MODEL, '--grid-samples', '32', '--batch-size', '8', '--epochs', '1', *TINY]
+    held, lean = str(tmp_path / 'held'), str(tmp_path / 'lean')
+    assert main(['train', *common, '--output', held]) == 0
+    assert main(['train', *common, '--recompute-ca', '--output', lean]) == 0
+    assert_same_tensors(load_weights(os.path.join(held, 'model.safetensors')),
+                        load_weights(os.path.join(lean, 'model.safetensors')))
+
+
 def test_ctrl_c_leaves_a_checkpoint_that_resumes_exactly(tmp_path):
     common = ['--model', MODEL, '--grid-samples', '64', '--batch-size', '8', '--epochs', '2', *TINY]
     straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')

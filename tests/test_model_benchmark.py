@@ -1,6 +1,7 @@
 """ Model benchmark smoke test on tiny settings: table shape, medians and ratios as reported, the printed
 command line, the memory measurement on a known allocation pattern. No timing assertions. """
 import argparse
+import dataclasses
 import json
 import shlex
 import statistics
@@ -101,3 +102,15 @@ def test_bad_input(capsys):
     assert 'expected CA_MODEL:BASELINE' in capsys.readouterr().err
     with pytest.raises(ValueError, match='rounds'):
         BenchmarkConfig(pairs=(PAIR,), rounds=0)
+
+
+def test_recompute_ca():
+    # big enough activations for the saved CA outputs to make the peak
+    held_cfg = dataclasses.replace(TINY, img_size=128, infer_batch_sizes=(1,), train_batch_size=4, modes=('eager',),
+                                   rounds=1)
+    cfg = dataclasses.replace(held_cfg, recompute_ca=True)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(shlex.split(cfg.command())[2:]).recompute_ca
+    lean, held = ({r.metric: r for r in run_benchmark(c)}['train memory b4'] for c in (cfg, held_cfg))
+    assert lean.ca_value < held.ca_value

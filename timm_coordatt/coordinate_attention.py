@@ -18,11 +18,18 @@ from torch.nn.utils import parametrize
 
 from timm.layers import LayerType, create_act_layer, register_notrace_function
 
+from .recompute import mark_recomputable, recompute_active
+
 __all__ = ['CoordAttention', 'CoordAttentionFactory', 'coord_gate']
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _is_eager(x: torch.Tensor) -> bool:
+    """Plain eager execution: no compiler, exporter or tracer watching."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy))
 
 
 class _CoordGate(torch.autograd.Function):
@@ -80,7 +87,10 @@ def coord_gate(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.T
         a_h = a_h.contiguous(memory_format=torch.channels_last)
         a_w = a_w.contiguous(memory_format=torch.channels_last)
     if torch.is_grad_enabled() and (x.requires_grad or a_h.requires_grad or a_w.requires_grad):
-        return _CoordGate.apply(x, a_h, a_w)
+        out = _CoordGate.apply(x, a_h, a_w)
+        if _is_eager(x) and recompute_active():
+            mark_recomputable(out, x, a_h, a_w)
+        return out
     # nothing to differentiate: one output allocation, the second product in place
     return torch.mul(x, a_h).mul_(a_w)
 
@@ -95,11 +105,6 @@ def _strips_nlc(x: torch.Tensor) -> torch.Tensor:
     # a view per sum: one shared view would add their full-size (expanded) gradients out of place
     # before passing them on; separate ones are added in place into x's gradient
     return torch.cat([x.permute(0, 2, 3, 1).sum(2).div_(w), x.permute(0, 2, 3, 1).sum(1).div_(h)], dim=1)
-
-
-def _is_eager(x: torch.Tensor) -> bool:
-    """Plain eager execution: no compiler, exporter or tracer watching."""
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy))
 
 
 @functools.lru_cache(maxsize=32)

@@ -13,7 +13,7 @@ import shlex
 import statistics
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -24,6 +24,8 @@ from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from timm.optim import create_optimizer_v2
+
+from .recompute import recompute_ca_outputs
 
 __all__ = [
     'BenchmarkConfig', 'Result', 'GOALS', 'MODES', 'PAIRS', 'default_pairs', 'peak_memory', 'run_benchmark',
@@ -59,6 +61,7 @@ class BenchmarkConfig:
     modes: Tuple[str, ...] = ('eager', 'channels_last')
     threads: int = 2
     device: str = 'cpu'
+    recompute_ca: bool = False  # eager training steps run their forward in `recompute_ca_outputs()`
 
     def __post_init__(self):
         if not self.pairs:
@@ -90,7 +93,7 @@ class BenchmarkConfig:
                 '--min-time', f'{self.min_time:g}',
                 '--modes', *self.modes,
                 '--threads', str(self.threads),
-                '--device', self.device]
+                '--device', self.device] + (['--recompute-ca'] if self.recompute_ca else [])
         return f'{prog} {shlex.join(args)}'
 
 
@@ -211,9 +214,14 @@ def _runner(name: str, mode: str, cfg: BenchmarkConfig, device: torch.device) ->
     x_train = images(cfg.train_batch_size)
     target = torch.randint(0, model.num_classes, (cfg.train_batch_size,), device=device)
 
+    # both models alike; eager only: compiled graphs recompute by their own partitioner
+    forward_context = recompute_ca_outputs if cfg.recompute_ca and mode != 'compile' else nullcontext
+
     def train():
         model.train()
-        F.cross_entropy(net(x_train), target).backward()
+        with forward_context():
+            loss = F.cross_entropy(net(x_train), target)
+        loss.backward()
         optimizer.step()
         # gradients freed at the end, so each step (and its memory peak) starts without them
         optimizer.zero_grad(set_to_none=True)
@@ -331,7 +339,8 @@ def _environment(cfg: BenchmarkConfig) -> str:
     device = torch.device(cfg.device)
     return (f'torch {torch.__version__}, {device.type}'
             + (f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else '')
-            + f', {cfg.threads} threads, {cfg.img_size}x{cfg.img_size}, medians of {cfg.rounds} interleaved rounds')
+            + f', {cfg.threads} threads, {cfg.img_size}x{cfg.img_size}, medians of {cfg.rounds} interleaved rounds'
+            + (', eager training with CA outputs recomputed in backward' if cfg.recompute_ca else ''))
 
 
 def results_dict(results: Sequence[Result], cfg: BenchmarkConfig, command: Optional[str] = None) -> Dict:
@@ -403,6 +412,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         '--threads', type=int, default=d.threads, metavar='N', help='torch threads (default: %(default)s)')
     parser.add_argument('--device', default=d.device, help='cpu or cuda[:N] (default: %(default)s)')
+    parser.add_argument(
+        '--recompute-ca', action='store_true',
+        help='eager training steps (both models) run their forward in timm_coordatt.recompute_ca_outputs(): '
+             'CA outputs recomputed in backward instead of held')
     parser.add_argument('--format', choices=FORMATS, default='text', help='output format (default: %(default)s)')
     parser.add_argument(
         '--profile', action='store_true',
@@ -416,7 +429,7 @@ def run_from_args(args: argparse.Namespace, prog: str) -> int:
             pairs=tuple(args.pairs) if args.pairs else default_pairs(), img_size=args.img_size,
             infer_batch_sizes=tuple(args.infer_batch_sizes), train_batch_size=args.train_batch_size,
             rounds=args.rounds, min_time=args.min_time, modes=tuple(args.modes), threads=args.threads,
-            device=args.device)
+            device=args.device, recompute_ca=args.recompute_ca)
         results = run_benchmark(cfg, lambda line: print(f'[{line}]', file=sys.stderr, flush=True))
     except ValueError as e:
         print(f'{prog}: error: {e}', file=sys.stderr)

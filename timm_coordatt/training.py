@@ -57,6 +57,7 @@ from timm.utils import AverageMeter, ModelEmaV3, accuracy, dispatch_clip_grad, d
 from timm.utils.distributed import init_distributed_device_so
 
 from .datasets import DEFAULT_IMG_SIZE as GRID_IMG_SIZE, GridShapes
+from .recompute import recompute_ca_outputs
 
 __all__ = [
     'UsageError', 'atomic_write', 'save_weights', 'export_model', 'check_image_folder', 'create_model',
@@ -853,6 +854,7 @@ def _train_epoch(
 
     loss_sum, top1_sum, count = progress.train_sums
     global_batch = args.batch_size * ctx.world_size
+    recompute_ca = args.recompute_ca and not args.compile  # compiled graphs recompute on their own terms
     desc = f'epoch {epoch + 1}/{num_epochs} train'
     with tqdm(total=steps, initial=progress.step, desc=desc, disable=not ctx.primary, leave=False,
               dynamic_ncols=True) as bar:
@@ -863,7 +865,7 @@ def _train_epoch(
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast():
+            with autocast(), recompute_ca_outputs() if recompute_ca else contextlib.nullcontext():
                 output = train_model(x)
                 loss = loss_fn(output, y)
             loss_value = loss.item()  # one device sync per step, shared by the check and the statistics
