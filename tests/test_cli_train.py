@@ -13,8 +13,10 @@ import torch
 import timm
 import timm_coordatt  # noqa: F401  registers the models
 from timm.data import resolve_data_config
+from timm.models import register_model
 from timm.utils import random_seed
 from timm_coordatt.cli import main
+from timm_coordatt.recompute import recompute_active
 
 from cli_helpers import make_image_folder, one_thread  # noqa: F401  (one_thread: an autouse fixture)
 
@@ -89,11 +91,26 @@ def test_resume_at_epoch_boundary_is_exact(tmp_path):
     assert read_metrics(straight) == read_metrics(split)
 
 
+FORWARD_MODES = []  # (training, recompute active) of each forward of the probe model below
+
+
+@register_model
+def probe_recompute_mobilenetv2_050_ca(pretrained=False, **kwargs):
+    """`mobilenetv2_050_ca` that records whether its forwards ran inside `recompute_ca_outputs()`."""
+    model = timm.create_model(MODEL, **kwargs)
+    model.register_forward_pre_hook(lambda m, args: FORWARD_MODES.append((m.training, recompute_active())))
+    return model
+
+
 def test_recompute_ca_trains_the_same_weights(tmp_path):
-    common = ['--model', MODEL, '--grid-samples', '32', '--batch-size', '8', '--epochs', '1', *TINY]
+    common = ['--grid-samples', '32', '--batch-size', '8', '--epochs', '1', *TINY]
     held, lean = str(tmp_path / 'held'), str(tmp_path / 'lean')
-    assert main(['train', *common, '--output', held]) == 0
-    assert main(['train', *common, '--recompute-ca', '--output', lean]) == 0
+    assert main(['train', '--model', MODEL, *common, '--output', held]) == 0
+    FORWARD_MODES.clear()
+    assert main(['train', '--model', 'probe_recompute_mobilenetv2_050_ca', *common, '--recompute-ca',
+                 '--output', lean]) == 0
+    # training forwards inside the context, validation ones outside
+    assert {mode for mode in FORWARD_MODES} == {(True, True), (False, False)}
     assert_same_tensors(load_weights(os.path.join(held, 'model.safetensors')),
                         load_weights(os.path.join(lean, 'model.safetensors')))
 
