@@ -95,7 +95,7 @@ FORWARD_MODES = []  # (training, recompute active) of each forward of the probe 
 
 
 @register_model
-def probe_recompute_mobilenetv2_050_ca(pretrained=False, **kwargs):
+def probe_recompute_mobilenetv2(pretrained=False, **kwargs):
     """`mobilenetv2_050_ca` that records whether its forwards ran inside `recompute_ca_outputs()`."""
     model = timm.create_model(MODEL, **kwargs)
     model.register_forward_pre_hook(lambda m, args: FORWARD_MODES.append((m.training, recompute_active())))
@@ -107,7 +107,7 @@ def test_recompute_ca_trains_the_same_weights(tmp_path):
     held, lean = str(tmp_path / 'held'), str(tmp_path / 'lean')
     assert main(['train', '--model', MODEL, *common, '--output', held]) == 0
     FORWARD_MODES.clear()
-    assert main(['train', '--model', 'probe_recompute_mobilenetv2_050_ca', *common, '--recompute-ca',
+    assert main(['train', '--model', 'probe_recompute_mobilenetv2', *common, '--recompute-ca',
                  '--output', lean]) == 0
     # training forwards inside the context, validation ones outside
     assert {mode for mode in FORWARD_MODES} == {(True, True), (False, False)}
