@@ -262,20 +262,21 @@ class CoordAttention(nn.Module):
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
         """`forward` in eager inference: BN folded into conv1, fewer ops, optionally in place."""
         _check_input(x, self.channels)
+        channels_last, small = _is_channels_last(x), x.numel() <= self.small_input_max
         params = self._folded_params()
         if params is None:
             a_h, a_w = self.gates(x)
         else:
             w1, b1, w_hw, b_hw = params
             n, c, h, w = x.shape
-            if _is_channels_last(x):
+            if channels_last:
                 # strips as (N, L, C) rows, like x: one matmul each, gates with C contiguous as in x
                 y = self.act(F.linear(_strips_nlc(x), w1, b1))
                 a = self.gate(F.linear(y, w_hw, b_hw))
                 a_h, a_w = a[:, :h, :c].transpose(1, 2), a[:, h:, c:].transpose(1, 2)
             else:
                 # pooling by matmul is also the faster at H + W = 28 for small inputs (fewer ops)
-                s = _pool_strips(x, 28 if x.numel() <= self.small_input_max else 16)
+                s = _pool_strips(x, 28 if small else 16)
                 y = self.act(_conv1x1(s, w1, b1))
                 if n * c * (h + w) <= self.stacked_gates_max:
                     a = self.gate(_conv1x1(y, w_hw, b_hw))
@@ -285,7 +286,7 @@ class CoordAttention(nn.Module):
                     a_h = self.gate(_conv1x1(y[:, :, :h], w_hw[:c], b_h))
                     a_w = self.gate(_conv1x1(y[:, :, h:], w_hw[c:], b_w))
             a_h, a_w = a_h.unsqueeze(3), a_w.unsqueeze(2)
-        if x.numel() <= self.small_input_max and not _is_channels_last(x):
+        if small and not channels_last:
             # the full gate, then a plain product: at this size cheaper than a second product
             # broadcasting over rows of W elements (channels_last rows are C long, no such cost)
             gate = a_h * a_w
