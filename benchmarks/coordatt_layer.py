@@ -8,6 +8,10 @@ during one training step (forward + backward), read from the profiler's allocati
 
     python benchmarks/coordatt_layer.py [--rounds 7] [--threads 2] [--channels-last]
 
+`ours` is the layer as it runs by default (eager float32 CPU inference in its C kernel where that
+is built), `ours_ops` the same layer with the kernel turned off (`use_native_kernel = False`):
+PyTorch ops throughout. Training does not use the kernel, so there the two are the same code.
+
 `--channels-last` puts the modules and the inputs in channels_last memory format, as
 `timm.create_model(...).to(memory_format=torch.channels_last)` pipelines run them.
 """
@@ -29,8 +33,17 @@ from torch.profiler._memory_profiler import Action  # noqa: E402
 from timm_coordatt import CoordAttention  # noqa: E402
 
 SHAPES = [(96, 112), (144, 56), (192, 28), (384, 14), (576, 14), (960, 7)]  # (C, H=W)
+
+
+def _ours_without_kernel(channels: int) -> CoordAttention:
+    m = CoordAttention(channels)
+    m.use_native_kernel = False
+    return m
+
+
 IMPLS: Dict[str, Callable[[int], nn.Module]] = {
     'ours': CoordAttention,
+    'ours_ops': _ours_without_kernel,
     'authors': lambda c: AuthorsCoordAtt(c, c),
     'timm_coord': lambda c: CoordAttn(c, rd_channels=max(8, c // 32), bias=True),
 }

@@ -27,6 +27,14 @@ def _randomise_(module: nn.Module) -> nn.Module:
     return module
 
 
+@pytest.fixture(params=['native', 'torch'])
+def inference_kernel(request, monkeypatch):
+    """Eager float32 CPU inference runs the C kernel where it is built (see test_native.py), else
+    PyTorch ops: both are checked."""
+    monkeypatch.setenv('TIMM_COORDATT_NATIVE', '1' if request.param == 'native' else '0')
+    return request.param
+
+
 def _pair(channels: int):
     authors = _randomise_(AuthorsCoordAtt(channels, channels))
     ours = CoordAttention(channels)
@@ -80,7 +88,7 @@ def test_inference_shapes_cover_every_path():
 
 @pytest.mark.parametrize('shape', INFERENCE_SHAPES)
 @pytest.mark.parametrize('grad_mode', [torch.no_grad, torch.inference_mode])
-def test_inference_matches_authors_block(shape, grad_mode):
+def test_inference_matches_authors_block(shape, grad_mode, inference_kernel):
     ours, authors = _pair(shape[1])
     ours.eval()
     authors.eval()
@@ -93,7 +101,7 @@ def test_inference_matches_authors_block(shape, grad_mode):
 
 
 @pytest.mark.parametrize('channels_last', [False, True])
-def test_inplace_inference(channels_last):
+def test_inplace_inference(channels_last, inference_kernel):
     ours, authors = _pair(32)
     ours.eval().inplace = True
     authors.eval()
@@ -120,7 +128,7 @@ def test_inplace_inference(channels_last):
     torch.testing.assert_close(x_default, x, rtol=0, atol=0)
 
 
-def test_inference_follows_parameter_changes():
+def test_inference_follows_parameter_changes(inference_kernel):
     """The folded inference weights are cached; every kind of update must reach them."""
     ours, authors = _pair(24)
     x = torch.randn(2, 24, 5, 6)
@@ -161,7 +169,7 @@ def test_inference_follows_parameter_changes():
     dict(norm_layer=GroupNorm1),  # cannot be folded: inference runs the norm as a layer
     dict(norm_layer=partial(nn.BatchNorm2d, track_running_stats=False)),
 ])
-def test_inference_options(kwargs):
+def test_inference_options(kwargs, inference_kernel):
     """The inference path against the module's autograd path (checked against the authors above)."""
     m = _randomise_(CoordAttention(40, **kwargs)).eval()
     for shape in [(1, 40, 6, 3), (64, 40, 14, 14)]:

@@ -9,7 +9,7 @@ The block pools the input along each spatial axis, encodes both strips with one 
 (`max(8, C // 32)`), biased convs and its own hard-swish, whatever the host block's activation.
 """
 import functools
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 
 from timm.layers import LayerType, create_act_layer, register_notrace_function
 
+from . import native
 from .recompute import mark_recomputable, recompute_active
 
 __all__ = ['CoordAttention', 'CoordAttentionFactory', 'coord_gate']
@@ -176,6 +177,15 @@ def _check_input(x: torch.Tensor, channels: int) -> None:
 torch.fx.wrap('_check_input')
 
 
+class _FoldedParams(NamedTuple):
+    """CoordAttention's inference weights: conv1 with bn1 folded in, conv_h and conv_w stacked."""
+    w1: torch.Tensor  # (rd, C)
+    b1: Optional[torch.Tensor]
+    w_hw: torch.Tensor  # (2C, rd)
+    b_hw: Optional[torch.Tensor]
+    w_hw_t: torch.Tensor  # (rd, 2C), contiguous, for the C kernel
+
+
 class CoordAttention(nn.Module):
     """Coordinate Attention block of Hou et al., defaults as in the paper.
 
@@ -198,6 +208,12 @@ class CoordAttention(nn.Module):
     # Inputs up to this many elements (about L2-sized in float32) take the inference paths for small
     # tensors, where the cost of an op outweighs the cost of touching an element.
     small_input_max = 2 ** 17
+    # Eager float32 CPU inference runs in the C kernel (timm_coordatt/native.py) where it is built;
+    # set False on an instance or the class for PyTorch ops throughout.
+    use_native_kernel = True
+    # The kernel splits samples over threads; a single sample larger than this runs faster in
+    # PyTorch's ops, which split it.
+    native_single_sample_max = 2 ** 19
 
     def __init__(
             self,
@@ -264,10 +280,13 @@ class CoordAttention(nn.Module):
         _check_input(x, self.channels)
         channels_last, small = _is_channels_last(x), x.numel() <= self.small_input_max
         params = self._folded_params()
+        if params is not None and self._native_supported(x, channels_last, params):
+            out = x if self.inplace else torch.empty_like(x)
+            return native.coord_attention_inference(x, out, params.w1, params.b1, params.w_hw_t, params.b_hw)
         if params is None:
             a_h, a_w = self.gates(x)
         else:
-            w1, b1, w_hw, b_hw = params
+            w1, b1, w_hw, b_hw = params.w1, params.b1, params.w_hw, params.b_hw
             n, c, h, w = x.shape
             if channels_last:
                 # strips as (N, L, C) rows, like x: one matmul each, gates with C contiguous as in x
@@ -293,9 +312,18 @@ class CoordAttention(nn.Module):
             return x.mul_(gate) if self.inplace else gate.mul_(x)
         return torch.mul(x, a_h, out=x if self.inplace else None).mul_(a_w)
 
-    def _folded_params(self) -> Optional[Tuple[torch.Tensor, ...]]:
-        """conv1 with bn1 folded in and conv_h, conv_w stacked, as (C_out, C_in) matrices; None for a norm
-        that cannot be folded.
+    def _native_supported(self, x: torch.Tensor, channels_last: bool, params: _FoldedParams) -> bool:
+        """Whether the C kernel computes this block for `x`: the paper's activations, float32 on the CPU."""
+        return (
+            self.use_native_kernel and native.available()
+            and type(self.act) is nn.Hardswish and type(self.gate) is nn.Sigmoid
+            and x.device.type == 'cpu' and x.dtype == torch.float32 and params.w1.dtype == torch.float32
+            and 0 < x.numel() and (x.shape[0] > 1 or x.numel() <= self.native_single_sample_max)
+            and (channels_last or x.is_contiguous())
+        )
+
+    def _folded_params(self) -> Optional[_FoldedParams]:
+        """conv1 with bn1 folded in and conv_h, conv_w stacked; None for a norm that cannot be folded.
 
         Cached while the version counters of the source tensors stay put, so in-place updates
         (optimizer steps, BN statistics) fold again; so do moving the module (`_apply`) and loading
@@ -322,7 +350,7 @@ class CoordAttention(nn.Module):
             pass
         return params
 
-    def _fold(self, bn: nn.Module) -> Tuple[torch.Tensor, ...]:
+    def _fold(self, bn: nn.Module) -> _FoldedParams:
         w1, b1 = self.conv1.weight.flatten(1), self.conv1.bias
         if isinstance(bn, nn.BatchNorm2d):
             # in float32, whatever the parameters' dtype, as batch norm itself computes
@@ -335,7 +363,7 @@ class CoordAttention(nn.Module):
             w1 = (w1.float() * scale[:, None]).to(w1.dtype)
         w_hw = torch.cat([self.conv_h.weight, self.conv_w.weight]).flatten(1)
         b_hw = None if self.conv_h.bias is None else torch.cat([self.conv_h.bias, self.conv_w.bias])
-        return w1, b1, w_hw, b_hw
+        return _FoldedParams(w1.contiguous(), b1, w_hw, b_hw, w_hw.t().contiguous())
 
     def _apply(self, fn, recurse=True):
         self._inference_params = None

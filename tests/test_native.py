@@ -1,0 +1,167 @@
+""" The C inference kernel (timm_coordatt/native.py): built, equal to the authors' block, used exactly
+where it supports the block and input, and strict about what it is given. """
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from authors_coordatt import AuthorsCoordAtt
+from timm.layers import GroupNorm1
+from timm_coordatt import CoordAttention, native
+
+
+@pytest.fixture(autouse=True)
+def kernel_on(monkeypatch):
+    monkeypatch.delenv('TIMM_COORDATT_NATIVE', raising=False)
+
+
+class _AtenOps(TorchDispatchMode):
+    """The ATen ops a block of code runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _aten_ops(module: nn.Module, x: torch.Tensor):
+    """The ops of an inference call, after a first call has folded (and cached) the weights."""
+    with torch.inference_mode():
+        module(x.clone())
+        with _AtenOps() as mode:
+            module(x)
+    return mode.ops
+
+
+def _randomised(module: nn.Module) -> nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=gen) + 0.5 if 'running_var' in name else
+                        torch.randn(t.shape, generator=gen))
+    return module.eval()
+
+
+def test_kernel_is_built():
+    """`pip install` compiles it wherever there is a C compiler (every CI machine has one)."""
+    assert native.available()
+
+
+def test_environment_turns_it_off(monkeypatch):
+    monkeypatch.setenv('TIMM_COORDATT_NATIVE', '0')
+    assert not native.available()
+
+
+# 1 x W, H x 1, 1 x 1, very non-square, rows shorter and longer than a vector; C and rd (rd = 10 at
+# C = 320) not multiples of the kernel's blocking; batches split over threads unevenly
+SHAPES = [(1, 320, 14, 14), (3, 24, 1, 13), (2, 16, 9, 1), (5, 40, 1, 1), (1, 24, 3, 50), (3, 96, 7, 11)]
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('inplace', [False, True])
+def test_matches_authors_block(shape, channels_last, inplace):
+    authors = _randomised(AuthorsCoordAtt(shape[1], shape[1]))
+    ours = CoordAttention(shape[1], inplace=inplace).eval()
+    ours.load_state_dict(authors.state_dict())
+    x = torch.randn(shape) * 3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():  # the reference in float64: the kernel's float32 error is rounding only
+        expected = authors.double()(x.double()).float()
+    # nothing but the kernel and, out of place, the output's allocation
+    assert _aten_ops(ours, x.clone()) == ([] if inplace else ['empty_like'])
+    with torch.inference_mode():
+        y = ours(x)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    assert (y.data_ptr() == x.data_ptr()) == inplace
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize('kwargs', [dict(bias=False), dict(norm_layer=None), dict(rd_channels=5)])
+def test_options(kwargs):
+    """Missing biases, no norm, a reduced width of 5: against the module's autograd path."""
+    m = _randomised(CoordAttention(48, **kwargs))
+    x = torch.randn(3, 48, 6, 10)
+    expected = m(x)  # autograd recording: the PyTorch formulation
+    assert _aten_ops(m, x) == ['empty_like']
+    with torch.inference_mode():
+        torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_same_result_whatever_the_threads():
+    m = _randomised(CoordAttention(64))
+    x = torch.randn(7, 64, 9, 9)
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            with torch.inference_mode():
+                outputs.append(m(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outputs[0], y) for y in outputs[1:])
+
+
+def _fallbacks():
+    """Module and input the kernel does not cover; each must run PyTorch ops."""
+    x = torch.randn(2, 32, 8, 6)
+    plain = _randomised(CoordAttention(32))
+    large = CoordAttention.native_single_sample_max // (16 * 16) + 1
+    return {
+        'float64': (_randomised(CoordAttention(32).double()), x.double()),
+        'bfloat16': (_randomised(CoordAttention(32)).bfloat16(), x.bfloat16()),
+        'relu': (_randomised(CoordAttention(32, act_layer='relu')), x),
+        'hard_sigmoid gate': (_randomised(CoordAttention(32, gate_layer='hard_sigmoid')), x),
+        'group norm': (_randomised(CoordAttention(32, norm_layer=GroupNorm1)), x),
+        'batch statistics': (_randomised(CoordAttention(32, norm_layer=partial(nn.BatchNorm2d, track_running_stats=False))), x),
+        'strided input': (plain, x.transpose(2, 3)),
+        'one large sample': (_randomised(CoordAttention(large)), torch.randn(1, large, 16, 16)),
+        'empty batch': (plain, x[:0]),
+    }
+
+
+@pytest.mark.parametrize('case', list(_fallbacks()))
+def test_unsupported_blocks_and_inputs_run_pytorch_ops(case):
+    module, x = _fallbacks()[case]
+    ops = _aten_ops(module, x)
+    assert any(op in ops for op in ('mm', 'bmm', 'baddbmm', 'sum', 'linear', 'addmm', 'native_group_norm')), ops
+
+
+def test_training_and_autograd_run_pytorch_ops():
+    m = _randomised(CoordAttention(32))
+    x = torch.randn(2, 32, 8, 6)
+    for training, grad in [(True, False), (False, True)]:
+        m.train(training)
+        with torch.set_grad_enabled(grad), _AtenOps() as mode:
+            m(x)
+        assert 'sigmoid' in mode.ops
+
+
+def test_turned_off_runs_pytorch_ops(monkeypatch):
+    m = _randomised(CoordAttention(32))
+    monkeypatch.setenv('TIMM_COORDATT_NATIVE', '0')
+    assert 'sigmoid' in _aten_ops(m, torch.randn(2, 32, 8, 6))
+
+
+def test_kernel_checks_its_arguments():
+    x = torch.randn(2, 8, 4, 5)
+    w1, b1, wg, bg = torch.randn(8, 8), torch.randn(8), torch.randn(8, 16), torch.randn(16)
+    call = native.coord_attention_inference
+    with pytest.raises(ValueError, match='float32 CPU tensors, got x: torch.float64'):
+        call(x.double(), x.double(), w1, b1, wg, bg)
+    with pytest.raises(ValueError, match=r'w_gates_t of shape \(8, 16\), got \(16, 8\)'):
+        call(x, torch.empty_like(x), w1, b1, wg.t(), bg)
+    with pytest.raises(ValueError, match=r'out of shape \(2, 8, 4, 5\), got \(2, 8, 5, 4\)'):
+        call(x, torch.empty(2, 8, 5, 4), w1, b1, wg, bg)
+    with pytest.raises(ValueError, match='both contiguous or both channels_last'):
+        call(x, torch.empty_like(x, memory_format=torch.channels_last), w1, b1, wg, bg)
+    with pytest.raises(ValueError, match='contiguous weights'):
+        call(x, torch.empty_like(x), w1.t(), b1, wg, bg)
