@@ -165,3 +165,98 @@ def test_kernel_checks_its_arguments():
         call(x, torch.empty_like(x, memory_format=torch.channels_last), w1, b1, wg, bg)
     with pytest.raises(ValueError, match='contiguous weights'):
         call(x, torch.empty_like(x), w1.t(), b1, wg, bg)
+
+
+# training: the gate product and its backward
+
+def _gates(shape, channels_last: bool):
+    n, c, h, w = shape
+    x, a_h, a_w = torch.randn(shape), torch.rand(n, c, h, 1), torch.rand(n, c, 1, w)
+    if channels_last:
+        x, a_h, a_w = (t.contiguous(memory_format=torch.channels_last) for t in (x, a_h, a_w))
+    return x, a_h, a_w
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_gate_kernels_match_autograd(shape, channels_last):
+    x, a_h, a_w = _gates(shape, channels_last)
+    assert native.gate_supported(x, a_h, a_w)
+    # bit for bit the PyTorch product, so that recompute_ca_outputs() rebuilds the same tensor
+    assert torch.equal(native.gate(x, a_h, a_w), torch.mul(x, a_h).mul_(a_w))
+    grad = torch.randn_like(x)
+    leaves = [t.clone().requires_grad_() for t in (x, a_h, a_w)]
+    (leaves[0] * leaves[1] * leaves[2]).backward(grad)
+    for ours, expected in zip(native.gate_backward(x, a_h, a_w, grad), leaves):
+        torch.testing.assert_close(ours, expected.grad, rtol=1e-5, atol=1e-5)
+        assert ours.stride() == expected.stride()
+
+
+class _FullSizeOps(_AtenOps):
+    """The ops that return a tensor of `shape` (full-size products and their gradients)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape = shape
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.shape == self.shape:
+            self.ops.append(func.overloadpacket.__name__)
+        return out
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_training_step_uses_gate_kernels(channels_last):
+    x = torch.randn(4, 48, 10, 6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ops = {}
+    for use_native in (True, False):
+        m = _randomised(CoordAttention(48)).train().to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        m.use_native_kernel = use_native
+        xr = x.clone().requires_grad_()
+        with _FullSizeOps(x.shape) as mode:
+            m(xr).backward(torch.randn_like(x).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format))
+        ops[use_native] = mode.ops
+    # PyTorch ops: x * a_h, the product's gradient products; the kernels: no full-size product at all
+    assert 'mul' in ops[False]
+    assert 'mul' not in ops[True] and 'matmul' not in ops[True] and 'bmm' not in ops[True], ops[True]
+
+
+def test_gate_backward_falls_back_for_other_gradient_layouts():
+    """A gradient laid out unlike x (channels_last here) takes the PyTorch backward, with the same result."""
+    authors = _randomised(AuthorsCoordAtt(32, 32)).train()
+    ours = CoordAttention(32).train()
+    ours.load_state_dict(authors.state_dict())
+    x = torch.randn(3, 32, 7, 5)
+    grad = torch.randn_like(x).contiguous(memory_format=torch.channels_last)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours(x1).backward(grad)
+    authors(x2).backward(grad)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_double_backward_runs_pytorch_ops():
+    m = _randomised(CoordAttention(16)).train()
+    x = torch.randn(2, 16, 5, 4, requires_grad=True)
+    grads = {}
+    for use_native in (True, False):
+        m.use_native_kernel = use_native
+        y = m(x)
+        (g,) = torch.autograd.grad(y, x, torch.ones_like(y), create_graph=True)
+        (gg,) = torch.autograd.grad(g.square().sum(), x)
+        grads[use_native] = (g.detach(), gg)
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_gate_kernels_check_their_arguments():
+    x, a_h, a_w = _gates((2, 8, 4, 5), channels_last=False)
+    with pytest.raises(ValueError, match=r'a_h \(N, C, H, 1\)'):
+        native.gate(x, a_w, a_h)
+    with pytest.raises(ValueError, match='all contiguous or all channels_last'):
+        native.gate(x.contiguous(memory_format=torch.channels_last), a_h, a_w)
+    with pytest.raises(ValueError, match='expected grad laid out as x'):
+        native.gate_backward(x, a_h, a_w, torch.randn(2, 8, 5, 4).transpose(2, 3))
+    assert not native.gate_supported(x.double(), a_h.double(), a_w.double())

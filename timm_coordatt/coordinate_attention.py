@@ -37,17 +37,24 @@ class _CoordGate(torch.autograd.Function):
     """`x * a_h * a_w` that saves only `x` and the two small gates for backward.
 
     Autograd's own version also keeps the full-size `x * a_h`; recomputing the products from the
-    gates instead saves one activation-sized tensor per block and the allocation it costs.
+    gates instead saves one activation-sized tensor per block and the allocation it costs. With
+    `use_native` (eager float32 CPU) the product and its backward run in the C kernels, one pass each.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor, use_native: bool) -> torch.Tensor:
         ctx.save_for_backward(x, a_h, a_w)
+        ctx.use_native = use_native
+        if use_native:
+            return native.gate(x, a_h, a_w)
         return torch.mul(x, a_h).mul_(a_w)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, a_h, a_w = ctx.saved_tensors
+        if (ctx.use_native and not torch.is_grad_enabled()  # double backward needs differentiable ops
+                and grad_out.dtype == x.dtype and grad_out.stride() == x.stride()):
+            return (*native.gate_backward(x, a_h, a_w, grad_out), None)
         gx = grad_a_h = grad_a_w = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             gx = x * grad_out  # in x's memory format
@@ -75,12 +82,16 @@ class _CoordGate(torch.autograd.Function):
             # two; not when building a graph for double backward, where `out=` is not differentiable
             buffer = None if torch.is_grad_enabled() else gx
             grad_x = torch.mul(grad_out, a_h, out=buffer).mul_(a_w)
-        return grad_x, grad_a_h, grad_a_w
+        return grad_x, grad_a_h, grad_a_w, None
 
 
 @register_notrace_function  # a leaf for FX: tracing cannot branch on requires_grad
-def coord_gate(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
-    """Apply the height gate `a_h` (N, C, H, 1) and width gate `a_w` (N, C, 1, W) to `x`."""
+def coord_gate(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor, use_native_kernel: bool = True) -> torch.Tensor:
+    """Apply the height gate `a_h` (N, C, H, 1) and width gate `a_w` (N, C, 1, W) to `x`.
+
+    With autograd, eager float32 CPU products and their backward run in the C kernels
+    (timm_coordatt/native.py) unless `use_native_kernel` is False.
+    """
     if torch.jit.is_scripting():
         return x * a_h * a_w
     if _is_channels_last(x):
@@ -88,8 +99,9 @@ def coord_gate(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.T
         a_h = a_h.contiguous(memory_format=torch.channels_last)
         a_w = a_w.contiguous(memory_format=torch.channels_last)
     if torch.is_grad_enabled() and (x.requires_grad or a_h.requires_grad or a_w.requires_grad):
-        out = _CoordGate.apply(x, a_h, a_w)
-        if _is_eager(x) and recompute_active():
+        eager = _is_eager(x)
+        out = _CoordGate.apply(x, a_h, a_w, use_native_kernel and eager and native.gate_supported(x, a_h, a_w))
+        if eager and recompute_active():
             mark_recomputable(out, x, a_h, a_w)
         return out
     # nothing to differentiate: one output allocation, the second product in place
@@ -208,8 +220,9 @@ class CoordAttention(nn.Module):
     # Inputs up to this many elements (about L2-sized in float32) take the inference paths for small
     # tensors, where the cost of an op outweighs the cost of touching an element.
     small_input_max = 2 ** 17
-    # Eager float32 CPU inference runs in the C kernel (timm_coordatt/native.py) where it is built;
-    # set False on an instance or the class for PyTorch ops throughout.
+    # Eager float32 CPU inference, and the gate product of training with its backward, run in the C
+    # kernels (timm_coordatt/native.py) where they are built; False (on an instance or the class)
+    # runs PyTorch ops throughout.
     use_native_kernel = True
     # The kernel splits samples over threads; a single sample larger than this runs faster in
     # PyTorch's ops, which split it.
@@ -272,7 +285,9 @@ class CoordAttention(nn.Module):
             if _eager_inference(self, x):
                 return self._forward_inference(x)
         a_h, a_w = self.gates(x)
-        return coord_gate(x, a_h, a_w)
+        if torch.jit.is_scripting():
+            return coord_gate(x, a_h, a_w)
+        return coord_gate(x, a_h, a_w, self.use_native_kernel)
 
     @torch.jit.unused
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-/* Coordinate Attention inference in one pass over the block: float32, CPU.
+/* Coordinate Attention on the CPU in float32: inference in one pass over the block, and the gate
+ * product of training with its backward.
  *
  * The PyTorch formulation runs a dozen small ops a block; at the sizes of a mobile network's
  * blocks (rows of 7-56 elements, GEMMs of a few thousand multiply-adds) their fixed costs
@@ -187,29 +188,118 @@ CA_INLINE void ca_sample_nhwc(const float *x, float *out, float *s, float *y, fl
     }
 }
 
+/* The product y = x * a_h * a_w for training (PyTorch's rounding: (x * a_h) * a_w, so autograd's
+ * recomputation with torch ops rebuilds the same bits), and its backward in one pass:
+ * grad_x = (g * a_h) * a_w, grad_a_h = sum_w x * g * a_w, grad_a_w = sum_h x * g * a_h.
+ * One sample; NCHW: a_h (C, H), a_w (C, W); NHWC: a_h (H, C), a_w (W, C). */
+CA_INLINE void ca_gate_nchw(const float *x, const float *ah, const float *aw, float *out,
+                            int64_t c, int64_t h, int64_t w) {
+    for (int64_t ch = 0; ch < c; ch++) {
+        for (int64_t i = 0; i < h; i++) {
+            const float g = ah[ch * h + i];
+            const float *row = x + (ch * h + i) * w, *gw = aw + ch * w;
+            float *orow = out + (ch * h + i) * w;
+            for (int64_t j = 0; j < w; j++) orow[j] = row[j] * g * gw[j];
+        }
+    }
+}
+
+CA_INLINE void ca_gate_nhwc(const float *x, const float *ah, const float *aw, float *out,
+                            int64_t c, int64_t h, int64_t w) {
+    for (int64_t i = 0; i < h; i++) {
+        for (int64_t j = 0; j < w; j++) {
+            const float *px = x + (i * w + j) * c, *gh = ah + i * c, *gw = aw + j * c;
+            float *po = out + (i * w + j) * c;
+            for (int64_t ch = 0; ch < c; ch++) po[ch] = px[ch] * gh[ch] * gw[ch];
+        }
+    }
+}
+
+CA_INLINE void ca_gate_backward_nchw(const float *x, const float *ah, const float *aw, const float *grad,
+                                     float *gx, float *gah, float *gaw, int64_t c, int64_t h, int64_t w) {
+    for (int64_t ch = 0; ch < c; ch++) {
+        const float *gw = aw + ch * w;
+        float *gaw_c = gaw + ch * w;
+        for (int64_t j = 0; j < w; j++) gaw_c[j] = 0.0f;
+        for (int64_t i = 0; i < h; i++) {
+            const int64_t row = (ch * h + i) * w;
+            const float g = ah[ch * h + i];
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t j = 0; j < w; j++) {
+                const float p = x[row + j] * grad[row + j];
+                acc += p * gw[j];
+                gaw_c[j] += g * p;
+                gx[row + j] = grad[row + j] * g * gw[j];
+            }
+            gah[ch * h + i] = acc;
+        }
+    }
+}
+
+CA_INLINE void ca_gate_backward_nhwc(const float *x, const float *ah, const float *aw, const float *grad,
+                                     float *gx, float *gah, float *gaw, int64_t c, int64_t h, int64_t w) {
+    memset(gah, 0, (size_t)(h * c) * sizeof(float));
+    memset(gaw, 0, (size_t)(w * c) * sizeof(float));
+    for (int64_t i = 0; i < h; i++) {
+        for (int64_t j = 0; j < w; j++) {
+            const int64_t at = (i * w + j) * c;
+            const float *gh = ah + i * c, *gw = aw + j * c;
+            float *gah_i = gah + i * c, *gaw_j = gaw + j * c;
+            for (int64_t ch = 0; ch < c; ch++) {
+                const float p = x[at + ch] * grad[at + ch];
+                gah_i[ch] += p * gw[ch];
+                gaw_j[ch] += gh[ch] * p;
+                gx[at + ch] = grad[at + ch] * gh[ch] * gw[ch];
+            }
+        }
+    }
+}
+
+enum ca_op { CA_BLOCK, CA_GATE, CA_GATE_BACKWARD };
+
 struct ca_job {
-    const float *x, *w1, *b1, *wg, *bg;
-    float *out;
+    enum ca_op op;
+    const float *x, *w1, *b1, *wg, *bg; /* CA_BLOCK: the folded weights */
+    const float *ah, *aw, *grad;        /* CA_GATE, CA_GATE_BACKWARD */
+    float *out, *gah, *gaw;             /* out: the output, or grad_x */
     int64_t first, last, c, h, w, rd;
     int channels_last, status;
 };
 
 CA_TARGET_CLONES
 static void ca_run(struct ca_job *job) {
-    const int64_t c = job->c, h = job->h, w = job->w, rd = job->rd, len = h + w;
-    float *buffer = (float *)malloc((size_t)(3 * c * len + rd * len) * sizeof(float));
-    if (buffer == NULL) {
-        job->status = -1;
-        return;
+    const int64_t c = job->c, h = job->h, w = job->w, rd = job->rd, len = h + w, size = c * h * w;
+    float *buffer = NULL;
+    if (job->op == CA_BLOCK) {
+        buffer = (float *)malloc((size_t)(3 * c * len + rd * len) * sizeof(float));
+        if (buffer == NULL) {
+            job->status = -1;
+            return;
+        }
     }
-    float *s = buffer, *a = s + c * len, *t = a + c * len, *y = t + c * len;
     for (int64_t b = job->first; b < job->last; b++) {
-        const float *xb = job->x + b * c * h * w;
-        float *ob = job->out + b * c * h * w;
-        if (job->channels_last)
-            ca_sample_nhwc(xb, ob, s, y, a, c, h, w, rd, job->w1, job->b1, job->wg, job->bg);
-        else
-            ca_sample_nchw(xb, ob, s, y, a, t, c, h, w, rd, job->w1, job->b1, job->wg, job->bg);
+        const float *xb = job->x + b * size;
+        float *ob = job->out + b * size;
+        if (job->op == CA_BLOCK) {
+            float *s = buffer, *a = s + c * len, *t = a + c * len, *y = t + c * len;
+            if (job->channels_last)
+                ca_sample_nhwc(xb, ob, s, y, a, c, h, w, rd, job->w1, job->b1, job->wg, job->bg);
+            else
+                ca_sample_nchw(xb, ob, s, y, a, t, c, h, w, rd, job->w1, job->b1, job->wg, job->bg);
+        } else if (job->op == CA_GATE) {
+            if (job->channels_last)
+                ca_gate_nhwc(xb, job->ah + b * c * h, job->aw + b * c * w, ob, c, h, w);
+            else
+                ca_gate_nchw(xb, job->ah + b * c * h, job->aw + b * c * w, ob, c, h, w);
+        } else {
+            if (job->channels_last)
+                ca_gate_backward_nhwc(xb, job->ah + b * c * h, job->aw + b * c * w, job->grad + b * size, ob,
+                                      job->gah + b * c * h, job->gaw + b * c * w, c, h, w);
+            else
+                ca_gate_backward_nchw(xb, job->ah + b * c * h, job->aw + b * c * w, job->grad + b * size, ob,
+                                      job->gah + b * c * h, job->gaw + b * c * w, c, h, w);
+        }
     }
     free(buffer);
     job->status = 0;
@@ -221,7 +311,7 @@ static void *ca_thread(void *job) {
 }
 
 /* samples split over up to `threads` threads (this one included); 0 on success */
-static int ca_forward(struct ca_job base, int64_t n, int threads) {
+static int ca_split(struct ca_job base, int64_t n, int threads) {
     if (threads > CA_MAX_THREADS) threads = CA_MAX_THREADS;
     if (threads > n) threads = (int)n;
     if (threads < 1) threads = 1;
@@ -247,6 +337,17 @@ static int ca_forward(struct ca_job base, int64_t n, int threads) {
     return status;
 }
 
+static PyObject *ca_call(struct ca_job job, int64_t n, int threads) {
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = ca_split(job, n, threads);
+    Py_END_ALLOW_THREADS
+    if (status != 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+#define CA_PTR(type, address) ((type *)(uintptr_t)(address))
+
 static PyObject *forward(PyObject *Py_UNUSED(self), PyObject *args) {
     unsigned long long x, out, w1, b1, wg, bg;
     long long n, c, h, w, rd;
@@ -255,22 +356,53 @@ static PyObject *forward(PyObject *Py_UNUSED(self), PyObject *args) {
                           &channels_last, &threads))
         return NULL;
     struct ca_job job = {
-        (const float *)(uintptr_t)x, (const float *)(uintptr_t)w1, (const float *)(uintptr_t)b1,
-        (const float *)(uintptr_t)wg, (const float *)(uintptr_t)bg, (float *)(uintptr_t)out,
-        0, 0, c, h, w, rd, channels_last, 0,
+        .op = CA_BLOCK, .x = CA_PTR(const float, x), .out = CA_PTR(float, out),
+        .w1 = CA_PTR(const float, w1), .b1 = CA_PTR(const float, b1),
+        .wg = CA_PTR(const float, wg), .bg = CA_PTR(const float, bg),
+        .c = c, .h = h, .w = w, .rd = rd, .channels_last = channels_last,
     };
-    int status;
-    Py_BEGIN_ALLOW_THREADS
-    status = ca_forward(job, n, threads);
-    Py_END_ALLOW_THREADS
-    if (status != 0) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return ca_call(job, n, threads);
+}
+
+static PyObject *gate(PyObject *Py_UNUSED(self), PyObject *args) {
+    unsigned long long x, ah, aw, out;
+    long long n, c, h, w;
+    int channels_last, threads;
+    if (!PyArg_ParseTuple(args, "KKKKLLLLpi", &x, &ah, &aw, &out, &n, &c, &h, &w, &channels_last, &threads))
+        return NULL;
+    struct ca_job job = {
+        .op = CA_GATE, .x = CA_PTR(const float, x), .ah = CA_PTR(const float, ah),
+        .aw = CA_PTR(const float, aw), .out = CA_PTR(float, out),
+        .c = c, .h = h, .w = w, .channels_last = channels_last,
+    };
+    return ca_call(job, n, threads);
+}
+
+static PyObject *gate_backward(PyObject *Py_UNUSED(self), PyObject *args) {
+    unsigned long long x, ah, aw, grad, gx, gah, gaw;
+    long long n, c, h, w;
+    int channels_last, threads;
+    if (!PyArg_ParseTuple(args, "KKKKKKKLLLLpi", &x, &ah, &aw, &grad, &gx, &gah, &gaw, &n, &c, &h, &w,
+                          &channels_last, &threads))
+        return NULL;
+    struct ca_job job = {
+        .op = CA_GATE_BACKWARD, .x = CA_PTR(const float, x), .ah = CA_PTR(const float, ah),
+        .aw = CA_PTR(const float, aw), .grad = CA_PTR(const float, grad), .out = CA_PTR(float, gx),
+        .gah = CA_PTR(float, gah), .gaw = CA_PTR(float, gaw),
+        .c = c, .h = h, .w = w, .channels_last = channels_last,
+    };
+    return ca_call(job, n, threads);
 }
 
 static PyMethodDef methods[] = {
     {"forward", forward, METH_VARARGS,
      "forward(x, out, n, c, h, w, rd, w1, b1, w_gates_t, b_gates, channels_last, threads): CA inference "
      "on float32 data pointers (0 for a missing bias), samples split over up to `threads` threads"},
+    {"gate", gate, METH_VARARGS,
+     "gate(x, a_h, a_w, out, n, c, h, w, channels_last, threads): out = x * a_h * a_w"},
+    {"gate_backward", gate_backward, METH_VARARGS,
+     "gate_backward(x, a_h, a_w, grad, grad_x, grad_a_h, grad_a_w, n, c, h, w, channels_last, threads): "
+     "the gradients of x * a_h * a_w"},
     {NULL, NULL, 0, NULL},
 };
 
