@@ -19,6 +19,7 @@
 #include <string.h>
 
 #define CA_MAX_THREADS 64
+#define CA_CHANNEL_BLOCK 64
 
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
 /* an AVX2/FMA version next to the baseline one, picked when the module loads */
@@ -239,19 +240,26 @@ CA_INLINE void ca_gate_backward_nchw(const float *x, const float *ah, const floa
 
 CA_INLINE void ca_gate_backward_nhwc(const float *x, const float *ah, const float *aw, const float *grad,
                                      float *gx, float *gah, float *gaw, int64_t c, int64_t h, int64_t w) {
-    memset(gah, 0, (size_t)(h * c) * sizeof(float));
-    memset(gaw, 0, (size_t)(w * c) * sizeof(float));
-    for (int64_t i = 0; i < h; i++) {
-        for (int64_t j = 0; j < w; j++) {
-            const int64_t at = (i * w + j) * c;
-            const float *gh = ah + i * c, *gw = aw + j * c;
-            float *gah_i = gah + i * c, *gaw_j = gaw + j * c;
-            for (int64_t ch = 0; ch < c; ch++) {
-                const float p = x[at + ch] * grad[at + ch];
-                gah_i[ch] += p * gw[ch];
-                gaw_j[ch] += gh[ch] * p;
-                gx[at + ch] = grad[at + ch] * gh[ch] * gw[ch];
+    /* channel blocks small enough that a row's sums and the W rows of grad_a_w stay in L1 */
+    for (int64_t c0 = 0; c0 < c; c0 += CA_CHANNEL_BLOCK) {
+        const int64_t cb = c - c0 < CA_CHANNEL_BLOCK ? c - c0 : CA_CHANNEL_BLOCK;
+        for (int64_t j = 0; j < w; j++)
+            for (int64_t k = 0; k < cb; k++) gaw[j * c + c0 + k] = 0.0f;
+        for (int64_t i = 0; i < h; i++) {
+            float acc[CA_CHANNEL_BLOCK] = {0.0f};
+            const float *gh = ah + i * c + c0;
+            for (int64_t j = 0; j < w; j++) {
+                const int64_t at = (i * w + j) * c + c0;
+                const float *gw = aw + j * c + c0;
+                float *gaw_j = gaw + j * c + c0;
+                for (int64_t k = 0; k < cb; k++) {
+                    const float p = x[at + k] * grad[at + k];
+                    acc[k] += p * gw[k];
+                    gaw_j[k] += gh[k] * p;
+                    gx[at + k] = grad[at + k] * gh[k] * gw[k];
+                }
             }
+            for (int64_t k = 0; k < cb; k++) gah[i * c + c0 + k] = acc[k];
         }
     }
 }
