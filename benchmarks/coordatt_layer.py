@@ -3,14 +3,14 @@
 References: (a) the authors' formulation rebuilt from the spec (tests/authors_coordatt.py) and
 (b) timm's `CoordAttn` set to the paper's widths (`rd_channels=max(8, C // 32)`, biased convs,
 hard-swish). Shapes are those of MobileNetV2's CA blocks. The implementations are interleaved
-over several rounds and medians reported; peak memory is the high-water mark of bytes allocated
-during one training step (forward + backward), read from the profiler's allocation records.
+over several rounds, each going first in turn, and medians reported (each sample the mean of at
+least three calls); peak memory is the high-water mark of bytes allocated during one training step
+(forward + backward), read from the profiler's allocation records.
 
     python benchmarks/coordatt_layer.py [--rounds 7] [--threads 2] [--channels-last]
 
-`ours` is the layer as it runs by default (eager float32 CPU inference in its C kernel where that
-is built), `ours_ops` the same layer with the kernel turned off (`use_native_kernel = False`):
-PyTorch ops throughout. Training does not use the kernel, so there the two are the same code.
+`ours` is the layer as it runs by default (eager float32 CPU: its C kernels, where they are built),
+`ours_ops` the same layer with them turned off (`use_native_kernel = False`): PyTorch ops throughout.
 
 `--channels-last` puts the modules and the inputs in channels_last memory format, as
 `timm.create_model(...).to(memory_format=torch.channels_last)` pipelines run them.
@@ -116,15 +116,16 @@ def main(argv: List[str] = None) -> None:
         for batch, mode in ((1, 'infer'), (32, 'infer'), (32, 'train')):
             x = torch.randn(batch, c, hw, hw).contiguous(memory_format=memory_format)
             grad = torch.randn_like(x)
-            repeat = max(1, int(2e6 // x.numel()))
+            repeat = max(3, int(2e6 // x.numel()))
             for m in modules.values():
                 m.train(mode == 'train')
             calls = {
                 n: train_step(m, x, grad) if mode == 'train' else infer(m, x) for n, m in modules.items()}
             times = {n: [] for n in modules}
-            for _ in range(args.rounds):
-                for n, fn in calls.items():
-                    times[n].append(time_call(fn, repeat))
+            names = list(calls)
+            for r in range(args.rounds):
+                for n in names[r % len(names):] + names[:r % len(names)]:  # each goes first in turn
+                    times[n].append(time_call(calls[n], repeat))
             cases[f'{mode} b{batch}'] = {n: statistics.median(t) for n, t in times.items()}
             if mode == 'train':
                 cases['peak MB'] = {n: peak_train_memory(m, x, grad) / 2 ** 20 for n, m in modules.items()}

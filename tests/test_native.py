@@ -1,5 +1,5 @@
-""" The C inference kernel (timm_coordatt/native.py): built, equal to the authors' block, used exactly
-where it supports the block and input, and strict about what it is given. """
+""" The C kernels (timm_coordatt/native.py): built, equal to the authors' block and to autograd, used
+exactly where they support the block and input, and strict about what they are given. """
 from functools import partial
 
 import pytest
