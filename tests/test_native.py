@@ -152,19 +152,26 @@ def test_turned_off_runs_pytorch_ops(monkeypatch):
 
 
 def test_kernel_checks_its_arguments():
-    x = torch.randn(2, 8, 4, 5)
     w1, b1, wg, bg = torch.randn(8, 8), torch.randn(8), torch.randn(8, 16), torch.randn(16)
-    call = native.coord_attention_inference
-    with pytest.raises(ValueError, match='float32 CPU tensors, got x: torch.float64'):
-        call(x.double(), x.double(), w1, b1, wg, bg)
+    with pytest.raises(ValueError, match='float32 CPU tensors, got w1: torch.float64'):
+        native.InferenceWeights(w1.double(), b1, wg, bg)
     with pytest.raises(ValueError, match=r'w_gates_t of shape \(8, 16\), got \(16, 8\)'):
-        call(x, torch.empty_like(x), w1, b1, wg.t(), bg)
-    with pytest.raises(ValueError, match=r'out of shape \(2, 8, 4, 5\), got \(2, 8, 5, 4\)'):
-        call(x, torch.empty(2, 8, 5, 4), w1, b1, wg, bg)
-    with pytest.raises(ValueError, match='both contiguous or both channels_last'):
-        call(x, torch.empty_like(x, memory_format=torch.channels_last), w1, b1, wg, bg)
-    with pytest.raises(ValueError, match='contiguous weights'):
-        call(x, torch.empty_like(x), w1.t(), b1, wg, bg)
+        native.InferenceWeights(w1, b1, wg.t().contiguous(), bg)
+    with pytest.raises(ValueError, match='contiguous float32 CPU tensors, got w1'):
+        native.InferenceWeights(w1.t(), b1, wg, bg)
+    weights = native.InferenceWeights(w1, b1, wg, bg)
+    x = torch.randn(2, 8, 4, 5)
+    call = native.coord_attention_inference
+    with pytest.raises(ValueError, match=r'float32 CPU \(N, 8, H, W\) x, got torch.float64'):
+        call(x.double(), x.double(), weights)
+    with pytest.raises(ValueError, match=r'shape \(2, 9, 4, 5\)'):
+        call(torch.randn(2, 9, 4, 5), torch.randn(2, 9, 4, 5), weights)
+    with pytest.raises(ValueError, match='out laid out as x'):
+        call(x, torch.empty(2, 8, 5, 4), weights)
+    with pytest.raises(ValueError, match='out laid out as x'):
+        call(x, torch.empty_like(x, memory_format=torch.channels_last), weights)
+    with pytest.raises(ValueError, match='x contiguous or channels_last'):
+        call(x.transpose(2, 3), torch.empty(2, 8, 5, 4), weights)
 
 
 # training: the gate product and its backward

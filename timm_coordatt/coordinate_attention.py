@@ -195,7 +195,7 @@ class _FoldedParams(NamedTuple):
     b1: Optional[torch.Tensor]
     w_hw: torch.Tensor  # (2C, rd)
     b_hw: Optional[torch.Tensor]
-    w_hw_t: torch.Tensor  # (rd, 2C), contiguous, for the C kernel
+    native: Optional[native.InferenceWeights]  # for the C kernel, where it is built and takes them
 
 
 class CoordAttention(nn.Module):
@@ -297,7 +297,7 @@ class CoordAttention(nn.Module):
         params = self._folded_params()
         if params is not None and self._native_supported(x, channels_last, params):
             out = x if self.inplace else torch.empty_like(x)
-            return native.coord_attention_inference(x, out, params.w1, params.b1, params.w_hw_t, params.b_hw)
+            return native.coord_attention_inference(x, out, params.native)
         if params is None:
             a_h, a_w = self.gates(x)
         else:
@@ -332,7 +332,7 @@ class CoordAttention(nn.Module):
         return (
             self.use_native_kernel and native.available()
             and type(self.act) is nn.Hardswish and type(self.gate) is nn.Sigmoid
-            and x.device.type == 'cpu' and x.dtype == torch.float32 and params.w1.dtype == torch.float32
+            and params.native is not None and x.device.type == 'cpu' and x.dtype == torch.float32
             and 0 < x.numel() and (x.shape[0] > 1 or x.numel() <= self.native_single_sample_max)
             and (channels_last or x.is_contiguous())
         )
@@ -378,7 +378,11 @@ class CoordAttention(nn.Module):
             w1 = (w1.float() * scale[:, None]).to(w1.dtype)
         w_hw = torch.cat([self.conv_h.weight, self.conv_w.weight]).flatten(1)
         b_hw = None if self.conv_h.bias is None else torch.cat([self.conv_h.bias, self.conv_w.bias])
-        return _FoldedParams(w1.contiguous(), b1, w_hw, b_hw, w_hw.t().contiguous())
+        w1 = w1.contiguous()
+        weights = None
+        if all(t is None or (t.dtype == torch.float32 and t.device.type == 'cpu') for t in (w1, b1, w_hw, b_hw)):
+            weights = native.InferenceWeights(w1, b1, w_hw.t().contiguous(), b_hw)
+        return _FoldedParams(w1, b1, w_hw, b_hw, weights)
 
     def _apply(self, fn, recurse=True):
         self._inference_params = None

@@ -20,7 +20,7 @@ try:
 except ImportError:  # built without a C compiler
     _native = None
 
-__all__ = ['available', 'coord_attention_inference', 'gate_supported', 'gate', 'gate_backward']
+__all__ = ['available', 'InferenceWeights', 'coord_attention_inference', 'gate_supported', 'gate', 'gate_backward']
 
 
 def available() -> bool:
@@ -28,45 +28,49 @@ def available() -> bool:
     return _native is not None and os.environ.get('TIMM_COORDATT_NATIVE', '1') != '0'
 
 
-def _address(t: Optional[torch.Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
+class InferenceWeights:
+    """The block's inference weights, checked once: `w1` (rd, C) with BN folded in, `w_gates_t` (rd, 2C)
+    the transposed conv_h and conv_w weights side by side, biases `b1` (rd,) and `b_gates` (2C,) or
+    None; float32, CPU, contiguous. Holds the tensors, so the addresses handed to C stay valid."""
+
+    def __init__(
+            self,
+            w1: torch.Tensor,
+            b1: Optional[torch.Tensor],
+            w_gates_t: torch.Tensor,
+            b_gates: Optional[torch.Tensor],
+    ):
+        rd, c = w1.shape
+        tensors = dict(w1=w1, b1=b1, w_gates_t=w_gates_t, b_gates=b_gates)
+        expected = dict(w1=(rd, c), b1=(rd,), w_gates_t=(rd, 2 * c), b_gates=(2 * c,))
+        for name, t in tensors.items():
+            if t is None:
+                continue
+            if t.dtype != torch.float32 or t.device.type != 'cpu' or not t.is_contiguous():
+                raise ValueError(f'InferenceWeights expected contiguous float32 CPU tensors, got {name}: '
+                                 f'{t.dtype} on {t.device}, strides {t.stride()}')
+            if tuple(t.shape) != expected[name]:
+                raise ValueError(f'InferenceWeights expected {name} of shape {expected[name]}, got {tuple(t.shape)}')
+        self.channels, self.rd_channels = c, rd
+        self.tensors = (w1, b1, w_gates_t, b_gates)
+        self.addresses = tuple(0 if t is None else t.data_ptr() for t in self.tensors)
 
 
-def coord_attention_inference(
-        x: torch.Tensor,
-        out: torch.Tensor,
-        w1: torch.Tensor,
-        b1: Optional[torch.Tensor],
-        w_gates_t: torch.Tensor,
-        b_gates: Optional[torch.Tensor],
-) -> torch.Tensor:
-    """`out = x * a_h * a_w`, hard-swish after `w1` (BN folded in), sigmoid gates; `out` may be `x`.
+def coord_attention_inference(x: torch.Tensor, out: torch.Tensor, weights: InferenceWeights) -> torch.Tensor:
+    """`out = x * a_h * a_w`, hard-swish after the folded conv1, sigmoid gates; `out` may be `x`.
 
-    `x`, `out`: float32 CPU (N, C, H, W), both contiguous or both channels_last. Weights float32 CPU
-    and contiguous: `w1` (rd, C), `w_gates_t` (rd, 2C) the transposed conv_h and conv_w weights side
-    by side, biases `b1` (rd,) and `b_gates` (2C,) or None.
+    `x`, `out`: float32 CPU (N, C, H, W), both contiguous or both channels_last.
     """
-    n, c, h, w = x.shape
-    rd = w1.shape[0]
+    if x.dtype != torch.float32 or x.device.type != 'cpu' or x.dim() != 4 or x.shape[1] != weights.channels:
+        raise ValueError(f'coord_attention_inference expected a float32 CPU (N, {weights.channels}, H, W) x, '
+                         f'got {x.dtype} on {x.device}, shape {tuple(x.shape)}')
     channels_last = not x.is_contiguous()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    tensors = dict(x=x, out=out, w1=w1, b1=b1, w_gates_t=w_gates_t, b_gates=b_gates)
-    for name, t in tensors.items():
-        if t is not None and (t.dtype != torch.float32 or t.device.type != 'cpu'):
-            raise ValueError(f'coord_attention_inference expected float32 CPU tensors, got {name}: {t.dtype} on {t.device}')
-    expected = dict(out=(n, c, h, w), w1=(rd, c), b1=(rd,), w_gates_t=(rd, 2 * c), b_gates=(2 * c,))
-    for name, shape in expected.items():
-        t = tensors[name]
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f'coord_attention_inference expected {name} of shape {shape}, got {tuple(t.shape)}')
-    if not (x.is_contiguous(memory_format=memory_format) and out.is_contiguous(memory_format=memory_format)):
-        raise ValueError('coord_attention_inference expected x and out both contiguous or both channels_last')
-    if not all(t is None or t.is_contiguous() for t in (w1, b1, w_gates_t, b_gates)):
-        raise ValueError('coord_attention_inference expected contiguous weights and biases')
-    _native.forward(
-        x.data_ptr(), out.data_ptr(), n, c, h, w, rd,
-        w1.data_ptr(), _address(b1), w_gates_t.data_ptr(), _address(b_gates), channels_last,
-        torch.get_num_threads())
+    if (channels_last and not x.is_contiguous(memory_format=torch.channels_last)) or (
+            out.dtype != x.dtype or out.device != x.device or out.shape != x.shape or out.stride() != x.stride()):
+        raise ValueError(f'coord_attention_inference expected x contiguous or channels_last and out laid out as x, '
+                         f'got x {tuple(x.shape)} {x.stride()}, out {tuple(out.shape)} {out.stride()} {out.dtype}')
+    _native.forward(x.data_ptr(), out.data_ptr(), *x.shape, weights.rd_channels, *weights.addresses,
+                    channels_last, torch.get_num_threads())
     return out
 
 
