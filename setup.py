@@ -10,6 +10,8 @@ setup(
     ext_modules=[Extension(
         'timm_coordatt._native', ['timm_coordatt/csrc/coord_attention.c'],
         extra_compile_args=compile_args + ([] if sys.platform == 'win32' else ['-pthread']),
-        extra_link_args=[] if sys.platform == 'win32' else ['-pthread'], optional=True,
+        extra_link_args=[] if sys.platform == 'win32' else ['-pthread'],
+        libraries=['dl'] if sys.platform.startswith('linux') else [],  # dlsym; part of libc from glibc 2.34
+        optional=True,
     )],
 )

@@ -224,9 +224,6 @@ class CoordAttention(nn.Module):
     # kernels (timm_coordatt/native.py) where they are built; False (on an instance or the class)
     # runs PyTorch ops throughout.
     use_native_kernel = True
-    # The kernel splits samples over threads; a single sample larger than this runs faster in
-    # PyTorch's ops, which split it.
-    native_single_sample_max = 2 ** 19
 
     def __init__(
             self,
@@ -332,9 +329,8 @@ class CoordAttention(nn.Module):
         return (
             self.use_native_kernel and native.available()
             and type(self.act) is nn.Hardswish and type(self.gate) is nn.Sigmoid
-            and params.native is not None and x.device.type == 'cpu' and x.dtype == torch.float32
-            and 0 < x.numel() and (x.shape[0] > 1 or x.numel() <= self.native_single_sample_max)
-            and (channels_last or x.is_contiguous())
+            and params.native is not None and x.is_cpu and x.dtype == torch.float32
+            and 0 < x.numel() and (channels_last or x.is_contiguous())
         )
 
     def _folded_params(self) -> Optional[_FoldedParams]:

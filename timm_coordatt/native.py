@@ -61,7 +61,7 @@ def coord_attention_inference(x: torch.Tensor, out: torch.Tensor, weights: Infer
 
     `x`, `out`: float32 CPU (N, C, H, W), both contiguous or both channels_last.
     """
-    if x.dtype != torch.float32 or x.device.type != 'cpu' or x.dim() != 4 or x.shape[1] != weights.channels:
+    if x.dtype != torch.float32 or not x.is_cpu or x.dim() != 4 or x.shape[1] != weights.channels:
         raise ValueError(f'coord_attention_inference expected a float32 CPU (N, {weights.channels}, H, W) x, '
                          f'got {x.dtype} on {x.device}, shape {tuple(x.shape)}')
     channels_last = not x.is_contiguous()
@@ -76,7 +76,7 @@ def coord_attention_inference(x: torch.Tensor, out: torch.Tensor, weights: Infer
 
 def _gate_layout(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> Optional[bool]:
     """channels_last (True) or contiguous (False) if the kernels take `x` with these gates, else None."""
-    if not all(t.dtype == torch.float32 and t.device.type == 'cpu' for t in (x, a_h, a_w)):
+    if not all(t.dtype == torch.float32 and t.is_cpu for t in (x, a_h, a_w)):
         return None
     n, c, h, w = x.shape
     if tuple(a_h.shape) != (n, c, h, 1) or tuple(a_w.shape) != (n, c, 1, w) or x.numel() == 0:

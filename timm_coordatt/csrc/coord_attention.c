@@ -7,12 +7,14 @@
  * strips, the shared 1x1 conv (BN folded in) with hard-swish, the two gate convs with sigmoid,
  * and the product, reading the input twice and writing the output once.
  *
- * Samples are split over threads (as many as torch uses), each with its own workspace.
+ * Samples are split over threads (as many as torch uses, from torch's OpenMP pool), each with its
+ * own workspace; in inference, a batch of fewer samples than threads is shared by all of them.
  * Called from timm_coordatt/native.py, which checks dtypes, devices, shapes and memory formats;
  * pointers come in as integers (no torch headers, so building needs only a C compiler).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <dlfcn.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -67,13 +69,59 @@ CA_INLINE float ca_hardswish(float v) {
 
 /* The strips and gates are kept as (L, C) rows, L = H + W, so that every loop over channels runs
  * over contiguous memory: y (rd, L) = hardswish(w1 (rd, C) @ s + b1) takes dot products of length C,
- * and the gates a (L, C) = sigmoid(y^T @ wg + bg), wg (rd, 2C) = [w_h^T | w_w^T], axpys of length C. */
-CA_INLINE void ca_gates(const float *s, float *y, float *a, int64_t c, int64_t h, int64_t w, int64_t rd,
-                        const float *w1, const float *b1, const float *wg, const float *bg) {
+ * and the gates a (L, C) = sigmoid(y^T @ wg + bg), wg (rd, 2C) = [w_h^T | w_w^T], axpys of length C.
+ * Each step of a sample works on a range: of channels (pooling, gate convs, product) or of rows
+ * of the shared conv, so that the threads of a team can share one sample. */
+
+/* pooling, channels [c0, c1): s (L, C); one sample (C, H, W) contiguous, t (C, L) as workspace */
+CA_INLINE void ca_pool_nchw(const float *x, float *s, float *t, int64_t c, int64_t h, int64_t w,
+                            int64_t c0, int64_t c1) {
     const int64_t len = h + w;
+    const float inv_h = 1.0f / (float)h, inv_w = 1.0f / (float)w;
+    for (int64_t ch = c0; ch < c1; ch++) {
+        const float *xc = x + ch * h * w;
+        float *col = t + ch * len + h;
+        for (int64_t j = 0; j < w; j++) col[j] = 0.0f;
+        for (int64_t i = 0; i < h; i++) {
+            const float *row = xc + i * w;
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t j = 0; j < w; j++) {
+                acc += row[j];
+                col[j] += row[j];
+            }
+            s[i * c + ch] = acc * inv_w;
+        }
+        for (int64_t j = 0; j < w; j++) s[(h + j) * c + ch] = col[j] * inv_h;
+    }
+}
+
+/* pooling of rows [i0, i1) of one sample (H, W, C) contiguous (a channels_last tensor): their
+ * means over W into rows [i0, i1) of s (L, C), their sums over H into sw (W, C) */
+CA_INLINE void ca_pool_nhwc(const float *x, float *s, float *sw, int64_t c, int64_t w, int64_t i0, int64_t i1) {
+    const float inv_w = 1.0f / (float)w;
+    memset(sw, 0, (size_t)(w * c) * sizeof(float));
+    for (int64_t i = i0; i < i1; i++) {
+        float *sh = s + i * c;
+        memset(sh, 0, (size_t)c * sizeof(float));
+        for (int64_t j = 0; j < w; j++) {
+            const float *px = x + (i * w + j) * c;
+            float *swj = sw + j * c;
+            for (int64_t ch = 0; ch < c; ch++) {
+                sh[ch] += px[ch];
+                swj[ch] += px[ch];
+            }
+        }
+        for (int64_t ch = 0; ch < c; ch++) sh[ch] *= inv_w;
+    }
+}
+
+/* the shared conv with hard-swish, rows [r0, r1) of y (rd, L) from s (L, C); r0 a multiple of 4 */
+CA_INLINE void ca_conv1(const float *s, float *y, int64_t c, int64_t len,
+                        const float *w1, const float *b1, int64_t r0, int64_t r1) {
     /* four rows of w1 at a time: four independent sums, each element of s loaded once for them */
-    int64_t r = 0;
-    for (; r + 4 <= rd; r += 4) {
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
         const float *w0 = w1 + r * c, *w1r = w0 + c, *w2 = w1r + c, *w3 = w2 + c;
         for (int64_t l = 0; l < len; l++) {
             const float *sl = s + l * c;
@@ -91,7 +139,7 @@ CA_INLINE void ca_gates(const float *s, float *y, float *a, int64_t c, int64_t h
             y[(r + 3) * len + l] = ca_hardswish(acc3 + (b1 ? b1[r + 3] : 0.0f));
         }
     }
-    for (; r < rd; r++) {
+    for (; r < r1; r++) {
         const float *wr = w1 + r * c;
         for (int64_t l = 0; l < len; l++) {
             const float *sl = s + l * c;
@@ -101,52 +149,39 @@ CA_INLINE void ca_gates(const float *s, float *y, float *a, int64_t c, int64_t h
             y[r * len + l] = ca_hardswish(acc + (b1 ? b1[r] : 0.0f));
         }
     }
+}
+
+/* both gate convs with sigmoid for channels [c0, c1): a (L, C) from y (rd, L) */
+CA_INLINE void ca_gate_convs(const float *y, float *a, int64_t c, int64_t h, int64_t w, int64_t rd,
+                             const float *wg, const float *bg, int64_t c0, int64_t c1) {
+    const int64_t len = h + w;
     for (int64_t l = 0; l < len; l++) {
         const int64_t offset = l < h ? 0 : c; /* w_h^T or w_w^T */
         float *al = a + l * c;
-        for (int64_t ch = 0; ch < c; ch++) al[ch] = bg ? bg[offset + ch] : 0.0f;
+        for (int64_t ch = c0; ch < c1; ch++) al[ch] = bg ? bg[offset + ch] : 0.0f;
         int64_t r = 0;
         for (; r + 4 <= rd; r += 4) { /* four rows a pass: al loaded and stored once for them */
             const float v0 = y[r * len + l], v1 = y[(r + 1) * len + l];
             const float v2 = y[(r + 2) * len + l], v3 = y[(r + 3) * len + l];
             const float *w0 = wg + r * 2 * c + offset, *w1r = w0 + 2 * c, *w2 = w1r + 2 * c, *w3 = w2 + 2 * c;
-            for (int64_t ch = 0; ch < c; ch++) al[ch] += v0 * w0[ch] + v1 * w1r[ch] + v2 * w2[ch] + v3 * w3[ch];
+            for (int64_t ch = c0; ch < c1; ch++) al[ch] += v0 * w0[ch] + v1 * w1r[ch] + v2 * w2[ch] + v3 * w3[ch];
         }
         for (; r < rd; r++) {
             const float v = y[r * len + l];
             const float *wr = wg + r * 2 * c + offset;
-            for (int64_t ch = 0; ch < c; ch++) al[ch] += v * wr[ch];
+            for (int64_t ch = c0; ch < c1; ch++) al[ch] += v * wr[ch];
         }
+        for (int64_t ch = c0; ch < c1; ch++) al[ch] = 1.0f / (1.0f + ca_exp(-al[ch]));
     }
-    for (int64_t i = 0; i < len * c; i++) a[i] = 1.0f / (1.0f + ca_exp(-a[i]));
 }
 
-/* one sample, (C, H, W) contiguous; s, a: (H + W, C), y: (rd, H + W), t: (C, H + W) */
-CA_INLINE void ca_sample_nchw(const float *x, float *out, float *s, float *y, float *a, float *t,
-                              int64_t c, int64_t h, int64_t w, int64_t rd,
-                              const float *w1, const float *b1, const float *wg, const float *bg) {
+/* the product for channels [c0, c1) of one sample (C, H, W) contiguous; t (C, L) as workspace */
+CA_INLINE void ca_product_nchw(const float *x, float *out, const float *a, float *t, int64_t c, int64_t h, int64_t w,
+                               int64_t c0, int64_t c1) {
     const int64_t len = h + w;
-    const float inv_h = 1.0f / (float)h, inv_w = 1.0f / (float)w;
-    for (int64_t ch = 0; ch < c; ch++) {
-        const float *xc = x + ch * h * w;
-        float *col = t + ch * len + h;
-        for (int64_t j = 0; j < w; j++) col[j] = 0.0f;
-        for (int64_t i = 0; i < h; i++) {
-            const float *row = xc + i * w;
-            float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t j = 0; j < w; j++) {
-                acc += row[j];
-                col[j] += row[j];
-            }
-            s[i * c + ch] = acc * inv_w;
-        }
-        for (int64_t j = 0; j < w; j++) s[(h + j) * c + ch] = col[j] * inv_h;
-    }
-    ca_gates(s, y, a, c, h, w, rd, w1, b1, wg, bg);
     for (int64_t l = 0; l < len; l++)
-        for (int64_t ch = 0; ch < c; ch++) t[ch * len + l] = a[l * c + ch];
-    for (int64_t ch = 0; ch < c; ch++) {
+        for (int64_t ch = c0; ch < c1; ch++) t[ch * len + l] = a[l * c + ch];
+    for (int64_t ch = c0; ch < c1; ch++) {
         const float *xc = x + ch * h * w, *ah = t + ch * len, *aw = ah + h;
         float *oc = out + ch * h * w;
         for (int64_t i = 0; i < h; i++) {
@@ -158,29 +193,10 @@ CA_INLINE void ca_sample_nchw(const float *x, float *out, float *s, float *y, fl
     }
 }
 
-/* one sample, (H, W, C) contiguous (a channels_last NCHW tensor); s, a: (H + W, C), y: (rd, H + W) */
-CA_INLINE void ca_sample_nhwc(const float *x, float *out, float *s, float *y, float *a,
-                              int64_t c, int64_t h, int64_t w, int64_t rd,
-                              const float *w1, const float *b1, const float *wg, const float *bg) {
-    const int64_t len = h + w;
-    const float inv_h = 1.0f / (float)h, inv_w = 1.0f / (float)w;
-    memset(s, 0, (size_t)(len * c) * sizeof(float));
-    for (int64_t i = 0; i < h; i++) {
-        for (int64_t j = 0; j < w; j++) {
-            const float *px = x + (i * w + j) * c;
-            float *sh = s + i * c, *sw = s + (h + j) * c;
-            for (int64_t ch = 0; ch < c; ch++) {
-                sh[ch] += px[ch];
-                sw[ch] += px[ch];
-            }
-        }
-    }
-    for (int64_t l = 0; l < len; l++) {
-        const float scale = l < h ? inv_w : inv_h;
-        for (int64_t ch = 0; ch < c; ch++) s[l * c + ch] *= scale;
-    }
-    ca_gates(s, y, a, c, h, w, rd, w1, b1, wg, bg);
-    for (int64_t i = 0; i < h; i++) {
+/* the product for rows [i0, i1) of one sample (H, W, C) contiguous */
+CA_INLINE void ca_product_nhwc(const float *x, float *out, const float *a, int64_t c, int64_t h, int64_t w,
+                               int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i++) {
         for (int64_t j = 0; j < w; j++) {
             const float *px = x + (i * w + j) * c, *gh = a + i * c, *gw = a + (h + j) * c;
             float *po = out + (i * w + j) * c;
@@ -271,31 +287,108 @@ struct ca_job {
     const float *x, *w1, *b1, *wg, *bg; /* CA_BLOCK: the folded weights */
     const float *ah, *aw, *grad;        /* CA_GATE, CA_GATE_BACKWARD */
     float *out, *gah, *gaw;             /* out: the output, or grad_x */
-    int64_t first, last, c, h, w, rd;
+    int64_t first, last, c, h, w, rd;   /* samples [first, last) */
     int channels_last, status;
+    /* CA_BLOCK with fewer samples than threads: a team shares each sample, thread `rank` of `size`
+     * taking a range of every step, with a barrier between steps and one workspace for all */
+    int rank, size;
+    void (*barrier)(void);
+    float *workspace;
 };
 
-CA_TARGET_CLONES
-static void ca_run(struct ca_job *job) {
+/* s, a, t (each C * L), y (rd * L) and `parts` partial sums over H (each W * C); cache-line aligned,
+ * so that the threads of a team, whose ranges start at multiples of 16 floats, never write to the
+ * same line */
+static float *ca_workspace(int64_t c, int64_t h, int64_t w, int64_t rd, int parts) {
+    void *buffer = NULL;
+    const size_t floats = (size_t)((3 * c + rd) * (h + w) + parts * w * c);
+    if (posix_memalign(&buffer, 64, floats * sizeof(float)) != 0) return NULL;
+    return (float *)buffer;
+}
+
+/* [*first, *last) of `rank`'s share of n items in `size` parts, bounds multiples of `align` (cache lines) */
+static void ca_share(int64_t n, int size, int rank, int64_t align, int64_t *first, int64_t *last) {
+    const int64_t units = (n + align - 1) / align;
+    *first = units * rank / size * align;
+    *last = units * (rank + 1) / size * align;
+    if (*first > n) *first = n;
+    if (*last > n) *last = n;
+}
+
+/* the means over H of channels [c0, c1): sums of the `parts` partial sums (W, C) at `partial`, into sw */
+CA_INLINE void ca_sum_parts(const float *partial, float *sw, int parts, int64_t c, int64_t h, int64_t w,
+                            int64_t c0, int64_t c1) {
+    const float inv_h = 1.0f / (float)h;
+    for (int64_t j = 0; j < w; j++) {
+        float *out = sw + j * c;
+        for (int64_t ch = c0; ch < c1; ch++) {
+            float acc = 0.0f;
+            for (int part = 0; part < parts; part++) acc += partial[(part * w + j) * c + ch];
+            out[ch] = acc * inv_h;
+        }
+    }
+}
+
+CA_INLINE void ca_run_block(struct ca_job *job) {
     const int64_t c = job->c, h = job->h, w = job->w, rd = job->rd, len = h + w, size = c * h * w;
-    float *buffer = NULL;
-    if (job->op == CA_BLOCK) {
-        buffer = (float *)malloc((size_t)(3 * c * len + rd * len) * sizeof(float));
+    float *buffer = job->workspace;
+    if (buffer == NULL) {
+        buffer = ca_workspace(c, h, w, rd, 0);
         if (buffer == NULL) {
             job->status = -1;
             return;
         }
     }
+    float *s = buffer, *a = s + c * len, *t = a + c * len, *y = t + c * len, *partial = y + rd * len;
+    /* a team shares channels, rows of the shared conv and, channels_last, rows of pixels (its
+     * share of x and of the output then is one range of memory: channels would interleave them) */
+    int64_t c0, c1, r0, r1, i0, i1;
+    ca_share(c, job->size, job->rank, 16, &c0, &c1);
+    ca_share(rd, job->size, job->rank, 4, &r0, &r1);
+    ca_share(h, job->size, job->rank, 1, &i0, &i1);
     for (int64_t b = job->first; b < job->last; b++) {
         const float *xb = job->x + b * size;
         float *ob = job->out + b * size;
-        if (job->op == CA_BLOCK) {
-            float *s = buffer, *a = s + c * len, *t = a + c * len, *y = t + c * len;
-            if (job->channels_last)
-                ca_sample_nhwc(xb, ob, s, y, a, c, h, w, rd, job->w1, job->b1, job->wg, job->bg);
-            else
-                ca_sample_nchw(xb, ob, s, y, a, t, c, h, w, rd, job->w1, job->b1, job->wg, job->bg);
-        } else if (job->op == CA_GATE) {
+        if (job->channels_last) {
+            if (job->barrier) {
+                ca_pool_nhwc(xb, s, partial + job->rank * w * c, c, w, i0, i1);
+                job->barrier();
+                ca_sum_parts(partial, s + h * c, job->size, c, h, w, c0, c1);
+            } else {
+                ca_pool_nhwc(xb, s, s + h * c, c, w, 0, h);
+                ca_sum_parts(s + h * c, s + h * c, 1, c, h, w, 0, c);
+            }
+        } else {
+            ca_pool_nchw(xb, s, t, c, h, w, c0, c1);
+        }
+        if (job->barrier) job->barrier();
+        ca_conv1(s, y, c, len, job->w1, job->b1, r0, r1);
+        if (job->barrier) job->barrier();
+        ca_gate_convs(y, a, c, h, w, rd, job->wg, job->bg, c0, c1);
+        /* no barrier after the product: the next sample's pooling writes only this thread's share of
+         * s, t and the partial sums, and its conv1 waits for everyone to pass the next barrier */
+        if (job->channels_last) {
+            if (job->barrier) job->barrier();
+            ca_product_nhwc(xb, ob, a, c, h, w, i0, i1);
+        } else {
+            ca_product_nchw(xb, ob, a, t, c, h, w, c0, c1);
+        }
+    }
+    if (job->workspace == NULL) free(buffer);
+    job->status = 0;
+}
+
+CA_TARGET_CLONES
+static void ca_run(struct ca_job *job) {
+    if (job->op == CA_BLOCK) {
+        ca_run_block(job);
+        return;
+    }
+    const int64_t c = job->c, h = job->h, w = job->w, size = c * h * w;
+    for (int64_t b = job->first; b < job->last; b++) {
+        const float *xb = job->x + b * size;
+        float *ob = job->out + b * size;
+        if (job->op == CA_GATE) {
             if (job->channels_last)
                 ca_gate_nhwc(xb, job->ah + b * c * h, job->aw + b * c * w, ob, c, h, w);
             else
@@ -309,8 +402,53 @@ static void ca_run(struct ca_job *job) {
                                       job->gah + b * c * h, job->gaw + b * c * w, c, h, w);
         }
     }
-    free(buffer);
     job->status = 0;
+}
+
+/* The threads: the OpenMP runtime torch has loaded (GNU's libgomp ABI, which LLVM's and Intel's
+ * runtimes also export), found at run time, so the kernels share torch's pool of threads: they are
+ * awake between torch's own parallel regions, where a new thread costs tens of microseconds and
+ * competes with them for the cores. Without such a runtime, samples are split over pthreads. */
+static struct {
+    int resolved;
+    void (*parallel)(void (*fn)(void *), void *data, unsigned threads, unsigned flags);
+    void (*barrier)(void);
+    int (*thread_num)(void);
+    int (*num_threads)(void);
+} ca_omp;
+
+static void ca_resolve_omp(void) {
+    if (ca_omp.resolved) return;
+    ca_omp.resolved = 1;
+#if defined(RTLD_DEFAULT)
+    *(void **)&ca_omp.parallel = dlsym(RTLD_DEFAULT, "GOMP_parallel");
+    *(void **)&ca_omp.barrier = dlsym(RTLD_DEFAULT, "GOMP_barrier");
+    *(void **)&ca_omp.thread_num = dlsym(RTLD_DEFAULT, "omp_get_thread_num");
+    *(void **)&ca_omp.num_threads = dlsym(RTLD_DEFAULT, "omp_get_num_threads");
+    if (!ca_omp.barrier || !ca_omp.thread_num || !ca_omp.num_threads) ca_omp.parallel = NULL;
+#endif
+}
+
+struct ca_parallel {
+    struct ca_job base;
+    int64_t n;
+    int status;
+};
+
+static void ca_parallel_body(void *data) {
+    struct ca_parallel *p = (struct ca_parallel *)data;
+    struct ca_job job = p->base;
+    const int rank = ca_omp.thread_num(), size = ca_omp.num_threads();
+    if (job.workspace != NULL) {
+        job.rank = rank;
+        job.size = size;
+        job.barrier = size > 1 ? ca_omp.barrier : NULL;
+    } else {
+        job.first = p->n * rank / size;
+        job.last = p->n * (rank + 1) / size;
+    }
+    ca_run(&job);
+    __atomic_or_fetch(&p->status, job.status, __ATOMIC_RELAXED);
 }
 
 static void *ca_thread(void *job) {
@@ -318,11 +456,8 @@ static void *ca_thread(void *job) {
     return NULL;
 }
 
-/* samples split over up to `threads` threads (this one included); 0 on success */
-static int ca_split(struct ca_job base, int64_t n, int threads) {
-    if (threads > CA_MAX_THREADS) threads = CA_MAX_THREADS;
-    if (threads > n) threads = (int)n;
-    if (threads < 1) threads = 1;
+/* samples over pthreads, this thread one of them */
+static int ca_split_pthreads(struct ca_job base, int64_t n, int threads) {
     struct ca_job jobs[CA_MAX_THREADS];
     pthread_t ids[CA_MAX_THREADS];
     int started[CA_MAX_THREADS] = {0};
@@ -345,8 +480,33 @@ static int ca_split(struct ca_job base, int64_t n, int threads) {
     return status;
 }
 
+/* n samples over up to `threads` threads; 0 on success */
+static int ca_split(struct ca_job base, int64_t n, int threads) {
+    if (threads > CA_MAX_THREADS) threads = CA_MAX_THREADS;
+    const int team = ca_omp.parallel != NULL && base.op == CA_BLOCK && n < threads;
+    if (!team && threads > n) threads = (int)n;
+    base.first = 0;
+    base.last = n;
+    base.rank = 0;
+    base.size = 1;
+    if (threads <= 1) {
+        ca_run(&base);
+        return base.status;
+    }
+    if (ca_omp.parallel == NULL) return ca_split_pthreads(base, n, threads);
+    if (team) {
+        base.workspace = ca_workspace(base.c, base.h, base.w, base.rd, threads);
+        if (base.workspace == NULL) return -1;
+    }
+    struct ca_parallel p = {.base = base, .n = n, .status = 0};
+    ca_omp.parallel(ca_parallel_body, &p, (unsigned)threads, 0);
+    free(base.workspace);
+    return p.status;
+}
+
 static PyObject *ca_call(struct ca_job job, int64_t n, int threads) {
     int status;
+    ca_resolve_omp(); /* with the GIL held: once */
     Py_BEGIN_ALLOW_THREADS
     status = ca_split(job, n, threads);
     Py_END_ALLOW_THREADS
@@ -402,7 +562,15 @@ static PyObject *gate_backward(PyObject *Py_UNUSED(self), PyObject *args) {
     return ca_call(job, n, threads);
 }
 
+static PyObject *threading(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args)) {
+    ca_resolve_omp();
+    return PyUnicode_FromString(ca_omp.parallel != NULL ? "openmp" : "pthreads");
+}
+
 static PyMethodDef methods[] = {
+    {"threading", threading, METH_NOARGS,
+     "threading(): 'openmp' where the kernels run in the threads of the OpenMP runtime torch has loaded, "
+     "else 'pthreads' (samples only: a sample is never split)"},
     {"forward", forward, METH_VARARGS,
      "forward(x, out, n, c, h, w, rd, w1, b1, w_gates_t, b_gates, channels_last, threads): CA inference "
      "on float32 data pointers (0 for a missing bias), samples split over up to `threads` threads"},
