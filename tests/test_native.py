@@ -239,6 +239,62 @@ class _FullSizeOps(_AtenOps):
         return out
 
 
+def _strips_reference(x: torch.Tensor) -> torch.Tensor:
+    """Both strips as the paper writes them: average pools to (H, 1) and (1, W), side by side."""
+    return torch.cat([x.mean(3), x.mean(2)], dim=2)
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_strip_kernels_match_autograd(shape, channels_last):
+    x, a_h, a_w = _gates(shape, channels_last)
+    strips = native.strips(x)
+    torch.testing.assert_close(strips, _strips_reference(x), rtol=1e-5, atol=1e-6)
+    grad_strips, grad = torch.randn(strips.shape), torch.randn_like(x)
+    # the pooling's gradient alone, then with the gate product's added in the same pass
+    leaf = x.clone().requires_grad_()
+    _strips_reference(leaf).backward(grad_strips)
+    grad_x = native.strips_backward(grad_strips, x.shape, channels_last)
+    torch.testing.assert_close(grad_x, leaf.grad, rtol=1e-5, atol=1e-6)
+    assert grad_x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    leaf = x.clone().requires_grad_()
+    torch.autograd.backward([_strips_reference(leaf), leaf * a_h * a_w], [grad_strips, grad])
+    grad_x = native.strips_backward(grad_strips, x.shape, channels_last, (grad, a_h, a_w))
+    torch.testing.assert_close(grad_x, leaf.grad, rtol=1e-5, atol=1e-5)
+    # the gate kernel leaves x's gradient to it then
+    grad_x, grad_a_h, grad_a_w = native.gate_backward(x, a_h, a_w, grad, with_grad_x=False)
+    assert grad_x is None
+    torch.testing.assert_close(grad_a_h, native.gate_backward(x, a_h, a_w, grad)[1])
+
+
+def test_strip_kernels_check_their_arguments():
+    x, a_h, a_w = _gates((2, 8, 4, 5), channels_last=False)
+    with pytest.raises(ValueError, match='contiguous or channels_last, got torch.float32 on cpu, shape'):
+        native.strips(x.transpose(2, 3))
+    with pytest.raises(ValueError, match=r'grad_strips of shape \(2, 8, 9\), got torch.float32 on cpu, shape \(2, 8, 8\)'):
+        native.strips_backward(torch.randn(2, 8, 8), x.shape, False)
+    with pytest.raises(ValueError, match='a_h and a_w in the layout of the input'):
+        native.strips_backward(torch.randn(2, 8, 9), x.shape, True, (x, a_h, a_w))
+    assert not native.strips_supported(x.double())
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_gradient_for_the_input_alone(channels_last):
+    """`autograd.grad` for x only (the gates' parameters not asked for): x's gradient still comes
+    whole from the pooling's backward, as with PyTorch ops."""
+    m = _randomised(CoordAttention(24)).train()
+    x = torch.randn(3, 24, 6, 9)
+    if channels_last:
+        m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    grad = torch.randn_like(x)
+    grads = {}
+    for use_native in (True, False):
+        m.use_native_kernel = use_native
+        (grads[use_native],) = torch.autograd.grad(m(x), x, grad)
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_training_step_uses_gate_kernels(channels_last):
     x = torch.randn(4, 48, 10, 6)
@@ -252,9 +308,10 @@ def test_training_step_uses_gate_kernels(channels_last):
         with _FullSizeOps(x.shape) as mode:
             m(xr).backward(torch.randn_like(x).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format))
         ops[use_native] = mode.ops
-    # PyTorch ops: x * a_h, the product's gradient products; the kernels: no full-size product at all
-    assert 'mul' in ops[False]
-    assert 'mul' not in ops[True] and 'matmul' not in ops[True] and 'bmm' not in ops[True], ops[True]
+    # PyTorch ops: x * a_h, the product's gradient products, the sum of x's two gradients; the
+    # kernels: no full-size op but the output's and x's gradient's allocations
+    assert 'mul' in ops[False] and 'add' in ops[False]
+    assert [op for op in ops[True] if op not in ('empty_like', 'empty', 'randn_like', 'detach')] == [], ops[True]
 
 
 def test_gate_backward_falls_back_for_other_gradient_layouts():

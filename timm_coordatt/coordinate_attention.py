@@ -33,18 +33,60 @@ def _is_eager(x: torch.Tensor) -> bool:
     return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy))
 
 
+class _GateGradient:
+    """The gate product's gradient for x, handed from `_CoordGate`'s backward to `_StripPool`'s.
+
+    x feeds both the product and the pooling, so autograd would add two full-size gradients for it
+    (and the pooling's is a full-size broadcast already). `_CoordGate` instead passes on what its
+    part is made of, and `_StripPool`, whose backward autograd runs later (the gates depend on the
+    strips), writes x's whole gradient in one pass.
+    """
+    __slots__ = ('pending',)
+
+    def __init__(self):
+        self.pending: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # grad, a_h, a_w
+
+
+class _StripPool(torch.autograd.Function):
+    """`_pool_strips` for eager float32 CPU training, in the C kernels: one pass over x forward, and
+    one pass writing x's whole gradient backward (with the gate product's, see `_GateGradient`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate_gradient: _GateGradient) -> torch.Tensor:
+        ctx.shape, ctx.channels_last, ctx.gate_gradient = x.shape, _is_channels_last(x), gate_gradient
+        return native.strips(x)
+
+    @staticmethod
+    def backward(ctx, grad_strips: torch.Tensor):
+        pending, ctx.gate_gradient.pending = ctx.gate_gradient.pending, None
+        if pending is None and torch.is_grad_enabled():
+            # double backward (then `_CoordGate` kept its part): differentiable ops
+            h, w = ctx.shape[2], ctx.shape[3]
+            grad_x = grad_strips[:, :, :h].unsqueeze(3) / w + grad_strips[:, :, h:].unsqueeze(2) / h
+            return grad_x, None
+        return native.strips_backward(grad_strips, ctx.shape, ctx.channels_last, pending), None
+
+
 class _CoordGate(torch.autograd.Function):
     """`x * a_h * a_w` that saves only `x` and the two small gates for backward.
 
     Autograd's own version also keeps the full-size `x * a_h`; recomputing the products from the
     gates instead saves one activation-sized tensor per block and the allocation it costs. With
-    `use_native` (eager float32 CPU) the product and its backward run in the C kernels, one pass each.
+    `use_native` (eager float32 CPU) the product and its backward run in the C kernels, one pass each;
+    given a `_GateGradient`, the backward leaves x's gradient to `_StripPool`.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor, use_native: bool) -> torch.Tensor:
+    def forward(
+            ctx,
+            x: torch.Tensor,
+            a_h: torch.Tensor,
+            a_w: torch.Tensor,
+            use_native: bool,
+            gate_gradient: Optional[_GateGradient] = None,
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, a_h, a_w)
-        ctx.use_native = use_native
+        ctx.use_native, ctx.gate_gradient = use_native, gate_gradient
         if use_native:
             return native.gate(x, a_h, a_w)
         return torch.mul(x, a_h).mul_(a_w)
@@ -54,7 +96,11 @@ class _CoordGate(torch.autograd.Function):
         x, a_h, a_w = ctx.saved_tensors
         if (ctx.use_native and not torch.is_grad_enabled()  # double backward needs differentiable ops
                 and grad_out.dtype == x.dtype and grad_out.stride() == x.stride()):
-            return (*native.gate_backward(x, a_h, a_w, grad_out), None)
+            if ctx.gate_gradient is not None:
+                _, grad_a_h, grad_a_w = native.gate_backward(x, a_h, a_w, grad_out, with_grad_x=False)
+                ctx.gate_gradient.pending = (grad_out, a_h, a_w)
+                return None, grad_a_h, grad_a_w, None, None
+            return (*native.gate_backward(x, a_h, a_w, grad_out), None, None)
         gx = grad_a_h = grad_a_w = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             gx = x * grad_out  # in x's memory format
@@ -82,7 +128,14 @@ class _CoordGate(torch.autograd.Function):
             # two; not when building a graph for double backward, where `out=` is not differentiable
             buffer = None if torch.is_grad_enabled() else gx
             grad_x = torch.mul(grad_out, a_h, out=buffer).mul_(a_w)
-        return grad_x, grad_a_h, grad_a_w, None
+        return grad_x, grad_a_h, grad_a_w, None, None
+
+
+def _gates_like(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    if _is_channels_last(x):
+        # gates with C contiguous, as in x: the broadcast products then run vectorised (2-3x faster)
+        return a_h.contiguous(memory_format=torch.channels_last), a_w.contiguous(memory_format=torch.channels_last)
+    return a_h, a_w
 
 
 @register_notrace_function  # a leaf for FX: tracing cannot branch on requires_grad
@@ -94,10 +147,7 @@ def coord_gate(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor, use_native
     """
     if torch.jit.is_scripting():
         return x * a_h * a_w
-    if _is_channels_last(x):
-        # gates with C contiguous, as in x: the broadcast products then run vectorised (2-3x faster)
-        a_h = a_h.contiguous(memory_format=torch.channels_last)
-        a_w = a_w.contiguous(memory_format=torch.channels_last)
+    a_h, a_w = _gates_like(x, a_h, a_w)
     if torch.is_grad_enabled() and (x.requires_grad or a_h.requires_grad or a_w.requires_grad):
         eager = _is_eager(x)
         out = _CoordGate.apply(x, a_h, a_w, use_native_kernel and eager and native.gate_supported(x, a_h, a_w))
@@ -265,7 +315,9 @@ class CoordAttention(nn.Module):
         """The height gate `a_h` (N, C, H, 1) and the width gate `a_w` (N, C, 1, W) for `x`."""
         _check_input(x, self.channels)
         h, w = x.shape[-2:]
-        y = _pool_strips(x)
+        return self._gates_of_strips(_pool_strips(x), h, w)
+
+    def _gates_of_strips(self, y: torch.Tensor, h: int, w: int) -> Tuple[torch.Tensor, torch.Tensor]:
         # The 1x1 convs as matmuls on the strips (same weights, flattened), with no transposes: the
         # norm sees the usual contiguous (N, C, L, 1) layout and so does its gradient. That matters:
         # CPU batch norm's backward is wrong when input and gradient differ in memory format, and
@@ -281,10 +333,30 @@ class CoordAttention(nn.Module):
         if not torch.jit.is_scripting():
             if _eager_inference(self, x):
                 return self._forward_inference(x)
+            if self._native_training(x):
+                return self._forward_training(x)
         a_h, a_w = self.gates(x)
         if torch.jit.is_scripting():
             return coord_gate(x, a_h, a_w)
         return coord_gate(x, a_h, a_w, self.use_native_kernel)
+
+    def _native_training(self, x: torch.Tensor) -> bool:
+        """Whether the pooling and the product run in the C kernels: autograd for x, eager float32 CPU."""
+        return (self.use_native_kernel and torch.is_grad_enabled() and _is_eager(x)  # eager first: FX proxies
+                and x.requires_grad and native.strips_supported(x))
+
+    @torch.jit.unused
+    def _forward_training(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` with autograd, the pooling and the product in the C kernels, and x's gradient
+        written in one pass (`_GateGradient`)."""
+        _check_input(x, self.channels)
+        gate_gradient = _GateGradient()
+        a_h, a_w = self._gates_of_strips(_StripPool.apply(x, gate_gradient), x.shape[2], x.shape[3])
+        a_h, a_w = _gates_like(x, a_h, a_w)
+        out = _CoordGate.apply(x, a_h, a_w, True, gate_gradient)
+        if recompute_active():
+            mark_recomputable(out, x, a_h, a_w)
+        return out
 
     @torch.jit.unused
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:

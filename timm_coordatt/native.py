@@ -4,14 +4,15 @@ Built with the package when a C compiler is at hand (`pip install` compiles it; 
 In eager execution on float32 CPU tensors, contiguous or channels_last, `CoordAttention` runs
 - inference in one call (`coord_attention_inference`), when the block has the paper's hard-swish
   and sigmoid and a foldable norm;
-- in training, the gate product `x * a_h * a_w` and its backward (`gate`, `gate_backward`): one pass
-  each over the full-size tensors instead of several.
+- in training, the pooling of both strips (`strips`), the gate product `x * a_h * a_w` (`gate`) and
+  their backward (`gate_backward`, `strips_backward`, the latter writing the input's whole gradient,
+  both paths', in one pass): one pass each over the full-size tensors instead of several.
 Everything else (other dtypes and devices, TorchScript, tracing, torch.compile, export, double
 backward) runs the PyTorch formulation. Set the environment variable `TIMM_COORDATT_NATIVE=0` to
 turn the kernels off.
 """
 import os
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -20,7 +21,10 @@ try:
 except ImportError:  # built without a C compiler
     _native = None
 
-__all__ = ['available', 'InferenceWeights', 'coord_attention_inference', 'gate_supported', 'gate', 'gate_backward']
+__all__ = [
+    'available', 'InferenceWeights', 'coord_attention_inference', 'gate_supported', 'gate', 'gate_backward',
+    'strips_supported', 'strips', 'strips_backward',
+]
 
 
 def available() -> bool:
@@ -115,13 +119,78 @@ def gate(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
 
 
 def gate_backward(
-        x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor, grad: torch.Tensor,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of `x * a_h * a_w` for `grad`, in one pass: for x, a_h and a_w."""
+        x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor, grad: torch.Tensor, with_grad_x: bool = True,
+) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The gradients of `x * a_h * a_w` for `grad`, in one pass: for x (None without `with_grad_x`),
+    a_h and a_w."""
     channels_last = _check_gate(x, a_h, a_w, grad=grad)
-    grad_x, grad_a_h, grad_a_w = torch.empty_like(x), torch.empty_like(a_h), torch.empty_like(a_w)
+    grad_x = torch.empty_like(x) if with_grad_x else None
+    grad_a_h, grad_a_w = torch.empty_like(a_h), torch.empty_like(a_w)
     _native.gate_backward(
         x.data_ptr(), a_h.data_ptr(), a_w.data_ptr(), grad.data_ptr(),
-        grad_x.data_ptr(), grad_a_h.data_ptr(), grad_a_w.data_ptr(), *x.shape, channels_last,
-        torch.get_num_threads())
+        0 if grad_x is None else grad_x.data_ptr(), grad_a_h.data_ptr(), grad_a_w.data_ptr(), *x.shape,
+        channels_last, torch.get_num_threads())
     return grad_x, grad_a_h, grad_a_w
+
+
+def _layout(x: torch.Tensor) -> Optional[bool]:
+    """channels_last (True) or contiguous (False) for a non-empty 4-D float32 CPU tensor, else None."""
+    if x.dim() != 4 or x.dtype != torch.float32 or not x.is_cpu or x.numel() == 0:
+        return None
+    if x.is_contiguous():
+        return False
+    return True if x.is_contiguous(memory_format=torch.channels_last) else None
+
+
+def strips_supported(x: torch.Tensor) -> bool:
+    """Whether `strips` takes `x` (4-D float32 CPU, contiguous or channels_last)."""
+    return available() and _layout(x) is not None
+
+
+def strips(x: torch.Tensor) -> torch.Tensor:
+    """The mean over W and the mean over H side by side, (N, C, H + W), in one pass over `x`.
+
+    For a channels_last `x`, a transposed view of an (N, H + W, C) tensor (C contiguous, as in x).
+    """
+    channels_last = _layout(x)
+    if channels_last is None:
+        raise ValueError('native strips expected a float32 CPU (N, C, H, W) x, contiguous or channels_last, '
+                         f'got {x.dtype} on {x.device}, shape {tuple(x.shape)}, strides {x.stride()}')
+    n, c, h, w = x.shape
+    out = x.new_empty((n, h + w, c) if channels_last else (n, c, h + w))
+    _native.strips(x.data_ptr(), out.data_ptr(), n, c, h, w, channels_last, torch.get_num_threads())
+    return out.transpose(1, 2) if channels_last else out
+
+
+def strips_backward(
+        grad_strips: torch.Tensor,
+        shape: Sequence[int],
+        channels_last: bool,
+        gated: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+) -> torch.Tensor:
+    """The gradient of `strips` for an input of `shape` and layout, for `grad_strips` (N, C, H + W).
+
+    With `gated = (grad, a_h, a_w)` it adds the gradient of the gate product `x * a_h * a_w` for
+    `grad`, `(grad * a_h) * a_w`, in the same pass: the input's whole gradient, written once.
+    """
+    n, c, h, w = shape
+    if tuple(grad_strips.shape) != (n, c, h + w) or grad_strips.dtype != torch.float32 or not grad_strips.is_cpu:
+        raise ValueError(f'native strips_backward expected a float32 CPU grad_strips of shape {(n, c, h + w)}, '
+                         f'got {grad_strips.dtype} on {grad_strips.device}, shape {tuple(grad_strips.shape)}')
+    channels_last = channels_last and c > 1 and h * w > 1  # else both layouts are one: contiguous, as `strips`
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    pointers = (0, 0, 0)
+    if gated is None:
+        grad_x = torch.empty(shape, memory_format=memory_format)
+    else:
+        grad, a_h, a_w = gated
+        if tuple(grad.shape) != (n, c, h, w) or _check_gate(grad, a_h, a_w) != channels_last:
+            raise ValueError(f'native strips_backward expected grad {(n, c, h, w)}, a_h and a_w in the layout of the '
+                             f'input ({memory_format}), got {[(tuple(t.shape), t.stride()) for t in gated]}')
+        grad_x = torch.empty_like(grad)
+        pointers = (grad.data_ptr(), a_h.data_ptr(), a_w.data_ptr())
+    # the kernel's layout: (N, C, L) rows, channels_last (N, L, C); a copy only if the gradient differs
+    grad_strips = grad_strips.transpose(1, 2).contiguous() if channels_last else grad_strips.contiguous()
+    _native.strips_backward(grad_strips.data_ptr(), *pointers, grad_x.data_ptr(), n, c, h, w, channels_last,
+                            torch.get_num_threads())
+    return grad_x

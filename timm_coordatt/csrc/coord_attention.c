@@ -232,8 +232,11 @@ CA_INLINE void ca_gate_nhwc(const float *x, const float *ah, const float *aw, fl
     }
 }
 
+/* with_gx = 0 (a constant where it is inlined): the gate gradients only, grad_x is left to
+ * ca_strips_backward_*, which adds the pooling's gradient to it in the same pass */
 CA_INLINE void ca_gate_backward_nchw(const float *x, const float *ah, const float *aw, const float *grad,
-                                     float *gx, float *gah, float *gaw, int64_t c, int64_t h, int64_t w) {
+                                     float *gx, float *gah, float *gaw, int64_t c, int64_t h, int64_t w,
+                                     const int with_gx) {
     for (int64_t ch = 0; ch < c; ch++) {
         const float *gw = aw + ch * w;
         float *gaw_c = gaw + ch * w;
@@ -247,7 +250,7 @@ CA_INLINE void ca_gate_backward_nchw(const float *x, const float *ah, const floa
                 const float p = x[row + j] * grad[row + j];
                 acc += p * gw[j];
                 gaw_c[j] += g * p;
-                gx[row + j] = grad[row + j] * g * gw[j];
+                if (with_gx) gx[row + j] = grad[row + j] * g * gw[j];
             }
             gah[ch * h + i] = acc;
         }
@@ -255,7 +258,8 @@ CA_INLINE void ca_gate_backward_nchw(const float *x, const float *ah, const floa
 }
 
 CA_INLINE void ca_gate_backward_nhwc(const float *x, const float *ah, const float *aw, const float *grad,
-                                     float *gx, float *gah, float *gaw, int64_t c, int64_t h, int64_t w) {
+                                     float *gx, float *gah, float *gaw, int64_t c, int64_t h, int64_t w,
+                                     const int with_gx) {
     /* channel blocks small enough that a row's sums and the W rows of grad_a_w stay in L1 */
     for (int64_t c0 = 0; c0 < c; c0 += CA_CHANNEL_BLOCK) {
         const int64_t cb = c - c0 < CA_CHANNEL_BLOCK ? c - c0 : CA_CHANNEL_BLOCK;
@@ -272,7 +276,7 @@ CA_INLINE void ca_gate_backward_nhwc(const float *x, const float *ah, const floa
                     const float p = x[at + k] * grad[at + k];
                     acc[k] += p * gw[k];
                     gaw_j[k] += gh[k] * p;
-                    gx[at + k] = grad[at + k] * gh[k] * gw[k];
+                    if (with_gx) gx[at + k] = grad[at + k] * gh[k] * gw[k];
                 }
             }
             for (int64_t k = 0; k < cb; k++) gah[i * c + c0 + k] = acc[k];
@@ -280,13 +284,77 @@ CA_INLINE void ca_gate_backward_nhwc(const float *x, const float *ah, const floa
     }
 }
 
-enum ca_op { CA_BLOCK, CA_GATE, CA_GATE_BACKWARD };
+/* The pooling of training: both strips in one pass, s (C, L) for a (C, H, W) sample, (L, C) for an
+ * (H, W, C) one. Its backward writes grad_x once: the pooling's gradient, gs[h-strip] / W +
+ * gs[w-strip] / H broadcast, plus the gate product's, (grad * a_h) * a_w, when `grad` is given. */
+CA_INLINE void ca_strips_nchw(const float *x, float *s, int64_t c, int64_t h, int64_t w) {
+    const int64_t len = h + w;
+    const float inv_h = 1.0f / (float)h, inv_w = 1.0f / (float)w;
+    for (int64_t ch = 0; ch < c; ch++) {
+        const float *xc = x + ch * h * w;
+        float *sc = s + ch * len, *col = sc + h;
+        for (int64_t j = 0; j < w; j++) col[j] = 0.0f;
+        for (int64_t i = 0; i < h; i++) {
+            const float *row = xc + i * w;
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t j = 0; j < w; j++) {
+                acc += row[j];
+                col[j] += row[j];
+            }
+            sc[i] = acc * inv_w;
+        }
+        for (int64_t j = 0; j < w; j++) col[j] *= inv_h;
+    }
+}
+
+CA_INLINE void ca_strips_backward_nchw(const float *gs, const float *grad, const float *ah, const float *aw,
+                                       float *gx, int64_t c, int64_t h, int64_t w, const int gated) {
+    const int64_t len = h + w;
+    const float inv_h = 1.0f / (float)h, inv_w = 1.0f / (float)w;
+    for (int64_t ch = 0; ch < c; ch++) {
+        const float *gsc = gs + ch * len, *gsw = gsc + h;
+        for (int64_t i = 0; i < h; i++) {
+            const int64_t row = (ch * h + i) * w;
+            const float bh = gsc[i] * inv_w;
+            if (gated) {
+                const float g = ah[ch * h + i];
+                const float *gw = aw + ch * w;
+                for (int64_t j = 0; j < w; j++) gx[row + j] = grad[row + j] * g * gw[j] + (bh + gsw[j] * inv_h);
+            } else {
+                for (int64_t j = 0; j < w; j++) gx[row + j] = bh + gsw[j] * inv_h;
+            }
+        }
+    }
+}
+
+CA_INLINE void ca_strips_backward_nhwc(const float *gs, const float *grad, const float *ah, const float *aw,
+                                       float *gx, int64_t c, int64_t h, int64_t w, const int gated) {
+    const float inv_h = 1.0f / (float)h, inv_w = 1.0f / (float)w;
+    for (int64_t i = 0; i < h; i++) {
+        const float *gsh = gs + i * c;
+        for (int64_t j = 0; j < w; j++) {
+            const int64_t at = (i * w + j) * c;
+            const float *gsw = gs + (h + j) * c;
+            if (gated) {
+                const float *gh = ah + i * c, *gw = aw + j * c;
+                for (int64_t k = 0; k < c; k++)
+                    gx[at + k] = grad[at + k] * gh[k] * gw[k] + (gsh[k] * inv_w + gsw[k] * inv_h);
+            } else {
+                for (int64_t k = 0; k < c; k++) gx[at + k] = gsh[k] * inv_w + gsw[k] * inv_h;
+            }
+        }
+    }
+}
+
+enum ca_op { CA_BLOCK, CA_GATE, CA_GATE_BACKWARD, CA_STRIPS, CA_STRIPS_BACKWARD };
 
 struct ca_job {
     enum ca_op op;
     const float *x, *w1, *b1, *wg, *bg; /* CA_BLOCK: the folded weights */
-    const float *ah, *aw, *grad;        /* CA_GATE, CA_GATE_BACKWARD */
-    float *out, *gah, *gaw;             /* out: the output, or grad_x */
+    const float *ah, *aw, *grad;        /* CA_GATE, CA_GATE_BACKWARD, CA_STRIPS_BACKWARD (grad: or NULL) */
+    const float *gs;                    /* CA_STRIPS_BACKWARD: the strips' gradient */
+    float *out, *gah, *gaw;             /* out: the output, the strips (CA_STRIPS) or grad_x (NULL: none) */
     int64_t first, last, c, h, w, rd;   /* samples [first, last) */
     int channels_last, status;
     /* CA_BLOCK with fewer samples than threads: a team shares each sample, thread `rank` of `size`
@@ -384,22 +452,60 @@ static void ca_run(struct ca_job *job) {
         ca_run_block(job);
         return;
     }
-    const int64_t c = job->c, h = job->h, w = job->w, size = c * h * w;
+    const int64_t c = job->c, h = job->h, w = job->w, size = c * h * w, len = h + w;
+    const int cl = job->channels_last;
     for (int64_t b = job->first; b < job->last; b++) {
-        const float *xb = job->x + b * size;
-        float *ob = job->out + b * size;
-        if (job->op == CA_GATE) {
-            if (job->channels_last)
-                ca_gate_nhwc(xb, job->ah + b * c * h, job->aw + b * c * w, ob, c, h, w);
+        const float *ah = job->ah ? job->ah + b * c * h : NULL, *aw = job->aw ? job->aw + b * c * w : NULL;
+        const float *grad = job->grad ? job->grad + b * size : NULL;
+        switch (job->op) {
+        case CA_GATE:
+            if (cl)
+                ca_gate_nhwc(job->x + b * size, ah, aw, job->out + b * size, c, h, w);
             else
-                ca_gate_nchw(xb, job->ah + b * c * h, job->aw + b * c * w, ob, c, h, w);
-        } else {
-            if (job->channels_last)
-                ca_gate_backward_nhwc(xb, job->ah + b * c * h, job->aw + b * c * w, job->grad + b * size, ob,
-                                      job->gah + b * c * h, job->gaw + b * c * w, c, h, w);
-            else
-                ca_gate_backward_nchw(xb, job->ah + b * c * h, job->aw + b * c * w, job->grad + b * size, ob,
-                                      job->gah + b * c * h, job->gaw + b * c * w, c, h, w);
+                ca_gate_nchw(job->x + b * size, ah, aw, job->out + b * size, c, h, w);
+            break;
+        case CA_GATE_BACKWARD: {
+            const float *xb = job->x + b * size;
+            float *gah = job->gah + b * c * h, *gaw = job->gaw + b * c * w;
+            /* constant with_gx in each call: two specialised copies of the loops */
+            if (job->out == NULL) {
+                if (cl)
+                    ca_gate_backward_nhwc(xb, ah, aw, grad, NULL, gah, gaw, c, h, w, 0);
+                else
+                    ca_gate_backward_nchw(xb, ah, aw, grad, NULL, gah, gaw, c, h, w, 0);
+            } else if (cl) {
+                ca_gate_backward_nhwc(xb, ah, aw, grad, job->out + b * size, gah, gaw, c, h, w, 1);
+            } else {
+                ca_gate_backward_nchw(xb, ah, aw, grad, job->out + b * size, gah, gaw, c, h, w, 1);
+            }
+            break;
+        }
+        case CA_STRIPS:
+            if (cl) { /* (L, C): the inference kernel's pooling */
+                float *sb = job->out + b * c * len;
+                ca_pool_nhwc(job->x + b * size, sb, sb + h * c, c, w, 0, h);
+                ca_sum_parts(sb + h * c, sb + h * c, 1, c, h, w, 0, c);
+            } else {
+                ca_strips_nchw(job->x + b * size, job->out + b * c * len, c, h, w);
+            }
+            break;
+        case CA_STRIPS_BACKWARD: {
+            const float *gsb = job->gs + b * c * len;
+            float *gx = job->out + b * size;
+            if (grad == NULL) {
+                if (cl)
+                    ca_strips_backward_nhwc(gsb, NULL, NULL, NULL, gx, c, h, w, 0);
+                else
+                    ca_strips_backward_nchw(gsb, NULL, NULL, NULL, gx, c, h, w, 0);
+            } else if (cl) {
+                ca_strips_backward_nhwc(gsb, grad, ah, aw, gx, c, h, w, 1);
+            } else {
+                ca_strips_backward_nchw(gsb, grad, ah, aw, gx, c, h, w, 1);
+            }
+            break;
+        }
+        default:
+            break;
         }
     }
     job->status = 0;
@@ -562,6 +668,32 @@ static PyObject *gate_backward(PyObject *Py_UNUSED(self), PyObject *args) {
     return ca_call(job, n, threads);
 }
 
+static PyObject *strips(PyObject *Py_UNUSED(self), PyObject *args) {
+    unsigned long long x, out;
+    long long n, c, h, w;
+    int channels_last, threads;
+    if (!PyArg_ParseTuple(args, "KKLLLLpi", &x, &out, &n, &c, &h, &w, &channels_last, &threads)) return NULL;
+    struct ca_job job = {
+        .op = CA_STRIPS, .x = CA_PTR(const float, x), .out = CA_PTR(float, out),
+        .c = c, .h = h, .w = w, .channels_last = channels_last,
+    };
+    return ca_call(job, n, threads);
+}
+
+static PyObject *strips_backward(PyObject *Py_UNUSED(self), PyObject *args) {
+    unsigned long long gs, grad, ah, aw, gx;
+    long long n, c, h, w;
+    int channels_last, threads;
+    if (!PyArg_ParseTuple(args, "KKKKKLLLLpi", &gs, &grad, &ah, &aw, &gx, &n, &c, &h, &w, &channels_last, &threads))
+        return NULL;
+    struct ca_job job = {
+        .op = CA_STRIPS_BACKWARD, .gs = CA_PTR(const float, gs), .grad = CA_PTR(const float, grad),
+        .ah = CA_PTR(const float, ah), .aw = CA_PTR(const float, aw), .out = CA_PTR(float, gx),
+        .c = c, .h = h, .w = w, .channels_last = channels_last,
+    };
+    return ca_call(job, n, threads);
+}
+
 static PyObject *threading(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args)) {
     ca_resolve_omp();
     return PyUnicode_FromString(ca_omp.parallel != NULL ? "openmp" : "pthreads");
@@ -578,7 +710,13 @@ static PyMethodDef methods[] = {
      "gate(x, a_h, a_w, out, n, c, h, w, channels_last, threads): out = x * a_h * a_w"},
     {"gate_backward", gate_backward, METH_VARARGS,
      "gate_backward(x, a_h, a_w, grad, grad_x, grad_a_h, grad_a_w, n, c, h, w, channels_last, threads): "
-     "the gradients of x * a_h * a_w"},
+     "the gradients of x * a_h * a_w (grad_x 0: that of a_h and a_w only)"},
+    {"strips", strips, METH_VARARGS,
+     "strips(x, out, n, c, h, w, channels_last, threads): the mean over W and the mean over H side by side, "
+     "(N, C, H + W), channels_last: (N, H + W, C)"},
+    {"strips_backward", strips_backward, METH_VARARGS,
+     "strips_backward(grad_strips, grad, a_h, a_w, grad_x, n, c, h, w, channels_last, threads): grad_x of "
+     "the strips, plus (grad * a_h) * a_w where grad is not 0"},
     {NULL, NULL, 0, NULL},
 };
 
