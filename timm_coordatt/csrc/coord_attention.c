@@ -364,14 +364,29 @@ struct ca_job {
     float *workspace;
 };
 
-/* s, a, t (each C * L), y (rd * L) and `parts` partial sums over H (each W * C); cache-line aligned,
- * so that the threads of a team, whose ranges start at multiples of 16 floats, never write to the
- * same line */
+/* The workspace of a block: s, a, t (each C * L), y (rd * L) and `parts` partial sums over H (each
+ * W * C); cache-line aligned, so that the threads of a team, whose ranges start at multiples of 16
+ * floats, never write to the same line. Each thread keeps its own, grown as needed and reused from
+ * call to call: a fresh allocation of this size comes from new pages (mmap, or a heap trimmed in
+ * between), whose faults cost as much as the block's arithmetic. */
+#if defined(__GNUC__)
+#define CA_THREAD_LOCAL __thread
+#else
+#define CA_THREAD_LOCAL _Thread_local
+#endif
+static CA_THREAD_LOCAL float *ca_thread_workspace;
+static CA_THREAD_LOCAL size_t ca_thread_workspace_floats;
+
 static float *ca_workspace(int64_t c, int64_t h, int64_t w, int64_t rd, int parts) {
-    void *buffer = NULL;
     const size_t floats = (size_t)((3 * c + rd) * (h + w) + parts * w * c);
-    if (posix_memalign(&buffer, 64, floats * sizeof(float)) != 0) return NULL;
-    return (float *)buffer;
+    if (floats > ca_thread_workspace_floats) {
+        void *buffer = NULL;
+        if (posix_memalign(&buffer, 64, floats * sizeof(float)) != 0) return NULL;
+        free(ca_thread_workspace);
+        ca_thread_workspace = (float *)buffer;
+        ca_thread_workspace_floats = floats;
+    }
+    return ca_thread_workspace;
 }
 
 /* [*first, *last) of `rank`'s share of n items in `size` parts, bounds multiples of `align` (cache lines) */
@@ -442,7 +457,6 @@ CA_INLINE void ca_run_block(struct ca_job *job) {
             ca_product_nchw(xb, ob, a, t, c, h, w, c0, c1);
         }
     }
-    if (job->workspace == NULL) free(buffer);
     job->status = 0;
 }
 
@@ -559,6 +573,8 @@ static void ca_parallel_body(void *data) {
 
 static void *ca_thread(void *job) {
     ca_run((struct ca_job *)job);
+    free(ca_thread_workspace); /* this thread ends here */
+    ca_thread_workspace = NULL;
     return NULL;
 }
 
@@ -606,7 +622,6 @@ static int ca_split(struct ca_job base, int64_t n, int threads) {
     }
     struct ca_parallel p = {.base = base, .n = n, .status = 0};
     ca_omp.parallel(ca_parallel_body, &p, (unsigned)threads, 0);
-    free(base.workspace);
     return p.status;
 }
 
