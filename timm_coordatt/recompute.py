@@ -20,6 +20,8 @@ from typing import Iterator, NamedTuple, Optional, Union
 
 import torch
 
+from . import native
+
 __all__ = ['recompute_ca_outputs', 'recompute_active', 'mark_recomputable']
 
 _state = threading.local()
@@ -58,6 +60,8 @@ def _unpack(saved: Union[torch.Tensor, _Recipe]) -> torch.Tensor:
             'A CoordAttention input was modified in place after the forward pass, so its output cannot be '
             f'recomputed for backward (input version {saved.x_version} at forward, {saved.x._version} now). '
             'Run that forward outside timm_coordatt.recompute_ca_outputs().')
+    if native.gate_supported(saved.x, saved.a_h, saved.a_w):  # the C kernel rounds as the products below
+        return native.gate(saved.x, saved.a_h, saved.a_w)
     with torch.no_grad():
         # the same products, in the same order, as the forward: a bitwise-identical tensor
         return torch.mul(saved.x, saved.a_h).mul_(saved.a_w)
