@@ -73,14 +73,13 @@ CA_INLINE float ca_hardswish(float v) {
  * Each step of a sample works on a range: of channels (pooling, gate convs, product) or of rows
  * of the shared conv, so that the threads of a team can share one sample. */
 
-/* pooling, channels [c0, c1): s (L, C); one sample (C, H, W) contiguous, t (C, L) as workspace */
-CA_INLINE void ca_pool_nchw(const float *x, float *s, float *t, int64_t c, int64_t h, int64_t w,
-                            int64_t c0, int64_t c1) {
+/* pooling, channels [c0, c1) of one sample (C, H, W) contiguous: both strips of each, s (C, L) */
+CA_INLINE void ca_strips_nchw(const float *x, float *s, int64_t c, int64_t h, int64_t w, int64_t c0, int64_t c1) {
     const int64_t len = h + w;
     const float inv_h = 1.0f / (float)h, inv_w = 1.0f / (float)w;
     for (int64_t ch = c0; ch < c1; ch++) {
         const float *xc = x + ch * h * w;
-        float *col = t + ch * len + h;
+        float *sc = s + ch * len, *col = sc + h;
         for (int64_t j = 0; j < w; j++) col[j] = 0.0f;
         for (int64_t i = 0; i < h; i++) {
             const float *row = xc + i * w;
@@ -90,9 +89,9 @@ CA_INLINE void ca_pool_nchw(const float *x, float *s, float *t, int64_t c, int64
                 acc += row[j];
                 col[j] += row[j];
             }
-            s[i * c + ch] = acc * inv_w;
+            sc[i] = acc * inv_w;
         }
-        for (int64_t j = 0; j < w; j++) s[(h + j) * c + ch] = col[j] * inv_h;
+        for (int64_t j = 0; j < w; j++) col[j] *= inv_h;
     }
 }
 
@@ -284,30 +283,10 @@ CA_INLINE void ca_gate_backward_nhwc(const float *x, const float *ah, const floa
     }
 }
 
-/* The pooling of training: both strips in one pass, s (C, L) for a (C, H, W) sample, (L, C) for an
- * (H, W, C) one. Its backward writes grad_x once: the pooling's gradient, gs[h-strip] / W +
- * gs[w-strip] / H broadcast, plus the gate product's, (grad * a_h) * a_w, when `grad` is given. */
-CA_INLINE void ca_strips_nchw(const float *x, float *s, int64_t c, int64_t h, int64_t w) {
-    const int64_t len = h + w;
-    const float inv_h = 1.0f / (float)h, inv_w = 1.0f / (float)w;
-    for (int64_t ch = 0; ch < c; ch++) {
-        const float *xc = x + ch * h * w;
-        float *sc = s + ch * len, *col = sc + h;
-        for (int64_t j = 0; j < w; j++) col[j] = 0.0f;
-        for (int64_t i = 0; i < h; i++) {
-            const float *row = xc + i * w;
-            float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t j = 0; j < w; j++) {
-                acc += row[j];
-                col[j] += row[j];
-            }
-            sc[i] = acc * inv_w;
-        }
-        for (int64_t j = 0; j < w; j++) col[j] *= inv_h;
-    }
-}
-
+/* The backward of the pooling (in training ca_strips_nchw gives s (C, L) for a (C, H, W) sample,
+ * ca_pool_nhwc (L, C) for an (H, W, C) one), grad_x written once: the pooling's gradient,
+ * gs[h-strip] / W + gs[w-strip] / H broadcast, plus the gate product's, (grad * a_h) * a_w, when
+ * `grad` is given. */
 CA_INLINE void ca_strips_backward_nchw(const float *gs, const float *grad, const float *ah, const float *aw,
                                        float *gx, int64_t c, int64_t h, int64_t w, const int gated) {
     const int64_t len = h + w;
@@ -442,7 +421,9 @@ CA_INLINE void ca_run_block(struct ca_job *job) {
                 ca_sum_parts(s + h * c, s + h * c, 1, c, h, w, 0, c);
             }
         } else {
-            ca_pool_nchw(xb, s, t, c, h, w, c0, c1);
+            ca_strips_nchw(xb, t, c, h, w, c0, c1);
+            for (int64_t ch = c0; ch < c1; ch++) /* (C, L) to the (L, C) rows of s */
+                for (int64_t l = 0; l < len; l++) s[l * c + ch] = t[ch * len + l];
         }
         if (job->barrier) job->barrier();
         ca_conv1(s, y, c, len, job->w1, job->b1, r0, r1);
@@ -500,7 +481,7 @@ static void ca_run(struct ca_job *job) {
                 ca_pool_nhwc(job->x + b * size, sb, sb + h * c, c, w, 0, h);
                 ca_sum_parts(sb + h * c, sb + h * c, 1, c, h, w, 0, c);
             } else {
-                ca_strips_nchw(job->x + b * size, job->out + b * c * len, c, h, w);
+                ca_strips_nchw(job->x + b * size, job->out + b * c * len, c, h, w, 0, c);
             }
             break;
         case CA_STRIPS_BACKWARD: {
