@@ -1,5 +1,9 @@
 """ The C kernels (timm_coordatt/native.py): built, equal to the authors' block and to autograd, used
 exactly where they support the block and input, and strict about what they are given. """
+import json
+import subprocess
+import sys
+import textwrap
 from functools import partial
 
 import pytest
@@ -113,6 +117,30 @@ def test_same_result_whatever_the_threads():
 def test_kernel_runs_in_torchs_openmp_threads():
     """torch's CPU wheels bring an OpenMP runtime: the kernels share its threads."""
     assert native._native.threading() == 'openmp'
+
+
+def test_pthreads_without_an_openmp_runtime():
+    """Loaded where no OpenMP runtime is (a process without torch), the kernels split samples over
+    pthreads of their own: here the gate product of 5 samples on 3 threads, against torch's."""
+    n, c, h, w = 5, 3, 2, 4
+    x, a_h, a_w = _gates((n, c, h, w), channels_last=False)
+    client = textwrap.dedent(f"""
+        import array, importlib.util, json, sys
+        spec = importlib.util.spec_from_file_location('timm_coordatt._native', {native._native.__file__!r})
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        x, a_h, a_w = (array.array('f', values) for values in json.loads(sys.stdin.read()))
+        out = array.array('f', bytes(4 * len(x)))
+        address = lambda a: a.buffer_info()[0]
+        module.gate(address(x), address(a_h), address(a_w), address(out), {n}, {c}, {h}, {w}, False, 3)
+        print(json.dumps([module.threading(), 'torch' in sys.modules, out.tolist()]))
+    """)
+    inputs = json.dumps([t.flatten().tolist() for t in (x, a_h, a_w)])
+    proc = subprocess.run([sys.executable, '-c', client], input=inputs, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    threading, torch_loaded, out = json.loads(proc.stdout)
+    assert (threading, torch_loaded) == ('pthreads', False)
+    assert torch.equal(torch.tensor(out).view(n, c, h, w), torch.mul(x, a_h).mul_(a_w))
 
 
 @pytest.mark.parametrize('channels_last', [False, True])
