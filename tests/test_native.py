@@ -289,10 +289,13 @@ def test_strip_kernels_match_autograd(shape, channels_last):
     torch.autograd.backward([_strips_reference(leaf), leaf * a_h * a_w], [grad_strips, grad])
     grad_x = native.strips_backward(grad_strips, x.shape, channels_last, (grad, a_h, a_w))
     torch.testing.assert_close(grad_x, leaf.grad, rtol=1e-5, atol=1e-5)
-    # the gate kernel leaves x's gradient to it then
+    # the gate kernel leaves x's gradient to it then, and still gives the gates' (against autograd)
     grad_x, grad_a_h, grad_a_w = native.gate_backward(x, a_h, a_w, grad, with_grad_x=False)
     assert grad_x is None
-    torch.testing.assert_close(grad_a_h, native.gate_backward(x, a_h, a_w, grad)[1])
+    gates = [t.clone().requires_grad_() for t in (a_h, a_w)]
+    (x * gates[0] * gates[1]).backward(grad)
+    torch.testing.assert_close(grad_a_h, gates[0].grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_a_w, gates[1].grad, rtol=1e-5, atol=1e-5)
 
 
 def test_strip_kernels_check_their_arguments():
