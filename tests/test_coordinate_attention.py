@@ -10,7 +10,7 @@ from torch import nn
 
 from authors_coordatt import AuthorsCoordAtt
 from timm.layers import GroupNorm1
-from timm_coordatt import CoordAttention, coord_gate
+from timm_coordatt import CoordAttention, coord_gate, native
 
 SHAPES = [(2, 32, 7, 9), (1, 64, 1, 13), (3, 16, 5, 1), (2, 40, 1, 1), (1, 24, 3, 50), (4, 96, 14, 14)]
 
@@ -31,7 +31,7 @@ def _randomise_(module: nn.Module) -> nn.Module:
 def inference_kernel(request, monkeypatch):
     """Eager float32 CPU inference runs the C kernel where it is built (see test_native.py), else
     PyTorch ops: both are checked."""
-    monkeypatch.setenv('TIMM_COORDATT_NATIVE', '1' if request.param == 'native' else '0')
+    monkeypatch.setattr(native, 'enabled', request.param == 'native')
     return request.param
 
 
@@ -155,6 +155,12 @@ def test_inference_follows_parameter_changes(inference_kernel):
         opt = torch.optim.SGD(m.parameters(), lr=0.5)
         m(x).square().sum().backward()
         opt.step()
+    check()
+    # a layer replaced: the activation (where the kernel runs only the paper's), the shared conv
+    ours.act = authors.act = nn.ReLU()
+    check()
+    conv1 = nn.Conv2d(24, ours.conv1.out_channels, 1)
+    ours.conv1, authors.conv1 = conv1, copy.deepcopy(conv1)
     check()
     ours.double()
     authors.double()

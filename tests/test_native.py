@@ -1,6 +1,7 @@
 """ The C kernels (timm_coordatt/native.py): built, equal to the authors' block and to autograd, used
 exactly where they support the block and input, and strict about what they are given. """
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,7 @@ from timm_coordatt import CoordAttention, native
 
 @pytest.fixture(autouse=True)
 def kernel_on(monkeypatch):
-    monkeypatch.delenv('TIMM_COORDATT_NATIVE', raising=False)
+    monkeypatch.setattr(native, 'enabled', True)
 
 
 class _AtenOps(TorchDispatchMode):
@@ -57,9 +58,17 @@ def test_kernel_is_built():
     assert native.available()
 
 
-def test_environment_turns_it_off(monkeypatch):
-    monkeypatch.setenv('TIMM_COORDATT_NATIVE', '0')
+def test_switch_turns_it_off(monkeypatch):
+    monkeypatch.setattr(native, 'enabled', False)
     assert not native.available()
+
+
+@pytest.mark.parametrize('value, expected', [('0', 'False'), ('1', 'True')])
+def test_environment_at_import_turns_it_off(value, expected):
+    code = 'from timm_coordatt import native; print(native.available())'
+    env = {**os.environ, 'TIMM_COORDATT_NATIVE': value}
+    result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == expected
 
 
 # 1 x W, H x 1, 1 x 1, very non-square, rows shorter and longer than a vector; C and rd (rd = 10 at
@@ -201,7 +210,7 @@ def test_training_and_autograd_run_pytorch_ops():
 
 def test_turned_off_runs_pytorch_ops(monkeypatch):
     m = _randomised(CoordAttention(32))
-    monkeypatch.setenv('TIMM_COORDATT_NATIVE', '0')
+    monkeypatch.setattr(native, 'enabled', False)
     assert 'sigmoid' in _aten_ops(m, torch.randn(2, 32, 8, 6))
 
 
@@ -216,7 +225,7 @@ def test_kernel_checks_its_arguments():
     weights = native.InferenceWeights(w1, b1, wg, bg)
     x = torch.randn(2, 8, 4, 5)
     call = native.coord_attention_inference
-    with pytest.raises(ValueError, match=r'float32 CPU \(N, 8, H, W\) x, got torch.float64'):
+    with pytest.raises(ValueError, match=r'float32 CPU \(N, 8, H, W\) x, contiguous or channels_last, got torch.float64'):
         call(x.double(), x.double(), weights)
     with pytest.raises(ValueError, match=r'shape \(2, 9, 4, 5\)'):
         call(torch.randn(2, 9, 4, 5), torch.randn(2, 9, 4, 5), weights)
@@ -224,8 +233,10 @@ def test_kernel_checks_its_arguments():
         call(x, torch.empty(2, 8, 5, 4), weights)
     with pytest.raises(ValueError, match='out laid out as x'):
         call(x, torch.empty_like(x, memory_format=torch.channels_last), weights)
-    with pytest.raises(ValueError, match='x contiguous or channels_last'):
+    with pytest.raises(ValueError, match='contiguous or channels_last, got .* strides'):
         call(x.transpose(2, 3), torch.empty(2, 8, 5, 4), weights)
+    with pytest.raises(ValueError, match=r'non-empty .* shape \(0, 8, 4, 5\)'):
+        call(x[:0], x[:0], weights)
 
 
 # training: the gate product and its backward

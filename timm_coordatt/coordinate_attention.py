@@ -274,6 +274,8 @@ class CoordAttention(nn.Module):
     # kernels (timm_coordatt/native.py) where they are built; False (on an instance or the class)
     # runs PyTorch ops throughout.
     use_native_kernel = True
+    # the layers `_folded_params()` is computed from
+    _FOLDED_FROM = frozenset(('conv1', 'bn1', 'act', 'conv_h', 'conv_w', 'gate'))
 
     def __init__(
             self,
@@ -360,13 +362,17 @@ class CoordAttention(nn.Module):
 
     @torch.jit.unused
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
-        """`forward` in eager inference: BN folded into conv1, fewer ops, optionally in place."""
+        """`forward` in eager inference: the C kernel where it computes the block, else BN folded into
+        conv1 and fewer ops; optionally in place."""
+        # the C kernel's checks, kept to a few on this per-call path: `params.native` exists only for
+        # the paper's activations and float32 CPU weights
+        params = self._folded_params()
+        weights = params.native if params is not None and self.use_native_kernel and native.enabled else None
+        channels_last = None if weights is None else native.layout(x)
+        if channels_last is not None and x.shape[1] == self.channels:
+            return native.run_inference(x, x if self.inplace else torch.empty_like(x), weights, channels_last)
         _check_input(x, self.channels)
         channels_last, small = _is_channels_last(x), x.numel() <= self.small_input_max
-        params = self._folded_params()
-        if params is not None and self._native_supported(x, channels_last, params):
-            out = x if self.inplace else torch.empty_like(x)
-            return native.coord_attention_inference(x, out, params.native)
         if params is None:
             a_h, a_w = self.gates(x)
         else:
@@ -396,22 +402,13 @@ class CoordAttention(nn.Module):
             return x.mul_(gate) if self.inplace else gate.mul_(x)
         return torch.mul(x, a_h, out=x if self.inplace else None).mul_(a_w)
 
-    def _native_supported(self, x: torch.Tensor, channels_last: bool, params: _FoldedParams) -> bool:
-        """Whether the C kernel computes this block for `x`: the paper's activations, float32 on the CPU."""
-        return (
-            self.use_native_kernel and native.available()
-            and type(self.act) is nn.Hardswish and type(self.gate) is nn.Sigmoid
-            and params.native is not None and x.is_cpu and x.dtype == torch.float32
-            and 0 < x.numel() and (channels_last or x.is_contiguous())
-        )
-
     def _folded_params(self) -> Optional[_FoldedParams]:
         """conv1 with bn1 folded in and conv_h, conv_w stacked; None for a norm that cannot be folded.
 
         Cached while the version counters of the source tensors stay put, so in-place updates
-        (optimizer steps, BN statistics) fold again; so do moving the module (`_apply`) and loading
-        a state dict, which may swap the tensors. Parametrized weights, computed anew on each access,
-        are never cached.
+        (optimizer steps, BN statistics) fold again; so do moving the module (`_apply`), loading a
+        state dict, which may swap the tensors, and replacing one of its layers. Parametrized weights,
+        computed anew on each access, are never cached.
         """
         cached = self._inference_params
         if cached is not None:
@@ -448,13 +445,19 @@ class CoordAttention(nn.Module):
         b_hw = None if self.conv_h.bias is None else torch.cat([self.conv_h.bias, self.conv_w.bias])
         w1 = w1.contiguous()
         weights = None
-        if all(t is None or (t.dtype == torch.float32 and t.device.type == 'cpu') for t in (w1, b1, w_hw, b_hw)):
+        if (native.built and type(self.act) is nn.Hardswish and type(self.gate) is nn.Sigmoid
+                and all(t is None or (t.dtype == torch.float32 and t.is_cpu) for t in (w1, b1, w_hw, b_hw))):
             weights = native.InferenceWeights(w1, b1, w_hw.t().contiguous(), b_hw)
         return _FoldedParams(w1, b1, w_hw, b_hw, weights)
 
     def _apply(self, fn, recurse=True):
         self._inference_params = None
         return super()._apply(fn, recurse)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self._FOLDED_FROM:  # a layer swapped: fold anew
+            self.__dict__['_inference_params'] = None
+        super().__setattr__(name, value)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._inference_params = None

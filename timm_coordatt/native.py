@@ -8,8 +8,8 @@ In eager execution on float32 CPU tensors, contiguous or channels_last, `CoordAt
   their backward (`gate_backward`, `strips_backward`, the latter writing the input's whole gradient,
   both paths', in one pass): one pass each over the full-size tensors instead of several.
 Everything else (other dtypes and devices, TorchScript, tracing, torch.compile, export, double
-backward) runs the PyTorch formulation. Set the environment variable `TIMM_COORDATT_NATIVE=0` to
-turn the kernels off.
+backward) runs the PyTorch formulation. `TIMM_COORDATT_NATIVE=0` in the environment when the package
+is imported, or `timm_coordatt.native.enabled = False` at any time, turns the kernels off.
 """
 import os
 from typing import Optional, Sequence, Tuple
@@ -22,14 +22,20 @@ except ImportError:  # built without a C compiler
     _native = None
 
 __all__ = [
-    'available', 'InferenceWeights', 'coord_attention_inference', 'gate_supported', 'gate', 'gate_backward',
+    'built', 'enabled', 'available', 'layout', 'InferenceWeights', 'coord_attention_inference', 'run_inference', 'gate_supported', 'gate', 'gate_backward',
     'strips_supported', 'strips', 'strips_backward',
 ]
 
 
+built = _native is not None
+# read once: the check runs on every CoordAttention call, where an environment lookup costs more
+# than the rest of the call's Python
+enabled = os.environ.get('TIMM_COORDATT_NATIVE', '1') != '0'
+
+
 def available() -> bool:
-    """Whether the kernel was built and is not turned off by `TIMM_COORDATT_NATIVE=0`."""
-    return _native is not None and os.environ.get('TIMM_COORDATT_NATIVE', '1') != '0'
+    """Whether the kernels were `built` and are not turned off (`enabled`)."""
+    return built and enabled
 
 
 class InferenceWeights:
@@ -65,14 +71,20 @@ def coord_attention_inference(x: torch.Tensor, out: torch.Tensor, weights: Infer
 
     `x`, `out`: float32 CPU (N, C, H, W), both contiguous or both channels_last.
     """
-    if x.dtype != torch.float32 or not x.is_cpu or x.dim() != 4 or x.shape[1] != weights.channels:
-        raise ValueError(f'coord_attention_inference expected a float32 CPU (N, {weights.channels}, H, W) x, '
-                         f'got {x.dtype} on {x.device}, shape {tuple(x.shape)}')
-    channels_last = not x.is_contiguous()
-    if (channels_last and not x.is_contiguous(memory_format=torch.channels_last)) or (
-            out.dtype != x.dtype or out.device != x.device or out.shape != x.shape or out.stride() != x.stride()):
-        raise ValueError(f'coord_attention_inference expected x contiguous or channels_last and out laid out as x, '
-                         f'got x {tuple(x.shape)} {x.stride()}, out {tuple(out.shape)} {out.stride()} {out.dtype}')
+    channels_last = layout(x)
+    if channels_last is None or x.shape[1] != weights.channels:
+        raise ValueError(f'coord_attention_inference expected a non-empty float32 CPU (N, {weights.channels}, H, W) x, '
+                         f'contiguous or channels_last, got {x.dtype} on {x.device}, shape {tuple(x.shape)}, '
+                         f'strides {x.stride()}')
+    if out.dtype != x.dtype or out.device != x.device or out.shape != x.shape or out.stride() != x.stride():
+        raise ValueError(f'coord_attention_inference expected out laid out as x {tuple(x.shape)} {x.stride()}, '
+                         f'got {tuple(out.shape)} {out.stride()} {out.dtype}')
+    return run_inference(x, out, weights, channels_last)
+
+
+def run_inference(x: torch.Tensor, out: torch.Tensor, weights: InferenceWeights, channels_last: bool) -> torch.Tensor:
+    """`coord_attention_inference` without its checks, for callers that made them (`layout(x)` is
+    `channels_last`, `out` laid out as x): the per-call path of `CoordAttention`."""
     _native.forward(x.data_ptr(), out.data_ptr(), *x.shape, weights.rd_channels, *weights.addresses,
                     channels_last, torch.get_num_threads())
     return out
@@ -133,8 +145,9 @@ def gate_backward(
     return grad_x, grad_a_h, grad_a_w
 
 
-def _layout(x: torch.Tensor) -> Optional[bool]:
-    """channels_last (True) or contiguous (False) for a non-empty 4-D float32 CPU tensor, else None."""
+def layout(x: torch.Tensor) -> Optional[bool]:
+    """channels_last (True) or contiguous (False) for a non-empty 4-D float32 CPU tensor, else None:
+    the layouts the kernels take."""
     if x.dim() != 4 or x.dtype != torch.float32 or not x.is_cpu or x.numel() == 0:
         return None
     if x.is_contiguous():
@@ -144,7 +157,7 @@ def _layout(x: torch.Tensor) -> Optional[bool]:
 
 def strips_supported(x: torch.Tensor) -> bool:
     """Whether `strips` takes `x` (4-D float32 CPU, contiguous or channels_last)."""
-    return available() and _layout(x) is not None
+    return available() and layout(x) is not None
 
 
 def strips(x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +165,7 @@ def strips(x: torch.Tensor) -> torch.Tensor:
 
     For a channels_last `x`, a transposed view of an (N, H + W, C) tensor (C contiguous, as in x).
     """
-    channels_last = _layout(x)
+    channels_last = layout(x)
     if channels_last is None:
         raise ValueError('native strips expected a float32 CPU (N, C, H, W) x, contiguous or channels_last, '
                          f'got {x.dtype} on {x.device}, shape {tuple(x.shape)}, strides {x.stride()}')
