@@ -5,6 +5,7 @@ import dataclasses
 import json
 import shlex
 import statistics
+import time
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 import timm_coordatt  # noqa: F401  (registers the models)
 from timm_coordatt.cli import main
 from timm_coordatt.model_benchmark import (
-    BenchmarkConfig, add_arguments, format_results, peak_memory, run_benchmark)
+    BenchmarkConfig, _time_in_turn, add_arguments, format_results, peak_memory, run_benchmark)
 
 PAIR = ('mobilenetv2_050_ca', 'mobilenetv2_050')
 TINY = BenchmarkConfig(
@@ -114,3 +115,20 @@ def test_recompute_ca():
     assert parser.parse_args(shlex.split(cfg.command())[2:]).recompute_ca
     lean, held = ({r.metric: r for r in run_benchmark(c)}['train memory b4'] for c in (cfg, held_cfg))
     assert lean.ca_value < held.ca_value
+
+
+def test_samples_take_calls_in_turn():
+    """The models' calls alternate within a sample until each has run for min_time."""
+    calls = []
+
+    def model(name: str, seconds: float):
+        def call():
+            calls.append(name)
+            time.sleep(seconds)
+        return call
+
+    per_call = _time_in_turn([model('a', 0.001), model('b', 0.003)], torch.device('cpu'), 0.02)
+    assert calls == ['a', 'b'] * (len(calls) // 2)
+    pairs = len(calls) // 2
+    assert pairs * per_call[0] >= 0.02  # until the faster one too has run for min_time
+    assert 0.001 <= per_call[0] < per_call[1] and per_call[1] >= 0.003

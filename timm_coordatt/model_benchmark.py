@@ -2,8 +2,8 @@
 
 For every pair and execution mode (eager, channels_last, torch.compile) it measures inference latency at
 batch 1, inference throughput at larger batches, training-step throughput (forward, cross-entropy,
-backward, SGD step) and the peak memory of a training step. The two models are interleaved over several
-rounds (alternating which goes first) and medians are reported, since timings on a shared machine drift
+backward, SGD step) and the peak memory of a training step. The two models' calls alternate, over several
+rounds (alternating which goes first), and medians are reported, since timings on a shared machine drift
 by more than the difference being measured. Used by `timm-coordatt benchmark` and
 `benchmarks/model_overhead.py`.
 """
@@ -51,7 +51,8 @@ def default_pairs() -> Tuple[Tuple[str, str], ...]:
 
 @dataclass(frozen=True)
 class BenchmarkConfig:
-    """What to measure. `min_time`: seconds each timed sample runs (at least one call)."""
+    """What to measure. `min_time`: seconds each model runs in a timed sample (at least one call; the
+    two models' calls alternate within it)."""
     pairs: Tuple[Tuple[str, str], ...] = field(default_factory=default_pairs)
     img_size: int = 224
     infer_batch_sizes: Tuple[int, ...] = (1, 32)
@@ -134,17 +135,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_per_call(fn: Callable[[], None], device: torch.device, min_time: float) -> float:
-    """Seconds per call of `fn`, over as many calls as fit in `min_time` (at least one)."""
-    calls = 0
-    start = time.perf_counter()
+def _time_in_turn(fns: Sequence[Callable[[], None]], device: torch.device, min_time: float) -> List[float]:
+    """Seconds per call of each of `fns`, called in turn (A, B, A, B, ...) until each has run for
+    `min_time` (at least one call each): the machine's drift, over seconds here, falls on all alike
+    rather than on whichever ran in a slow stretch."""
+    totals, calls = [0.] * len(fns), 0
     while True:
-        fn()
-        _sync(device)
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            totals[i] += time.perf_counter() - start
         calls += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_time:
-            return elapsed / calls
+        if min(totals) >= min_time:
+            return [total / calls for total in totals]
 
 
 def _cpu_allocations(fn: Callable[[], None]) -> List[Tuple[int, int]]:
@@ -255,8 +259,7 @@ def _pair_results(pair: Tuple[str, str], mode: str, cfg: BenchmarkConfig, device
     for rnd in range(cfg.rounds):
         order = (base_name, ca_name) if rnd % 2 == 0 else (ca_name, base_name)
         for metric, unit, batch_size, fns in tasks:
-            for n in order:
-                seconds = _time_per_call(fns[n], device, cfg.min_time)
+            for n, seconds in zip(order, _time_in_turn([fns[n] for n in order], device, cfg.min_time)):
                 samples[metric, n].append(seconds * 1e3 if unit == 'ms' else batch_size / seconds)
     results = [
         Result(ca_name, base_name, mode, metric, unit,
@@ -339,7 +342,7 @@ def _environment(cfg: BenchmarkConfig) -> str:
     device = torch.device(cfg.device)
     return (f'torch {torch.__version__}, {device.type}'
             + (f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else '')
-            + f', {cfg.threads} threads, {cfg.img_size}x{cfg.img_size}, medians of {cfg.rounds} interleaved rounds'
+            + f', {cfg.threads} threads, {cfg.img_size}x{cfg.img_size}, medians of {cfg.rounds} rounds, calls in turn'
             + (', eager training with CA outputs recomputed in backward' if cfg.recompute_ca else ''))
 
 
@@ -405,7 +408,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help='interleaved rounds; medians are reported (default: %(default)s)')
     parser.add_argument(
         '--min-time', type=float, default=d.min_time, metavar='SECONDS',
-        help='seconds each timed sample runs, at least one call (default: %(default)s)')
+        help="seconds each model runs in a timed sample, at least one call; the models' calls alternate "
+             '(default: %(default)s)')
     parser.add_argument(
         '--modes', nargs='+', choices=MODES, default=list(d.modes), metavar='MODE',
         help=f'execution modes among {", ".join(MODES)}; compile is slow to warm up (default: eager channels_last)')

@@ -19,7 +19,7 @@ def add_parser(subparsers) -> None:
         'benchmark', help='inference/training speed and training memory of CA models against their baselines',
         description='Each CA model against its baseline, side by side in one process: inference latency at '
                     'batch 1, throughput at larger batches, training-step throughput and peak training memory, '
-                    'in eager, channels_last and torch.compile modes. The models are interleaved over several '
+                    "in eager, channels_last and torch.compile modes. The models' calls alternate, over several "
                     'rounds and medians reported, with ratios CA/baseline and the command line.')
     add_arguments(parser)
     parser.set_defaults(func=run)
