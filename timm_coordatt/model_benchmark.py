@@ -20,6 +20,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import timm
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
@@ -191,7 +192,10 @@ def peak_memory(fn: Callable[[], None], device: torch.device) -> int:
 
 @dataclass
 class _Runner:
-    """One model prepared for a mode: its inference call by batch size and its training step."""
+    """One model prepared for a mode: its inference call by batch size and its training step, each
+    to be timed with the model in eval and train mode respectively (`model.train(...)`, set outside
+    the timed calls: it walks every module, about 1-2 ms for these models)."""
+    model: nn.Module
     infer: Dict[int, Callable[[], None]]
     train: Callable[[], None]
 
@@ -210,7 +214,6 @@ def _runner(name: str, mode: str, cfg: BenchmarkConfig, device: torch.device) ->
 
     def infer_fn(x: torch.Tensor) -> Callable[[], None]:
         def infer():
-            model.eval()
             with torch.inference_mode():
                 net(x)
         return infer
@@ -222,7 +225,6 @@ def _runner(name: str, mode: str, cfg: BenchmarkConfig, device: torch.device) ->
     forward_context = recompute_ca_outputs if cfg.recompute_ca and mode != 'compile' else nullcontext
 
     def train():
-        model.train()
         with forward_context():
             loss = F.cross_entropy(net(x_train), target)
         loss.backward()
@@ -230,7 +232,7 @@ def _runner(name: str, mode: str, cfg: BenchmarkConfig, device: torch.device) ->
         # gradients freed at the end, so each step (and its memory peak) starts without them
         optimizer.zero_grad(set_to_none=True)
 
-    return _Runner({b: infer_fn(images(b)) for b in cfg.infer_batch_sizes}, train)
+    return _Runner(model, {b: infer_fn(images(b)) for b in cfg.infer_batch_sizes}, train)
 
 
 @contextmanager
@@ -246,26 +248,34 @@ def _threads(num_threads: int) -> Iterator[None]:
 def _pair_results(pair: Tuple[str, str], mode: str, cfg: BenchmarkConfig, device: torch.device) -> List[Result]:
     ca_name, base_name = pair
     runners = {n: _runner(n, mode, cfg, device) for n in (base_name, ca_name)}
-    # (metric, unit, batch size, the timed call of each model)
-    tasks = [(f'infer b{b}', 'ms' if b == 1 else 'img/s', b, {n: r.infer[b] for n, r in runners.items()})
+
+    def set_training(training: bool) -> None:
+        for r in runners.values():
+            r.model.train(training)
+
+    # (metric, unit, batch size, training mode, the timed call of each model)
+    tasks = [(f'infer b{b}', 'ms' if b == 1 else 'img/s', b, False, {n: r.infer[b] for n, r in runners.items()})
              for b in cfg.infer_batch_sizes]
-    tasks.append((f'train b{cfg.train_batch_size}', 'img/s', cfg.train_batch_size,
+    tasks.append((f'train b{cfg.train_batch_size}', 'img/s', cfg.train_batch_size, True,
                   {n: r.train for n, r in runners.items()}))
-    for _, _, _, fns in tasks:  # warm-up: compilation, allocator caches, optimizer state
+    for _, _, _, training, fns in tasks:  # warm-up: compilation, allocator caches, optimizer state
+        set_training(training)
         for fn in fns.values():
             fn()
             fn()
-    samples = {(metric, n): [] for metric, _, _, _ in tasks for n in runners}
+    samples = {(metric, n): [] for metric, _, _, _, _ in tasks for n in runners}
     for rnd in range(cfg.rounds):
         order = (base_name, ca_name) if rnd % 2 == 0 else (ca_name, base_name)
-        for metric, unit, batch_size, fns in tasks:
+        for metric, unit, batch_size, training, fns in tasks:
+            set_training(training)
             for n, seconds in zip(order, _time_in_turn([fns[n] for n in order], device, cfg.min_time)):
                 samples[metric, n].append(seconds * 1e3 if unit == 'ms' else batch_size / seconds)
     results = [
         Result(ca_name, base_name, mode, metric, unit,
                statistics.median(samples[metric, base_name]), statistics.median(samples[metric, ca_name]),
                tuple(samples[metric, base_name]), tuple(samples[metric, ca_name]))
-        for metric, unit, _, _ in tasks]
+        for metric, unit, _, _, _ in tasks]
+    set_training(True)
     memory = {n: peak_memory(r.train, device) / 2 ** 20 for n, r in runners.items()}
     results.append(Result(
         ca_name, base_name, mode, f'train memory b{cfg.train_batch_size}', 'MiB',
