@@ -1,0 +1,99 @@
+""" Where a CA model's batch-1 inference time goes: the CA blocks' kernel against their Python.
+
+For each pair (CA model / baseline) and memory format, in one process, calls in turn (each variant
+first in turn), single images:
+- `baseline`: the baseline model;
+- `ca`: the CA model as it runs;
+- `kernel_only`: the same CA model with each CA block calling its C kernel directly, with none of
+  the block's per-call Python (mode, layout and cache checks): what the kernels alone cost;
+- `identity`: the same CA model with its CA blocks replaced by identities: the rest of the network,
+  which should cost what the baseline does.
+Prints the medians of the per-call times and the median of the per-call ratios to the baseline
+(calls taken next to each other share the machine's state).
+
+    python benchmarks/inference_split.py [--calls 150] [--threads 2] [--pairs mobilenetv2_ca:mobilenetv2_100 ...]
+"""
+import argparse
+import copy
+import statistics
+import time
+from typing import Callable, Dict
+
+import timm
+import torch
+from torch import nn
+
+import timm_coordatt  # noqa: F401  (registers the models)
+from timm_coordatt import CoordAttention, native
+
+PAIRS = ['mobilenetv2_ca:mobilenetv2_100', 'mobilenext_ca:mobilenext_100', 'efficientnet_b0_ca:efficientnet_b0']
+
+
+class _KernelOnly(nn.Module):
+    """A CA block's inference as one kernel call, its checks made once here instead of every call."""
+
+    def __init__(self, block: CoordAttention):
+        super().__init__()
+        self.weights = block._folded_params().native
+        if self.weights is None or not native.available():
+            raise SystemExit('the C kernels are not built or not enabled')
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return native.run_inference(x, x, self.weights, not x.is_contiguous())
+
+
+def _replace_blocks(model: nn.Module, make: Callable[[CoordAttention], nn.Module]) -> nn.Module:
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, CoordAttention):
+                setattr(parent, name, make(child))
+    return model
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--calls', type=int, default=150, help='calls of each variant (default: %(default)s)')
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--pairs', nargs='+', default=PAIRS, metavar='CA:BASELINE')
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f'command: python benchmarks/inference_split.py --calls {args.calls} --threads {args.threads} '
+          f'--pairs {" ".join(args.pairs)}')
+    print(f'torch {torch.__version__}, {args.threads} threads, batch 1, 224x224, '
+          f'{args.calls} calls of each variant in turn')
+    variants = ['baseline', 'ca', 'kernel_only', 'identity']
+    print(f'{"CA model":>18} | {"layout":>13} | ' + ' | '.join(f'{v + " ms":>14}' for v in variants)
+          + ' | ' + ' | '.join(f'{v + "/base":>16}' for v in variants[1:]))
+    for pair in args.pairs:
+        ca_name, base_name = pair.split(':')
+        for channels_last in (False, True):
+            memory_format = torch.channels_last if channels_last else torch.contiguous_format
+            torch.manual_seed(0)
+            ca = timm.create_model(ca_name).eval().to(memory_format=memory_format)
+            models: Dict[str, nn.Module] = {
+                'baseline': timm.create_model(base_name).eval().to(memory_format=memory_format),
+                'ca': ca,
+                'kernel_only': _replace_blocks(ca, _KernelOnly),
+                'identity': _replace_blocks(ca, lambda block: nn.Identity()),
+            }
+            x = torch.randn(1, 3, 224, 224).contiguous(memory_format=memory_format)
+            seconds = {v: [] for v in variants}
+            with torch.inference_mode():
+                for model in models.values():  # warm-up: folded weights, allocator, oneDNN primitives
+                    for _ in range(5):
+                        model(x)
+                for i in range(args.calls):
+                    for v in variants[i % 4:] + variants[:i % 4]:
+                        start = time.perf_counter()
+                        models[v](x)
+                        seconds[v].append(time.perf_counter() - start)
+            medians = [statistics.median(seconds[v]) * 1e3 for v in variants]
+            ratios = [statistics.median(a / b for a, b in zip(seconds[v], seconds['baseline'])) for v in variants[1:]]
+            layout = 'channels_last' if channels_last else 'contiguous'
+            print(f'{ca_name:>18} | {layout:>13} | ' + ' | '.join(f'{m:14.2f}' for m in medians)
+                  + ' | ' + ' | '.join(f'{r:16.3f}' for r in ratios), flush=True)
+
+
+if __name__ == '__main__':
+    main()
