@@ -71,9 +71,11 @@ def test_environment_at_import_turns_it_off(value, expected):
     assert result.stdout.strip() == expected
 
 
-# 1 x W, H x 1, 1 x 1, very non-square, rows shorter and longer than a vector; C and rd (rd = 10 at
-# C = 320) not multiples of the kernel's blocking; batches split over threads unevenly
-SHAPES = [(1, 320, 14, 14), (3, 24, 1, 13), (2, 16, 9, 1), (5, 40, 1, 1), (1, 24, 3, 50), (3, 96, 7, 11)]
+# 1 x W, H x 1, 1 x 1, very non-square, rows shorter and longer than a vector (short rows of up to
+# 8 and up to 16 run whole vectors over several rows, the last rows of a plane plain loops); C and rd
+# (rd = 10 at C = 320) not multiples of the kernel's blocking; batches split over threads unevenly
+SHAPES = [(1, 320, 14, 14), (3, 24, 1, 13), (2, 16, 9, 1), (5, 40, 1, 1), (1, 24, 3, 50), (3, 96, 7, 11),
+          (2, 24, 5, 7)]
 
 
 @pytest.mark.parametrize('shape', SHAPES)

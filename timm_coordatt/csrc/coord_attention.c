@@ -73,26 +73,96 @@ CA_INLINE float ca_hardswish(float v) {
  * Each step of a sample works on a range: of channels (pooling, gate convs, product) or of rows
  * of the shared conv, so that the threads of a team can share one sample. */
 
-/* pooling, channels [c0, c1) of one sample (C, H, W) contiguous: both strips of each, s (C, L) */
-CA_INLINE void ca_strips_nchw(const float *x, float *s, int64_t c, int64_t h, int64_t w, int64_t c0, int64_t c1) {
-    const int64_t len = h + w;
+/* Rows shorter than CA_SHORT_ROW (the 7- and 14-wide maps of a network's last stages) leave a
+ * vector loop over W mostly scalar. Their loops instead take whole vectors of `lanes` (8 or 16, a
+ * constant where inlined) from the row's start, running on into the following rows of the same
+ * plane, and mask the lanes past the row; rows too near the plane's end for that take plain loops. */
+#define CA_SHORT_ROW 16
+
+/* both strips of one channel plane (H, W): row means into sc[0, H), column means into col[0, W) */
+CA_INLINE void ca_strips_plane(const float *xc, float *sc, float *col, int64_t h, int64_t w, const int64_t lanes) {
     const float inv_h = 1.0f / (float)h, inv_w = 1.0f / (float)w;
-    for (int64_t ch = c0; ch < c1; ch++) {
-        const float *xc = x + ch * h * w;
-        float *sc = s + ch * len, *col = sc + h;
-        for (int64_t j = 0; j < w; j++) col[j] = 0.0f;
-        for (int64_t i = 0; i < h; i++) {
+    int64_t i = 0;
+    if (lanes > 0) {
+        float cols[CA_SHORT_ROW] = {0.0f};
+        for (; i * w + lanes <= h * w; i++) {
             const float *row = xc + i * w;
             float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-            for (int64_t j = 0; j < w; j++) {
-                acc += row[j];
-                col[j] += row[j];
+            for (int64_t k = 0; k < lanes; k++) {
+                const float v = row[k], masked = k < w ? v : 0.0f;
+                acc += masked;
+                cols[k] += masked;
             }
             sc[i] = acc * inv_w;
         }
-        for (int64_t j = 0; j < w; j++) col[j] *= inv_h;
+        for (int64_t j = 0; j < w; j++) col[j] = cols[j];
+    } else {
+        for (int64_t j = 0; j < w; j++) col[j] = 0.0f;
     }
+    for (; i < h; i++) {
+        const float *row = xc + i * w;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = 0; j < w; j++) {
+            acc += row[j];
+            col[j] += row[j];
+        }
+        sc[i] = acc * inv_w;
+    }
+    for (int64_t j = 0; j < w; j++) col[j] *= inv_h;
+}
+
+/* one channel plane of the product, out = (x * a_h) * a_w in PyTorch's rounding. Short rows: the
+ * lanes past the row multiply the next row's elements by 1 and store them unchanged, which that
+ * row then overwrites (or, in place, leaves as they were). */
+CA_INLINE void ca_scale_plane(const float *xc, float *oc, const float *ah, const float *aw, int64_t h, int64_t w,
+                              const int64_t lanes) {
+    int64_t i = 0;
+    if (lanes > 0) {
+        float aws[CA_SHORT_ROW];
+        for (int64_t k = 0; k < lanes; k++) aws[k] = k < w ? aw[k] : 1.0f;
+        for (; i * w + lanes <= h * w; i++) {
+            const float g = ah[i];
+            const float *row = xc + i * w;
+            float *orow = oc + i * w;
+#pragma omp simd
+            for (int64_t k = 0; k < lanes; k++) orow[k] = row[k] * (k < w ? g : 1.0f) * aws[k];
+        }
+    }
+    for (; i < h; i++) {
+        const float g = ah[i];
+        const float *row = xc + i * w;
+        float *orow = oc + i * w;
+        for (int64_t j = 0; j < w; j++) orow[j] = row[j] * g * aw[j];
+    }
+}
+
+/* each of the two above specialised: short rows of up to 8 or up to 16, and long rows (lanes 0) */
+#define CA_BY_ROW_LENGTH(w, call_with_lanes) \
+    do { \
+        if ((w) <= 8) call_with_lanes(8); \
+        else if ((w) < CA_SHORT_ROW) call_with_lanes(CA_SHORT_ROW); \
+        else call_with_lanes(0); \
+    } while (0)
+
+/* pooling, channels [c0, c1) of one sample (C, H, W) contiguous: both strips of each, s (C, L) */
+CA_INLINE void ca_strips_nchw(const float *x, float *s, int64_t c, int64_t h, int64_t w, int64_t c0, int64_t c1) {
+    const int64_t len = h + w;
+#define CA_STRIPS_CHANNELS(lanes) \
+    for (int64_t ch = c0; ch < c1; ch++) ca_strips_plane(x + ch * h * w, s + ch * len, s + ch * len + h, h, w, lanes)
+    CA_BY_ROW_LENGTH(w, CA_STRIPS_CHANNELS);
+#undef CA_STRIPS_CHANNELS
+}
+
+/* the product of planes [c0, c1) of one sample, a_h (C, H) and a_w (C, W) rows `stride` apart */
+CA_INLINE void ca_scale_planes(const float *x, float *out, const float *ah, const float *aw, int64_t stride_h,
+                               int64_t stride_w, int64_t h, int64_t w, int64_t c0, int64_t c1) {
+#define CA_SCALE_CHANNELS(lanes) \
+    for (int64_t ch = c0; ch < c1; ch++) \
+        ca_scale_plane(x + ch * h * w, out + ch * h * w, ah + ch * stride_h, aw + ch * stride_w, h, w, lanes)
+    CA_BY_ROW_LENGTH(w, CA_SCALE_CHANNELS);
+#undef CA_SCALE_CHANNELS
 }
 
 /* pooling of rows [i0, i1) of one sample (H, W, C) contiguous (a channels_last tensor): their
@@ -180,16 +250,7 @@ CA_INLINE void ca_product_nchw(const float *x, float *out, const float *a, float
     const int64_t len = h + w;
     for (int64_t l = 0; l < len; l++)
         for (int64_t ch = c0; ch < c1; ch++) t[ch * len + l] = a[l * c + ch];
-    for (int64_t ch = c0; ch < c1; ch++) {
-        const float *xc = x + ch * h * w, *ah = t + ch * len, *aw = ah + h;
-        float *oc = out + ch * h * w;
-        for (int64_t i = 0; i < h; i++) {
-            const float g = ah[i];
-            const float *row = xc + i * w;
-            float *orow = oc + i * w;
-            for (int64_t j = 0; j < w; j++) orow[j] = row[j] * g * aw[j];
-        }
-    }
+    ca_scale_planes(x, out, t, t + h, len, len, h, w, c0, c1);
 }
 
 /* the product for rows [i0, i1) of one sample (H, W, C) contiguous */
@@ -210,14 +271,7 @@ CA_INLINE void ca_product_nhwc(const float *x, float *out, const float *a, int64
  * One sample; NCHW: a_h (C, H), a_w (C, W); NHWC: a_h (H, C), a_w (W, C). */
 CA_INLINE void ca_gate_nchw(const float *x, const float *ah, const float *aw, float *out,
                             int64_t c, int64_t h, int64_t w) {
-    for (int64_t ch = 0; ch < c; ch++) {
-        for (int64_t i = 0; i < h; i++) {
-            const float g = ah[ch * h + i];
-            const float *row = x + (ch * h + i) * w, *gw = aw + ch * w;
-            float *orow = out + (ch * h + i) * w;
-            for (int64_t j = 0; j < w; j++) orow[j] = row[j] * g * gw[j];
-        }
-    }
+    ca_scale_planes(x, out, ah, aw, h, w, h, w, 0, c);
 }
 
 CA_INLINE void ca_gate_nhwc(const float *x, const float *ah, const float *aw, float *out,
