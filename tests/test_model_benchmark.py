@@ -8,6 +8,7 @@ import statistics
 import time
 
 import pytest
+import timm
 import torch
 
 import timm_coordatt  # noqa: F401  (registers the models)
@@ -132,3 +133,19 @@ def test_samples_take_calls_in_turn():
     pairs = len(calls) // 2
     assert pairs * per_call[0] >= 0.02  # until the faster one too has run for min_time
     assert 0.001 <= per_call[0] < per_call[1] and per_call[1] >= 0.003
+
+
+def test_models_run_in_the_mode_of_each_metric(monkeypatch):
+    """Inference timed in eval mode, training steps in train mode (the mode set outside the timed calls)."""
+    seen = []
+    create = timm.create_model
+
+    def create_recording(name, **kwargs):
+        model = create(name, **kwargs)
+        model.register_forward_pre_hook(lambda m, args: seen.append((torch.is_inference_mode_enabled(), m.training)))
+        return model
+
+    monkeypatch.setattr(timm, 'create_model', create_recording)
+    run_benchmark(dataclasses.replace(TINY, modes=('eager',), rounds=1))
+    assert {inference for inference, _ in seen} == {True, False}
+    assert all(training != inference for inference, training in seen)

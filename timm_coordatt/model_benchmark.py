@@ -323,6 +323,7 @@ def profile_overhead(
         runners = {n: _runner(n, 'eager', cfg, device) for n in pair}
         times = {}
         for n, r in runners.items():
+            r.model.train()
             r.train()  # warm-up
             times[n] = _op_times(r.train, device)
     ca, base = (times[n] for n in pair)
