@@ -83,9 +83,18 @@ CA_INLINE float ca_hardswish(float v) {
 CA_INLINE void ca_strips_plane(const float *xc, float *sc, float *col, int64_t h, int64_t w, const int64_t lanes) {
     const float inv_h = 1.0f / (float)h, inv_w = 1.0f / (float)w;
     int64_t i = 0;
-    if (lanes > 0) {
-        float cols[CA_SHORT_ROW] = {0.0f};
-        for (; i * w + lanes <= h * w; i++) {
+    if (lanes > 0 && lanes <= h * w) {
+        /* the column sums start as the first row, stored in vectors as wide as the loop loads them:
+         * zeroing them first takes narrower stores, which would stall that load (a load spanning
+         * two stores is not forwarded) */
+        float cols[CA_SHORT_ROW], first = 0.0f;
+#pragma omp simd reduction(+ : first)
+        for (int64_t k = 0; k < lanes; k++) {
+            cols[k] = k < w ? xc[k] : 0.0f;
+            first += cols[k];
+        }
+        sc[0] = first * inv_w;
+        for (i = 1; i * w + lanes <= h * w; i++) {
             const float *row = xc + i * w;
             float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
@@ -113,21 +122,32 @@ CA_INLINE void ca_strips_plane(const float *xc, float *sc, float *col, int64_t h
     for (int64_t j = 0; j < w; j++) col[j] *= inv_h;
 }
 
+/* rows of a short-row plane's product staged in a buffer at a time, in place */
+#define CA_STAGED_ROWS 16
+
 /* one channel plane of the product, out = (x * a_h) * a_w in PyTorch's rounding. Short rows: the
  * lanes past the row multiply the next row's elements by 1 and store them unchanged, which that
- * row then overwrites (or, in place, leaves as they were). */
+ * row then overwrites. In place, that store would stall the next row's load (a load overlapping
+ * part of a store is not forwarded), so the rows go through a buffer, CA_STAGED_ROWS at a time,
+ * copied to `oc` after. */
 CA_INLINE void ca_scale_plane(const float *xc, float *oc, const float *ah, const float *aw, int64_t h, int64_t w,
                               const int64_t lanes) {
     int64_t i = 0;
     if (lanes > 0) {
-        float aws[CA_SHORT_ROW];
+        const int in_place = xc == oc;
+        float aws[CA_SHORT_ROW], staged[(CA_STAGED_ROWS + 1) * CA_SHORT_ROW];
         for (int64_t k = 0; k < lanes; k++) aws[k] = k < w ? aw[k] : 1.0f;
-        for (; i * w + lanes <= h * w; i++) {
-            const float g = ah[i];
-            const float *row = xc + i * w;
-            float *orow = oc + i * w;
+        while (i * w + lanes <= h * w) {
+            const int64_t first = i;
+            float *dst = in_place ? staged : oc + first * w;
+            for (; (!in_place || i - first < CA_STAGED_ROWS) && i * w + lanes <= h * w; i++) {
+                const float g = ah[i];
+                const float *row = xc + i * w;
+                float *drow = dst + (i - first) * w;
 #pragma omp simd
-            for (int64_t k = 0; k < lanes; k++) orow[k] = row[k] * (k < w ? g : 1.0f) * aws[k];
+                for (int64_t k = 0; k < lanes; k++) drow[k] = row[k] * (k < w ? g : 1.0f) * aws[k];
+            }
+            if (in_place) memcpy(oc + first * w, staged, (size_t)((i - first) * w) * sizeof(float));
         }
     }
     for (; i < h; i++) {
