@@ -74,8 +74,9 @@ STATE_VERSION = 1
 
 _TRAIN_DIRS = ('train', 'training')
 _VAL_DIRS = ('validation', 'val', 'valid', 'eval')
-# options that may differ from the interrupted run's when resuming
-RESUME_OVERRIDES = ('epochs', 'workers', 'device', 'resume', 'output')
+# options that may differ from the interrupted run's when resuming (recompute_ca only trades
+# memory for time: its gradients are bit-identical)
+RESUME_OVERRIDES = ('epochs', 'workers', 'device', 'recompute_ca', 'resume', 'output')
 
 
 class UsageError(Exception):
@@ -563,9 +564,8 @@ def _resume_args(args: argparse.Namespace, saved: Dict[str, Any], defaults: Dict
         elif given and value != saved[key]:
             conflicts.append(f'--{key.replace("_", "-")} {value} (the run used {saved[key]})')
     if conflicts:
-        raise UsageError(
-            'a resumed run keeps its options, only ' + ', '.join(f'--{k}' for k in RESUME_OVERRIDES[:3]) +
-            ' may change; got ' + '; '.join(conflicts))
+        changeable = ', '.join(f'--{k.replace("_", "-")}' for k in RESUME_OVERRIDES[:4])
+        raise UsageError(f'a resumed run keeps its options, only {changeable} may change; got ' + '; '.join(conflicts))
     return merged
 
 
