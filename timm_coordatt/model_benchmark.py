@@ -137,19 +137,22 @@ def _sync(device: torch.device) -> None:
 
 
 def _time_in_turn(fns: Sequence[Callable[[], None]], device: torch.device, min_time: float) -> List[float]:
-    """Seconds per call of each of `fns`, called in turn (A, B, A, B, ...) until each has run for
-    `min_time` (at least one call each): the machine's drift, over seconds here, falls on all alike
-    rather than on whichever ran in a slow stretch."""
-    totals, calls = [0.] * len(fns), 0
+    """Seconds per call of each of `fns`: the median of its calls, made in turn (A, B, A, B, ...)
+    until each has run for `min_time` (at least one call each). The machine's drift, over seconds
+    here, falls on all alike rather than on whichever ran in a slow stretch, and the median leaves out
+    calls that something else on the machine stalled (one stall of 50 ms moves the mean of 25 calls of
+    20 ms by 10%)."""
+    times: List[List[float]] = [[] for _ in fns]
+    totals = [0.] * len(fns)
     while True:
         for i, fn in enumerate(fns):
             start = time.perf_counter()
             fn()
             _sync(device)
-            totals[i] += time.perf_counter() - start
-        calls += 1
+            times[i].append(time.perf_counter() - start)
+            totals[i] += times[i][-1]
         if min(totals) >= min_time:
-            return [total / calls for total in totals]
+            return [statistics.median(t) for t in times]
 
 
 def _cpu_allocations(fn: Callable[[], None]) -> List[Tuple[int, int]]:
@@ -353,7 +356,8 @@ def _environment(cfg: BenchmarkConfig) -> str:
     device = torch.device(cfg.device)
     return (f'torch {torch.__version__}, {device.type}'
             + (f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else '')
-            + f', {cfg.threads} threads, {cfg.img_size}x{cfg.img_size}, medians of {cfg.rounds} rounds, calls in turn'
+            + f', {cfg.threads} threads, {cfg.img_size}x{cfg.img_size}, medians of {cfg.rounds} rounds, '
+            + 'calls in turn (median call per sample)'
             + (', eager training with CA outputs recomputed in backward' if cfg.recompute_ca else ''))
 
 

@@ -1,0 +1,117 @@
+""" Two builds of the C kernels side by side: the installed one against another build of `_native`.
+
+For work on timm_coordatt/csrc: keep a build of the version to compare against, e.g.
+
+    git stash && pip install -e . && cp timm_coordatt/_native*.so /tmp/before.so && git stash pop && pip install -e .
+    python benchmarks/native_ab.py /tmp/before.so [--rounds 15] [--threads 2]
+
+Times, in one process, each build going first in turn, at the shapes of MobileNetV2's CA blocks (batch
+1, and two at batch 32) in both memory formats: the inference kernel out of place and in place (as
+the registered models run it; each in-place call on a fresh copy of the input, the copy's time, taken
+in the same rounds, subtracted: repeated calls in place would shrink x towards denormals), and the
+training pooling and product. Prints medians (us a call), before/after (> 1: the installed build is
+faster) and whether both builds' outputs are bit for bit the same.
+"""
+import argparse
+import importlib.machinery
+import importlib.util
+import statistics
+import time
+from typing import Callable, Dict
+
+import torch
+
+from timm_coordatt import CoordAttention, native
+
+SHAPES = [(1, 144, 56, 56), (1, 192, 28, 28), (1, 384, 14, 14), (1, 576, 14, 14), (1, 960, 7, 7),
+          (32, 144, 56, 56), (32, 960, 7, 7)]
+OPS = ('infer', 'infer_inplace', 'strips', 'gate')
+
+
+def _load(path: str):
+    loader = importlib.machinery.ExtensionFileLoader('timm_coordatt_before._native', path)
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def _per_call(fn: Callable[[], None], min_time: float) -> float:
+    calls, start = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if calls >= 3 and elapsed >= min_time:
+            return elapsed / calls * 1e6
+
+
+def _calls(lib, op: str, shape, channels_last: bool, threads: int) -> Dict[str, Callable[[], torch.Tensor]]:
+    """The op's call through `lib`, returning its output, and (in place) the input copy alone."""
+    torch.manual_seed(0)  # the same inputs and weights for both builds
+    n, c, h, w = shape
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    source = torch.randn(shape).contiguous(memory_format=memory_format)
+    x, out = torch.empty_like(source), torch.empty_like(source)
+    if op.startswith('infer'):
+        weights = CoordAttention(c).eval()._folded_params().native
+        target = x if op == 'infer_inplace' else out
+
+        def call():
+            if op == 'infer_inplace':
+                x.copy_(source)
+            lib.forward(source.data_ptr() if target is out else x.data_ptr(), target.data_ptr(), n, c, h, w,
+                        weights.rd_channels, *weights.addresses, channels_last, threads)
+            return target
+        return {'call': call, 'copy': (lambda: x.copy_(source)) if op == 'infer_inplace' else None}
+    a_h, a_w = torch.rand(n, c, h, 1), torch.rand(n, c, 1, w)
+    a_h, a_w = a_h.contiguous(memory_format=memory_format), a_w.contiguous(memory_format=memory_format)
+    strips = torch.empty((n, h + w, c) if channels_last else (n, c, h + w))
+
+    def call():
+        if op == 'strips':
+            lib.strips(source.data_ptr(), strips.data_ptr(), n, c, h, w, channels_last, threads)
+            return strips
+        lib.gate(source.data_ptr(), a_h.data_ptr(), a_w.data_ptr(), out.data_ptr(), n, c, h, w, channels_last,
+                 threads)
+        return out
+    return {'call': call, 'copy': None}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('before', help='path of the other build of timm_coordatt/_native (a .so or .pyd)')
+    parser.add_argument('--rounds', type=int, default=15)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--min-time', type=float, default=0.02, help='seconds of calls per sample')
+    args = parser.parse_args()
+    if not native.built:
+        raise SystemExit('the installed package has no C kernels to compare')
+    torch.set_num_threads(args.threads)
+    libs = {'before': _load(args.before), 'after': native._native}
+    print(f'command: python benchmarks/native_ab.py {args.before} --rounds {args.rounds} --threads {args.threads} '
+          f'--min-time {args.min_time}')
+    print(f'torch {torch.__version__}, {args.threads} threads, medians of {args.rounds} interleaved rounds '
+          f'(us a call); after = the installed build')
+    print(f'{"layout":>13} | {"N/C/H/W":>15} | {"op":>13} | {"before":>9} | {"after":>9} | before/after | same bits')
+    for channels_last in (False, True):
+        for shape in SHAPES:
+            for op in OPS:
+                calls = {name: _calls(lib, op, shape, channels_last, args.threads) for name, lib in libs.items()}
+                same = torch.equal(calls['before']['call']().clone(), calls['after']['call']())
+                samples = {name: [] for name in libs}
+                copies = []
+                for r in range(args.rounds):
+                    for name in (('before', 'after') if r % 2 == 0 else ('after', 'before')):
+                        samples[name].append(_per_call(calls[name]['call'], args.min_time))
+                    if calls['after']['copy'] is not None:
+                        copies.append(_per_call(calls['after']['copy'], args.min_time))
+                copy = statistics.median(copies) if copies else 0.0
+                before, after = (statistics.median(samples[name]) - copy for name in libs)
+                layout = 'channels_last' if channels_last else 'contiguous'
+                print(f'{layout:>13} | {"/".join(map(str, shape)):>15} | {op:>13} | {before:9.1f} | {after:9.1f} | '
+                      f'{before / after:12.2f} | {"yes" if same else "NO":>9}', flush=True)
+
+
+if __name__ == '__main__':
+    main()
