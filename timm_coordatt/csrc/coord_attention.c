@@ -465,7 +465,11 @@ CA_INLINE void ca_sum_parts(const float *partial, float *sw, int parts, int64_t 
     }
 }
 
-CA_INLINE void ca_run_block(struct ca_job *job) {
+/* Each op runs in a function of its own, each with an AVX2/FMA clone: with all of them inlined into
+ * one, a change to one op's loops moved the code generated for the others (0.75-0.85x on unchanged
+ * loops, `python benchmarks/native_ab.py`). */
+CA_TARGET_CLONES
+static void ca_run_block(struct ca_job *job) {
     const int64_t c = job->c, h = job->h, w = job->w, rd = job->rd, len = h + w, size = c * h * w;
     float *buffer = job->workspace;
     if (buffer == NULL) {
@@ -516,66 +520,98 @@ CA_INLINE void ca_run_block(struct ca_job *job) {
 }
 
 CA_TARGET_CLONES
-static void ca_run(struct ca_job *job) {
-    if (job->op == CA_BLOCK) {
-        ca_run_block(job);
-        return;
+static void ca_run_gate(struct ca_job *job) {
+    const int64_t c = job->c, h = job->h, w = job->w, size = c * h * w;
+    for (int64_t b = job->first; b < job->last; b++) {
+        const float *xb = job->x + b * size, *ah = job->ah + b * c * h, *aw = job->aw + b * c * w;
+        if (job->channels_last)
+            ca_gate_nhwc(xb, ah, aw, job->out + b * size, c, h, w);
+        else
+            ca_gate_nchw(xb, ah, aw, job->out + b * size, c, h, w);
     }
+}
+
+CA_TARGET_CLONES
+static void ca_run_gate_backward(struct ca_job *job) {
+    const int64_t c = job->c, h = job->h, w = job->w, size = c * h * w;
+    const int cl = job->channels_last;
+    for (int64_t b = job->first; b < job->last; b++) {
+        const float *xb = job->x + b * size, *ah = job->ah + b * c * h, *aw = job->aw + b * c * w;
+        const float *grad = job->grad + b * size;
+        float *gah = job->gah + b * c * h, *gaw = job->gaw + b * c * w;
+        /* constant with_gx in each call: two specialised copies of the loops */
+        if (job->out == NULL) {
+            if (cl)
+                ca_gate_backward_nhwc(xb, ah, aw, grad, NULL, gah, gaw, c, h, w, 0);
+            else
+                ca_gate_backward_nchw(xb, ah, aw, grad, NULL, gah, gaw, c, h, w, 0);
+        } else if (cl) {
+            ca_gate_backward_nhwc(xb, ah, aw, grad, job->out + b * size, gah, gaw, c, h, w, 1);
+        } else {
+            ca_gate_backward_nchw(xb, ah, aw, grad, job->out + b * size, gah, gaw, c, h, w, 1);
+        }
+    }
+}
+
+CA_TARGET_CLONES
+static void ca_run_strips_nchw(struct ca_job *job) {
+    const int64_t c = job->c, h = job->h, w = job->w, size = c * h * w, len = h + w;
+    for (int64_t b = job->first; b < job->last; b++)
+        ca_strips_nchw(job->x + b * size, job->out + b * c * len, c, h, w, 0, c);
+}
+
+CA_TARGET_CLONES
+static void ca_run_strips_nhwc(struct ca_job *job) {
+    const int64_t c = job->c, h = job->h, w = job->w, size = c * h * w, len = h + w;
+    for (int64_t b = job->first; b < job->last; b++) { /* (L, C): the inference kernel's pooling */
+        float *sb = job->out + b * c * len;
+        ca_pool_nhwc(job->x + b * size, sb, sb + h * c, c, w, 0, h);
+        ca_sum_parts(sb + h * c, sb + h * c, 1, c, h, w, 0, c);
+    }
+}
+
+CA_TARGET_CLONES
+static void ca_run_strips_backward(struct ca_job *job) {
     const int64_t c = job->c, h = job->h, w = job->w, size = c * h * w, len = h + w;
     const int cl = job->channels_last;
     for (int64_t b = job->first; b < job->last; b++) {
-        const float *ah = job->ah ? job->ah + b * c * h : NULL, *aw = job->aw ? job->aw + b * c * w : NULL;
-        const float *grad = job->grad ? job->grad + b * size : NULL;
-        switch (job->op) {
-        case CA_GATE:
+        const float *gsb = job->gs + b * c * len;
+        float *gx = job->out + b * size;
+        if (job->grad == NULL) {
             if (cl)
-                ca_gate_nhwc(job->x + b * size, ah, aw, job->out + b * size, c, h, w);
+                ca_strips_backward_nhwc(gsb, NULL, NULL, NULL, gx, c, h, w, 0);
             else
-                ca_gate_nchw(job->x + b * size, ah, aw, job->out + b * size, c, h, w);
-            break;
-        case CA_GATE_BACKWARD: {
-            const float *xb = job->x + b * size;
-            float *gah = job->gah + b * c * h, *gaw = job->gaw + b * c * w;
-            /* constant with_gx in each call: two specialised copies of the loops */
-            if (job->out == NULL) {
-                if (cl)
-                    ca_gate_backward_nhwc(xb, ah, aw, grad, NULL, gah, gaw, c, h, w, 0);
-                else
-                    ca_gate_backward_nchw(xb, ah, aw, grad, NULL, gah, gaw, c, h, w, 0);
-            } else if (cl) {
-                ca_gate_backward_nhwc(xb, ah, aw, grad, job->out + b * size, gah, gaw, c, h, w, 1);
-            } else {
-                ca_gate_backward_nchw(xb, ah, aw, grad, job->out + b * size, gah, gaw, c, h, w, 1);
-            }
-            break;
-        }
-        case CA_STRIPS:
-            if (cl) { /* (L, C): the inference kernel's pooling */
-                float *sb = job->out + b * c * len;
-                ca_pool_nhwc(job->x + b * size, sb, sb + h * c, c, w, 0, h);
-                ca_sum_parts(sb + h * c, sb + h * c, 1, c, h, w, 0, c);
-            } else {
-                ca_strips_nchw(job->x + b * size, job->out + b * c * len, c, h, w, 0, c);
-            }
-            break;
-        case CA_STRIPS_BACKWARD: {
-            const float *gsb = job->gs + b * c * len;
-            float *gx = job->out + b * size;
-            if (grad == NULL) {
-                if (cl)
-                    ca_strips_backward_nhwc(gsb, NULL, NULL, NULL, gx, c, h, w, 0);
-                else
-                    ca_strips_backward_nchw(gsb, NULL, NULL, NULL, gx, c, h, w, 0);
-            } else if (cl) {
+                ca_strips_backward_nchw(gsb, NULL, NULL, NULL, gx, c, h, w, 0);
+        } else {
+            const float *grad = job->grad + b * size, *ah = job->ah + b * c * h, *aw = job->aw + b * c * w;
+            if (cl)
                 ca_strips_backward_nhwc(gsb, grad, ah, aw, gx, c, h, w, 1);
-            } else {
+            else
                 ca_strips_backward_nchw(gsb, grad, ah, aw, gx, c, h, w, 1);
-            }
-            break;
         }
-        default:
-            break;
-        }
+    }
+}
+
+static void ca_run(struct ca_job *job) {
+    switch (job->op) {
+    case CA_BLOCK:
+        ca_run_block(job);
+        return; /* sets its status */
+    case CA_GATE:
+        ca_run_gate(job);
+        break;
+    case CA_GATE_BACKWARD:
+        ca_run_gate_backward(job);
+        break;
+    case CA_STRIPS:
+        if (job->channels_last)
+            ca_run_strips_nhwc(job);
+        else
+            ca_run_strips_nchw(job);
+        break;
+    case CA_STRIPS_BACKWARD:
+        ca_run_strips_backward(job);
+        break;
     }
     job->status = 0;
 }
