@@ -240,28 +240,45 @@ CA_INLINE void ca_conv1(const float *s, float *y, int64_t c, int64_t len,
     }
 }
 
-/* both gate convs with sigmoid for channels [c0, c1): a (L, C) from y (rd, L) */
-CA_INLINE void ca_gate_convs(const float *y, float *a, int64_t c, int64_t h, int64_t w, int64_t rd,
-                             const float *wg, const float *bg, int64_t c0, int64_t c1) {
-    const int64_t len = h + w;
+/* Channels a block of the gate convs: the block's sums stay in registers over all rd rows of the
+ * weights, and its columns of them (rd x CA_GATE_BLOCK floats) in L1 over the strips' positions,
+ * where sums over all of C went through memory once every four rows. */
+#define CA_GATE_BLOCK 32
+
+/* both gate convs with sigmoid for channels [c, c + width) of a (L, C) from y (rd, L), width at
+ * most CA_GATE_BLOCK (a constant where inlined for whole blocks) */
+CA_INLINE void ca_gate_conv_block(const float *y, float *a, int64_t c, int64_t h, int64_t len, int64_t rd,
+                                  const float *wg, const float *bg, int64_t ch, const int64_t width) {
     for (int64_t l = 0; l < len; l++) {
-        const int64_t offset = l < h ? 0 : c; /* w_h^T or w_w^T */
-        float *al = a + l * c;
-        for (int64_t ch = c0; ch < c1; ch++) al[ch] = bg ? bg[offset + ch] : 0.0f;
+        const int64_t offset = (l < h ? 0 : c) + ch; /* w_h^T or w_w^T */
+        /* `+ 0.0f` keeps the start a vector op: as a copy it is made by narrower stores, which would
+         * stall the first load of the sums (a load spanning two stores is not forwarded) */
+        float acc[CA_GATE_BLOCK];
+        for (int64_t k = 0; k < width; k++) acc[k] = bg ? bg[offset + k] + 0.0f : 0.0f;
         int64_t r = 0;
-        for (; r + 4 <= rd; r += 4) { /* four rows a pass: al loaded and stored once for them */
+        for (; r + 4 <= rd; r += 4) {
             const float v0 = y[r * len + l], v1 = y[(r + 1) * len + l];
             const float v2 = y[(r + 2) * len + l], v3 = y[(r + 3) * len + l];
             const float *w0 = wg + r * 2 * c + offset, *w1r = w0 + 2 * c, *w2 = w1r + 2 * c, *w3 = w2 + 2 * c;
-            for (int64_t ch = c0; ch < c1; ch++) al[ch] += v0 * w0[ch] + v1 * w1r[ch] + v2 * w2[ch] + v3 * w3[ch];
+            for (int64_t k = 0; k < width; k++) acc[k] += v0 * w0[k] + v1 * w1r[k] + v2 * w2[k] + v3 * w3[k];
         }
         for (; r < rd; r++) {
             const float v = y[r * len + l];
             const float *wr = wg + r * 2 * c + offset;
-            for (int64_t ch = c0; ch < c1; ch++) al[ch] += v * wr[ch];
+            for (int64_t k = 0; k < width; k++) acc[k] += v * wr[k];
         }
-        for (int64_t ch = c0; ch < c1; ch++) al[ch] = 1.0f / (1.0f + ca_exp(-al[ch]));
+        float *al = a + l * c + ch;
+        for (int64_t k = 0; k < width; k++) al[k] = 1.0f / (1.0f + ca_exp(-acc[k]));
     }
+}
+
+/* both gate convs with sigmoid for channels [c0, c1): a (L, C) from y (rd, L) */
+CA_INLINE void ca_gate_convs(const float *y, float *a, int64_t c, int64_t h, int64_t w, int64_t rd,
+                             const float *wg, const float *bg, int64_t c0, int64_t c1) {
+    int64_t ch = c0;
+    for (; ch + CA_GATE_BLOCK <= c1; ch += CA_GATE_BLOCK)
+        ca_gate_conv_block(y, a, c, h, h + w, rd, wg, bg, ch, CA_GATE_BLOCK);
+    if (ch < c1) ca_gate_conv_block(y, a, c, h, h + w, rd, wg, bg, ch, c1 - ch);
 }
 
 /* the product for channels [c0, c1) of one sample (C, H, W) contiguous; t (C, L) as workspace */
