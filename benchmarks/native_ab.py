@@ -55,15 +55,19 @@ def _calls(lib, op: str, shape, channels_last: bool, threads: int) -> Dict[str, 
     x, out = torch.empty_like(source), torch.empty_like(source)
     if op.startswith('infer'):
         weights = CoordAttention(c).eval()._folded_params().native
-        target = x if op == 'infer_inplace' else out
+        in_place = op == 'infer_inplace'
+        src, dst = (x, x) if in_place else (source, out)
+
+        def copy():
+            x.copy_(source)
 
         def call():
-            if op == 'infer_inplace':
-                x.copy_(source)
-            lib.forward(source.data_ptr() if target is out else x.data_ptr(), target.data_ptr(), n, c, h, w,
-                        weights.rd_channels, *weights.addresses, channels_last, threads)
-            return target
-        return {'call': call, 'copy': (lambda: x.copy_(source)) if op == 'infer_inplace' else None}
+            if in_place:
+                copy()
+            lib.forward(src.data_ptr(), dst.data_ptr(), n, c, h, w, weights.rd_channels, *weights.addresses,
+                        channels_last, threads)
+            return dst
+        return {'call': call, 'copy': copy if in_place else None}
     a_h, a_w = torch.rand(n, c, h, 1), torch.rand(n, c, 1, w)
     a_h, a_w = a_h.contiguous(memory_format=memory_format), a_w.contiguous(memory_format=memory_format)
     strips = torch.empty((n, h + w, c) if channels_last else (n, c, h + w))
