@@ -97,23 +97,24 @@ FORWARD_MODES = []  # (training, recompute active) of each forward of the probe 
 
 @register_model
 def probe_recompute_mobilenetv2(pretrained=False, **kwargs):
-    """`mobilenetv2_050_ca` that records whether its forwards ran inside `recompute_ca_outputs()`."""
+    """`mobilenetv2_050_ca` that records whether its forwards ran in a `recompute_ca_outputs()` scope."""
     model = timm.create_model(MODEL, **kwargs)
     model.register_forward_pre_hook(lambda m, args: FORWARD_MODES.append((m.training, recompute_active())))
     return model
 
 
 def test_recompute_ca_trains_the_same_weights(tmp_path):
-    common = ['--grid-samples', '32', '--batch-size', '8', '--epochs', '1', *TINY]
-    held, lean = str(tmp_path / 'held'), str(tmp_path / 'lean')
-    assert main(['train', '--model', MODEL, *common, '--output', held]) == 0
-    FORWARD_MODES.clear()
-    assert main(['train', '--model', 'probe_recompute_mobilenetv2', *common, '--recompute-ca',
-                 '--output', lean]) == 0
-    # training forwards inside the context, validation ones outside
-    assert {mode for mode in FORWARD_MODES} == {(True, True), (False, False)}
-    assert_same_tensors(load_weights(os.path.join(held, 'model.safetensors')),
-                        load_weights(os.path.join(lean, 'model.safetensors')))
+    common = ['--model', 'probe_recompute_mobilenetv2', '--grid-samples', '32', '--batch-size', '8', '--epochs', '1',
+              *TINY]
+    runs = {}
+    for label, flags in (('held', ['--no-recompute-ca']), ('lean', [])):  # the registered CA models: on
+        FORWARD_MODES.clear()
+        runs[label] = str(tmp_path / label)
+        assert main(['train', *common, *flags, '--output', runs[label]]) == 0
+        # training forwards inside a recompute scope (or not), validation ones outside
+        assert set(FORWARD_MODES) == {(True, label == 'lean'), (False, False)}
+    assert_same_tensors(load_weights(os.path.join(runs['held'], 'model.safetensors')),
+                        load_weights(os.path.join(runs['lean'], 'model.safetensors')))
 
 
 def test_ctrl_c_leaves_a_checkpoint_that_resumes_exactly(tmp_path):

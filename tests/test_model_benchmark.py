@@ -106,16 +106,17 @@ def test_bad_input(capsys):
         BenchmarkConfig(pairs=(PAIR,), rounds=0)
 
 
-def test_recompute_ca():
+def test_store_ca_outputs():
     # big enough activations for the saved CA outputs to make the peak
-    held_cfg = dataclasses.replace(TINY, img_size=128, infer_batch_sizes=(1,), train_batch_size=4, modes=('eager',),
+    lean_cfg = dataclasses.replace(TINY, img_size=128, infer_batch_sizes=(1,), train_batch_size=4, modes=('eager',),
                                    rounds=1)
-    cfg = dataclasses.replace(held_cfg, recompute_ca=True)
+    cfg = dataclasses.replace(lean_cfg, store_ca_outputs=True)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    assert parser.parse_args(shlex.split(cfg.command())[2:]).recompute_ca
-    lean, held = ({r.metric: r for r in run_benchmark(c)}['train memory b4'] for c in (cfg, held_cfg))
+    assert parser.parse_args(shlex.split(cfg.command())[2:]).store_ca_outputs
+    held, lean = ({r.metric: r for r in run_benchmark(c)}['train memory b4'] for c in (cfg, lean_cfg))
     assert lean.ca_value < held.ca_value
+    assert lean.baseline_value == held.baseline_value  # the baseline has no CA outputs to hold
 
 
 def test_samples_take_calls_in_turn():

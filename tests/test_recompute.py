@@ -1,13 +1,16 @@
-""" `recompute_ca_outputs`: same gradients, less memory held for backward, no silent staleness. """
+""" `recompute_ca_outputs` and the registered models' default (`set_recompute_ca_outputs`): same gradients,
+less memory held for backward, no silent staleness, no scope outliving a forward. """
 import contextlib
+import copy
 
 import pytest
+import timm
 import torch
 from torch import nn
 
-from timm_coordatt import CoordAttention, recompute_ca_outputs
+from timm_coordatt import CoordAttention, recompute_ca_outputs, set_recompute_ca_outputs
 from timm_coordatt.model_benchmark import peak_memory
-from timm_coordatt.recompute import recompute_active
+from timm_coordatt.recompute import _pack, recompute_active
 
 
 def _host(channels: int = 32, blocks: int = 1) -> nn.Module:
@@ -99,3 +102,116 @@ def test_context_state():
         with recompute_ca_outputs():
             raise ValueError
     assert not recompute_active()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# on by default in the registered CA models (`set_recompute_ca_outputs`)
+
+def _ca_output_bytes(model: nn.Module, x: torch.Tensor) -> list:
+    sizes = []
+    handles = [m.register_forward_hook(lambda m, args, out: sizes.append(out.numel() * out.element_size()))
+               for m in model.modules() if isinstance(m, CoordAttention)]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return sizes
+
+
+@pytest.mark.parametrize('name', ['mobilenetv2_050_ca', 'mobilenext_050_ca', 'efficientnet_b0_ca'])
+def test_registered_models_recompute_by_default(name):
+    torch.manual_seed(0)
+    lean = timm.create_model(name, drop_rate=0.).train()
+    held = set_recompute_ca_outputs(copy.deepcopy(lean), False)
+    x = torch.randn(4, 3, 64, 64)
+    grads = {}
+    for label, model in (('lean', lean), ('held', held)):
+        grads[label] = _grads(model, x, contextlib.nullcontext)
+    for g, e in zip(grads['lean'], grads['held']):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+    def step(model):
+        def fn():
+            model.zero_grad(set_to_none=True)
+            model(x).sum().backward()
+        return fn
+
+    sizes = _ca_output_bytes(lean, x)
+    saved = peak_memory(step(held), torch.device('cpu')) - peak_memory(step(lean), torch.device('cpu'))
+    # every CA output but the largest (the one rebuilt at the peak, in the worst case) is not held
+    assert saved >= sum(sizes) - max(sizes), (saved, sizes)
+
+
+def test_no_scope_outlives_a_forward():
+    model = timm.create_model('mobilenetv2_050_ca').train()
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    with pytest.raises(RuntimeError):
+        model(torch.randn(2, 5, 32, 32))  # the stem conv rejects 5 channels
+    with torch.no_grad():
+        model(x)
+    model.eval()(x)
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    assert not recompute_active()
+
+
+def _scopes_seen(model: nn.Module, x: torch.Tensor) -> set:
+    """(recompute active, innermost pack hook) as each CA block of `model` sees them."""
+    seen = set()
+    handles = [m.register_forward_pre_hook(lambda m, args: seen.add(
+        (recompute_active(), (torch._C._autograd._top_saved_tensors_default_hooks(False) or (None,))[0])))
+        for m in model.modules() if isinstance(m, CoordAttention)]
+    model(x)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def test_only_training_forwards_and_other_hooks_win():
+    model = timm.create_model('mobilenetv2_050_ca')
+    x = torch.randn(2, 3, 32, 32)
+    assert _scopes_seen(model.train(), x) == {(True, _pack)}
+    assert _scopes_seen(model.eval(), x) == {(False, None)}
+    with torch.no_grad():
+        assert _scopes_seen(model.train(), x) == {(False, None)}
+
+    def own_pack(t):
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(own_pack, lambda t: t):  # e.g. save_on_cpu
+        assert _scopes_seen(model.train(), x) == {(False, own_pack)}
+    with recompute_ca_outputs():  # an outer scope of ours: no second one
+        assert _scopes_seen(model, x) == {(True, _pack)}
+
+
+def test_set_recompute_ca_outputs_toggles():
+    model = timm.create_model('mobilenetv2_050_ca').train()
+    x = torch.randn(2, 3, 32, 32)
+    hooks = (len(model._forward_pre_hooks), len(model._forward_hooks))
+    set_recompute_ca_outputs(model, False)
+    assert _scopes_seen(model, x) == {(False, None)}
+    set_recompute_ca_outputs(model)
+    set_recompute_ca_outputs(model)
+    assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == hooks == (1, 1)
+    assert _scopes_seen(model, x) == {(True, _pack)}
+    # any model with CA blocks, timm's own included
+    resnet = set_recompute_ca_outputs(timm.create_model('resnet18', block_args=dict(attn_layer='ca')).train())
+    assert _scopes_seen(resnet, x) == {(True, _pack)}
+
+
+def test_double_backward_sees_the_rebuilt_output():
+    """A gradient penalty (backward with create_graph) differentiates through the rebuilt output: autograd
+    gives the unpacked tensor the saved one's history."""
+    model = _host(16).train()
+    x = torch.randn(2, 8, 10, 12)
+
+    def penalty_grads(context):
+        model.zero_grad(set_to_none=True)
+        with context():
+            out = model(x)
+        grads = torch.autograd.grad(out.square().sum(), list(model.parameters()), create_graph=True)
+        sum(g.square().sum() for g in grads).backward()
+        return [p.grad for p in model.parameters()]
+
+    for g, e in zip(penalty_grads(recompute_ca_outputs), penalty_grads(contextlib.nullcontext)):
+        torch.testing.assert_close(g, e)

@@ -22,6 +22,7 @@ from timm.models.efficientnet import EfficientNet, _create_effnet, _gen_efficien
 from .coordinate_attention import CoordAttentionFactory
 from .hub import hub_id
 from .pretrained import prepare_pretrained
+from .recompute import set_recompute_ca_outputs
 
 __all__ = []
 
@@ -58,7 +59,8 @@ def _gen_mobilenetv2_ca(variant: str, channel_multiplier: float = 1.0, pretraine
         se_layer=_CA_INPLACE,
         **kwargs,
     )
-    return _create_effnet(variant, pretrained, **prepare_pretrained(variant, pretrained, model_kwargs))
+    model = _create_effnet(variant, pretrained, **prepare_pretrained(variant, pretrained, model_kwargs))
+    return set_recompute_ca_outputs(model)
 
 
 def _cfg(url: str = '', **kwargs):
@@ -110,6 +112,7 @@ def mobilenetv2_140_ca(pretrained: bool = False, **kwargs) -> EfficientNet:
 def efficientnet_b0_ca(pretrained: bool = False, **kwargs) -> EfficientNet:
     """EfficientNet-B0 with every Squeeze-and-Excitation replaced by Coordinate Attention."""
     kwargs = prepare_pretrained('efficientnet_b0_ca', pretrained, kwargs)
-    return _gen_efficientnet(
+    model = _gen_efficientnet(
         'efficientnet_b0_ca', channel_multiplier=1.0, depth_multiplier=1.0,
         se_layer=_CA_INPLACE, pretrained=pretrained, **kwargs)
+    return set_recompute_ca_outputs(model)

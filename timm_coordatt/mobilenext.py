@@ -28,8 +28,9 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs
 
-from .coordinate_attention import CoordAttentionFactory
+from .coordinate_attention import CoordAttention, CoordAttentionFactory
 from .pretrained import prepare_pretrained
+from .recompute import set_recompute_ca_outputs
 
 __all__ = ['MobileNeXt', 'SandglassBlock', 'sandglass_hidden_chs']
 
@@ -362,13 +363,16 @@ class MobileNeXt(nn.Module):
 
 
 def _create_mobilenext(variant: str, pretrained: bool = False, **kwargs) -> MobileNeXt:
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         MobileNeXt,
         variant,
         pretrained,
         feature_cfg=dict(flatten_sequential=True),
         **prepare_pretrained(variant, pretrained, kwargs),
     )
+    if any(isinstance(m, CoordAttention) for m in model.modules()):
+        set_recompute_ca_outputs(model)
+    return model
 
 
 def _cfg(url: str = '', **kwargs):

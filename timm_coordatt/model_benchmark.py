@@ -13,7 +13,7 @@ import shlex
 import statistics
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from timm.optim import create_optimizer_v2
 
-from .recompute import recompute_ca_outputs
+from .recompute import set_recompute_ca_outputs
 
 __all__ = [
     'BenchmarkConfig', 'Result', 'GOALS', 'MODES', 'PAIRS', 'default_pairs', 'peak_memory', 'run_benchmark',
@@ -63,7 +63,8 @@ class BenchmarkConfig:
     modes: Tuple[str, ...] = ('eager', 'channels_last')
     threads: int = 2
     device: str = 'cpu'
-    recompute_ca: bool = False  # eager training steps run their forward in `recompute_ca_outputs()`
+    # the CA models' training keeps the CA outputs for backward (`set_recompute_ca_outputs(model, False)`)
+    store_ca_outputs: bool = False
 
     def __post_init__(self):
         if not self.pairs:
@@ -95,7 +96,7 @@ class BenchmarkConfig:
                 '--min-time', f'{self.min_time:g}',
                 '--modes', *self.modes,
                 '--threads', str(self.threads),
-                '--device', self.device] + (['--recompute-ca'] if self.recompute_ca else [])
+                '--device', self.device] + (['--store-ca-outputs'] if self.store_ca_outputs else [])
         return f'{prog} {shlex.join(args)}'
 
 
@@ -207,6 +208,8 @@ def _runner(name: str, mode: str, cfg: BenchmarkConfig, device: torch.device) ->
     torch.manual_seed(0)
     memory_format = torch.channels_last if mode == 'channels_last' else torch.contiguous_format
     model = timm.create_model(name).to(device=device, memory_format=memory_format)
+    if cfg.store_ca_outputs:
+        set_recompute_ca_outputs(model, False)
     optimizer = create_optimizer_v2(model, 'sgd', lr=0.01, momentum=0.9)
     # one static graph per batch size and train/eval, as a deployment would compile them
     net = torch.compile(model, dynamic=False) if mode == 'compile' else model
@@ -224,12 +227,8 @@ def _runner(name: str, mode: str, cfg: BenchmarkConfig, device: torch.device) ->
     x_train = images(cfg.train_batch_size)
     target = torch.randint(0, model.num_classes, (cfg.train_batch_size,), device=device)
 
-    # both models alike; eager only: compiled graphs recompute by their own partitioner
-    forward_context = recompute_ca_outputs if cfg.recompute_ca and mode != 'compile' else nullcontext
-
     def train():
-        with forward_context():
-            loss = F.cross_entropy(net(x_train), target)
+        loss = F.cross_entropy(net(x_train), target)
         loss.backward()
         optimizer.step()
         # gradients freed at the end, so each step (and its memory peak) starts without them
@@ -358,7 +357,7 @@ def _environment(cfg: BenchmarkConfig) -> str:
             + (f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else '')
             + f', {cfg.threads} threads, {cfg.img_size}x{cfg.img_size}, medians of {cfg.rounds} rounds, '
             + 'calls in turn (median call per sample)'
-            + (', eager training with CA outputs recomputed in backward' if cfg.recompute_ca else ''))
+            + (', CA outputs held for backward' if cfg.store_ca_outputs else ''))
 
 
 def results_dict(results: Sequence[Result], cfg: BenchmarkConfig, command: Optional[str] = None) -> Dict:
@@ -432,9 +431,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         '--threads', type=int, default=d.threads, metavar='N', help='torch threads (default: %(default)s)')
     parser.add_argument('--device', default=d.device, help='cpu or cuda[:N] (default: %(default)s)')
     parser.add_argument(
-        '--recompute-ca', action='store_true',
-        help='eager training steps (both models) run their forward in timm_coordatt.recompute_ca_outputs(): '
-             'CA outputs recomputed in backward instead of held')
+        '--store-ca-outputs', action='store_true',
+        help='the CA models hold their CA outputs for backward (timm_coordatt.set_recompute_ca_outputs(model, '
+             'False)) instead of recomputing them, as they do by default')
     parser.add_argument('--format', choices=FORMATS, default='text', help='output format (default: %(default)s)')
     parser.add_argument(
         '--profile', action='store_true',
@@ -448,7 +447,7 @@ def run_from_args(args: argparse.Namespace, prog: str) -> int:
             pairs=tuple(args.pairs) if args.pairs else default_pairs(), img_size=args.img_size,
             infer_batch_sizes=tuple(args.infer_batch_sizes), train_batch_size=args.train_batch_size,
             rounds=args.rounds, min_time=args.min_time, modes=tuple(args.modes), threads=args.threads,
-            device=args.device, recompute_ca=args.recompute_ca)
+            device=args.device, store_ca_outputs=args.store_ca_outputs)
         results = run_benchmark(cfg, lambda line: print(f'[{line}]', file=sys.stderr, flush=True))
     except ValueError as e:
         print(f'{prog}: error: {e}', file=sys.stderr)

@@ -4,25 +4,29 @@ A CA block's output is a new full-size tensor that the host block's next layer (
 conv in MobileNetV2, EfficientNet and MobileNeXt blocks) saves for its backward. The block keeps its
 own input and the two small gates anyway, so that output can be rebuilt as `x * a_h * a_w` when
 backward needs it: one more product per block, one full-size tensor per block less held between
-forward and backward (most of CA's training-memory overhead).
+forward and backward (most of CA's training-memory overhead), bit-identical gradients.
+
+The registered CA models do this in every eager training forward (`set_recompute_ca_outputs`, on
+by default); for any other model, wrap the forward pass:
 
     with timm_coordatt.recompute_ca_outputs():
         loss = loss_fn(model(x), target)
     loss.backward()
 
-Only the forward pass needs to run inside the context. Works in plain eager execution; compiled,
-scripted and traced models are unaffected (torch.compile's own partitioner already recomputes cheap
-products).
+or call `set_recompute_ca_outputs(model)` once. Compiled, scripted and traced models are unaffected
+(torch.compile's own partitioner already recomputes cheap products).
 """
 import threading
+import typing
 from contextlib import contextmanager
-from typing import Iterator, NamedTuple, Optional, Union
+from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
+from torch import nn
 
 from . import native
 
-__all__ = ['recompute_ca_outputs', 'recompute_active', 'mark_recomputable']
+__all__ = ['recompute_ca_outputs', 'set_recompute_ca_outputs', 'recompute_active', 'mark_recomputable']
 
 _state = threading.local()
 
@@ -59,7 +63,8 @@ def _unpack(saved: Union[torch.Tensor, _Recipe]) -> torch.Tensor:
         raise RuntimeError(
             'A CoordAttention input was modified in place after the forward pass, so its output cannot be '
             f'recomputed for backward (input version {saved.x_version} at forward, {saved.x._version} now). '
-            'Run that forward outside timm_coordatt.recompute_ca_outputs().')
+            'Run that forward outside timm_coordatt.recompute_ca_outputs(), or turn it off for the model '
+            'with timm_coordatt.set_recompute_ca_outputs(model, False).')
     if native.gate_supported(saved.x, saved.a_h, saved.a_w):  # the C kernel rounds as the products below
         return native.gate(saved.x, saved.a_h, saved.a_w)
     with torch.no_grad():
@@ -67,13 +72,98 @@ def _unpack(saved: Union[torch.Tensor, _Recipe]) -> torch.Tensor:
         return torch.mul(saved.x, saved.a_h).mul_(saved.a_w)
 
 
+class _Scope:
+    """The saved-tensor hooks of one `recompute_ca_outputs` scope, entered and left explicitly."""
+
+    def __init__(self):
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+        self.previous = recompute_active()
+
+    def enter(self) -> '_Scope':
+        self.hooks.__enter__()
+        _state.active = True
+        return self
+
+    def exit(self) -> None:
+        _state.active = self.previous
+        self.hooks.__exit__(None, None, None)
+
+
 @contextmanager
 def recompute_ca_outputs() -> Iterator[None]:
     """Within it, CoordAttention outputs that later layers save for backward are recomputed then instead."""
-    previous = recompute_active()
-    _state.active = True
+    scope = _Scope().enter()
     try:
-        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
-            yield
+        yield
     finally:
-        _state.active = previous
+        scope.exit()
+
+
+# (pack, unpack) of the innermost saved-tensor hooks, or None; what torch.utils.checkpoint asks
+_top_saved_tensors_hooks = getattr(torch._C._autograd, '_top_saved_tensors_default_hooks', None)
+
+
+@torch.jit.unused
+def _enter_model(module: nn.Module) -> None:
+    """Open a scope for this forward if it trains eagerly and no saved-tensor hooks are active: those
+    of activation checkpointing or `save_on_cpu` win; an outer scope of ours already covers it."""
+    if torch.compiler.is_compiling():  # the compiled graph decides what it saves
+        return
+    scope = None
+    if (module.training and torch.is_grad_enabled() and not torch.jit.is_tracing()
+            and _top_saved_tensors_hooks is not None and _top_saved_tensors_hooks(False) is None):
+        scope = _Scope().enter()
+    _state.__dict__.setdefault('model_scopes', []).append(scope)
+
+
+@torch.jit.unused
+def _exit_model() -> None:
+    if torch.compiler.is_compiling():
+        return
+    scope = _state.model_scopes.pop()
+    if scope is not None:
+        scope.exit()
+
+
+# Forward hooks typed for TorchScript, which compiles a module's hooks with it (their bodies are
+# skipped there): one exit hook per output type of the supported forwards.
+def _recompute_pre_hook(module: nn.Module, args: Tuple[torch.Tensor]) -> None:
+    if not torch.jit.is_scripting():
+        _enter_model(module)
+
+
+def _recompute_hook(module: nn.Module, args: Tuple[torch.Tensor], output: torch.Tensor) -> None:
+    if not torch.jit.is_scripting():
+        _exit_model()
+
+
+def _recompute_features_hook(module: nn.Module, args: Tuple[torch.Tensor], output: List[torch.Tensor]) -> None:
+    if not torch.jit.is_scripting():
+        _exit_model()
+
+
+_EXIT_HOOKS = (_recompute_hook, _recompute_features_hook)
+
+
+def set_recompute_ca_outputs(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Run every eager training forward of `model` (train mode, autograd on) as if inside
+    `recompute_ca_outputs()`, or (`enabled=False`) no longer; by forward hooks on `model`.
+
+    The registered CA models come with it on. A forward under other saved-tensor hooks (activation
+    checkpointing around the whole model, `torch.autograd.graph.save_on_cpu`) is left to those.
+    Returns `model`.
+    """
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [k for k, hook in hooks.items() if hook is _recompute_pre_hook or hook in _EXIT_HOOKS]:
+            del hooks[key]
+            model._forward_hooks_always_called.pop(key, None)
+    if enabled:
+        try:
+            returns = typing.get_type_hints(type(model).forward).get('return')
+        except (NameError, TypeError):  # unresolvable annotations: TorchScript would not take them either
+            returns = None
+        exit_hook = _recompute_features_hook if returns in (List[torch.Tensor], list) else _recompute_hook
+        model.register_forward_pre_hook(_recompute_pre_hook)
+        # also after an exception in forward: the scope must not outlive the call
+        model.register_forward_hook(exit_hook, always_call=True)
+    return model

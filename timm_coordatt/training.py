@@ -57,7 +57,7 @@ from timm.utils import AverageMeter, ModelEmaV3, accuracy, dispatch_clip_grad, d
 from timm.utils.distributed import init_distributed_device_so
 
 from .datasets import DEFAULT_IMG_SIZE as GRID_IMG_SIZE, GridShapes
-from .recompute import recompute_ca_outputs
+from .recompute import recompute_ca_outputs, set_recompute_ca_outputs
 
 __all__ = [
     'UsageError', 'atomic_write', 'save_weights', 'export_model', 'check_image_folder', 'create_model',
@@ -645,6 +645,8 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
     if args.data_dir is None:
         data_config['crop_pct'] = 1.0  # no crop: the label is where the target is in the full image
         data_config['input_size'] = (3, args.img_size, args.img_size)
+    if args.recompute_ca is False:
+        set_recompute_ca_outputs(model, False)
     frozen_names = _freeze_groups(model, args.freeze) if args.freeze else []
     if args.grad_checkpointing:
         try:
@@ -854,7 +856,8 @@ def _train_epoch(
 
     loss_sum, top1_sum, count = progress.train_sums
     global_batch = args.batch_size * ctx.world_size
-    recompute_ca = args.recompute_ca and not args.compile  # compiled graphs recompute on their own terms
+    # compiled graphs recompute on their own terms
+    recompute_ca = bool(args.recompute_ca) and not args.compile
     desc = f'epoch {epoch + 1}/{num_epochs} train'
     with tqdm(total=steps, initial=progress.step, desc=desc, disable=not ctx.primary, leave=False,
               dynamic_ncols=True) as bar:

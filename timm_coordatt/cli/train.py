@@ -45,9 +45,10 @@ def add_parser(subparsers) -> None:
                    help="freeze the first N layer groups of the model's group_matcher (stem = 1), BN statistics "
                         "included")
     g.add_argument('--grad-checkpointing', action='store_true', help='trade compute for activation memory')
-    g.add_argument('--recompute-ca', action='store_true',
-                   help='recompute CoordAttention outputs in backward instead of holding them (less memory, '
-                        'eager only)')
+    g.add_argument('--recompute-ca', action=argparse.BooleanOptionalAction, default=None,
+                   help='recompute CoordAttention outputs in backward instead of holding them (less memory, same '
+                        'gradients; eager only): the registered CA models do by default, --recompute-ca makes any '
+                        'model with CA blocks do it, --no-recompute-ca turns it off')
     g.add_argument('--channels-last', action='store_true', help='channels-last memory layout')
     g.add_argument('--compile', action='store_true', help='torch.compile the training model')
     g.add_argument('--sync-bn', action='store_true', help='SyncBatchNorm across processes (distributed only)')
