@@ -9,7 +9,8 @@ Times, in one process, each build going first in turn, at the shapes of MobileNe
 1, and two at batch 32) in both memory formats: the inference kernel out of place and in place (as
 the registered models run it; each in-place call on a fresh copy of the input, the copy's time, taken
 in the same rounds, subtracted: repeated calls in place would shrink x towards denormals), and the
-training pooling and product. Prints medians (us a call), before/after (> 1: the installed build is
+training pooling and product, the latter also into a freshly allocated output each call
+(`gate_fresh`, as training allocates it: the page faults of new memory included). Prints medians (us a call), before/after (> 1: the installed build is
 faster) and whether both builds' outputs are bit for bit the same.
 """
 import argparse
@@ -25,7 +26,7 @@ from timm_coordatt import CoordAttention, native
 
 SHAPES = [(1, 144, 56, 56), (1, 192, 28, 28), (1, 384, 14, 14), (1, 576, 14, 14), (1, 960, 7, 7),
           (32, 144, 56, 56), (32, 960, 7, 7)]
-OPS = ('infer', 'infer_inplace', 'strips', 'gate')
+OPS = ('infer', 'infer_inplace', 'strips', 'gate', 'gate_fresh')
 
 
 def _load(path: str):
@@ -76,9 +77,10 @@ def _calls(lib, op: str, shape, channels_last: bool, threads: int) -> Dict[str, 
         if op == 'strips':
             lib.strips(source.data_ptr(), strips.data_ptr(), n, c, h, w, channels_last, threads)
             return strips
-        lib.gate(source.data_ptr(), a_h.data_ptr(), a_w.data_ptr(), out.data_ptr(), n, c, h, w, channels_last,
+        target = torch.empty_like(source) if op == 'gate_fresh' else out
+        lib.gate(source.data_ptr(), a_h.data_ptr(), a_w.data_ptr(), target.data_ptr(), n, c, h, w, channels_last,
                  threads)
-        return out
+        return target
     return {'call': call, 'copy': None}
 
 

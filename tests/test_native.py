@@ -395,3 +395,40 @@ def test_gate_kernels_check_their_arguments():
     with pytest.raises(ValueError, match='expected grad laid out as x'):
         native.gate_backward(x, a_h, a_w, torch.randn(2, 8, 5, 4).transpose(2, 3))
     assert not native.gate_supported(x.double(), a_h.double(), a_w.double())
+
+
+def _vm_flags(address: int) -> list:
+    """The VmFlags of the mapping holding `address` (Linux /proc/self/smaps)."""
+    with open('/proc/self/smaps') as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if '-' in head and not head.endswith(':'):
+                start, end = (int(v, 16) for v in head.split('-'))
+                inside = start <= address < end
+            elif inside and head == 'VmFlags:':
+                return line.split()[1:]
+    raise AssertionError(f'no mapping holds {address:#x}')
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/smaps'), reason='needs Linux /proc/self/smaps')
+@pytest.mark.parametrize('touched', [False, True])
+def test_fresh_large_outputs_ask_for_huge_pages(touched):
+    """A fresh output of 16+ MB is advised into transparent huge pages (VmFlags 'hg') before the kernel's
+    first write; memory already in use is left as it is."""
+    import mmap
+    block = CoordAttention(64).eval()
+    x = torch.randn(4, 64, 128, 128)  # 16 MiB
+    nbytes = x.numel() * 4
+    mapping = mmap.mmap(-1, nbytes + (2 << 20))  # a mapping of its own, untouched
+    try:
+        out = torch.frombuffer(mapping, dtype=torch.float32, count=x.numel()).view(x.shape)
+        if touched:
+            out.zero_()
+        native.coord_attention_inference(x, out, block._folded_params().native)
+        with torch.no_grad():
+            torch.testing.assert_close(out, block(x))
+        assert ('hg' in _vm_flags(out.data_ptr() + (4 << 20))) != touched
+        del out
+    finally:
+        mapping.close()
