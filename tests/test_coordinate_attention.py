@@ -370,3 +370,13 @@ def test_onnx_dynamic(tmp_path):
         x = torch.randn(shape)
         (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         torch.testing.assert_close(torch.from_numpy(out), ours(x), rtol=1e-5, atol=1e-5)
+
+
+def test_vmap_runs_pytorch_ops():
+    """torch.func.vmap hands the block batched tensors, which have no data pointers for the C kernels."""
+    torch.manual_seed(0)
+    block = CoordAttention(16).eval()
+    x = torch.randn(3, 2, 16, 6, 5)
+    with torch.no_grad():
+        expected = torch.stack([block(xi) for xi in x])
+        torch.testing.assert_close(torch.func.vmap(block)(x), expected)

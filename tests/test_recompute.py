@@ -215,3 +215,27 @@ def test_double_backward_sees_the_rebuilt_output():
 
     for g, e in zip(penalty_grads(recompute_ca_outputs), penalty_grads(contextlib.nullcontext)):
         torch.testing.assert_close(g, e)
+
+
+def test_torch_func_transforms_run_without_a_scope():
+    """torch.func forbids saved-tensor hooks (and custom autograd Functions without setup_context): its
+    gradients of a registered model in train mode are autograd's, up to rounding."""
+    model = timm.create_model('mobilenetv2_050_ca', drop_rate=0.).train()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.clone() for k, v in model.named_buffers()}  # BN statistics: the transform's inputs
+    x = torch.randn(4, 3, 64, 64)
+
+    def loss(p, b):
+        return torch.func.functional_call(model, {**p, **b}, (x,)).square().mean()
+
+    grads = torch.func.grad(loss)(params, buffers)
+    model.zero_grad(set_to_none=True)
+    # against the same ops under autograd (torch.func runs PyTorch ops, not the C kernels)
+    for m in model.modules():
+        if isinstance(m, CoordAttention):
+            m.use_native_kernel = False
+    model(x).square().mean().backward()
+    # rounding differs (other op orders, train-mode BN over 4 samples): within 1e-4 of the largest gradient
+    atol = 1e-4 * max(p.grad.abs().max().item() for p in model.parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-3, atol=atol, msg=lambda m: f'{name}: {m}')

@@ -24,13 +24,22 @@ from .recompute import mark_recomputable, recompute_active
 __all__ = ['CoordAttention', 'CoordAttentionFactory', 'coord_gate']
 
 
+@torch.jit.unused
+def _is_functorch(x: torch.Tensor) -> bool:
+    """Inside a torch.func transform (grad, vmap, ...): no data pointers, no custom autograd.Function."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
 def _is_channels_last(x: torch.Tensor) -> bool:
+    if not torch.jit.is_scripting() and _is_functorch(x):
+        return False  # vmap cannot answer for channels_last: the contiguous paths take any layout
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _is_eager(x: torch.Tensor) -> bool:
-    """Plain eager execution: no compiler, exporter or tracer watching."""
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy))
+    """Plain eager execution: no compiler, exporter, tracer or torch.func transform watching."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy)
+                or _is_functorch(x))
 
 
 class _GateGradient:
@@ -149,6 +158,8 @@ def coord_gate(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor, use_native
         return x * a_h * a_w
     a_h, a_w = _gates_like(x, a_h, a_w)
     if torch.is_grad_enabled() and (x.requires_grad or a_h.requires_grad or a_w.requires_grad):
+        if _is_functorch(x):
+            return x * a_h * a_w
         eager = _is_eager(x)
         out = _CoordGate.apply(x, a_h, a_w, use_native_kernel and eager and native.gate_supported(x, a_h, a_w))
         if eager and recompute_active():

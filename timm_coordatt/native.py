@@ -7,8 +7,8 @@ In eager execution on float32 CPU tensors, contiguous or channels_last, `CoordAt
 - in training, the pooling of both strips (`strips`), the gate product `x * a_h * a_w` (`gate`) and
   their backward (`gate_backward`, `strips_backward`, the latter writing the input's whole gradient,
   both paths', in one pass): one pass each over the full-size tensors instead of several.
-Everything else (other dtypes and devices, TorchScript, tracing, torch.compile, export, double
-backward) runs the PyTorch formulation. `TIMM_COORDATT_NATIVE=0` in the environment when the package
+Everything else (other dtypes and devices, TorchScript, tracing, torch.compile, export, torch.func
+transforms, double backward) runs the PyTorch formulation. `TIMM_COORDATT_NATIVE=0` in the environment when the package
 is imported, or `timm_coordatt.native.enabled = False` at any time, turns the kernels off.
 """
 import os

@@ -105,15 +105,17 @@ _top_saved_tensors_hooks = getattr(torch._C._autograd, '_top_saved_tensors_defau
 
 @torch.jit.unused
 def _enter_model(module: nn.Module) -> None:
-    """Open a scope for this forward if it trains eagerly and no saved-tensor hooks are active: those
-    of activation checkpointing or `save_on_cpu` win; an outer scope of ours already covers it."""
+    """Open a scope for this forward if it trains eagerly and saved-tensor hooks may be set (torch.func
+    transforms forbid them) but none are: those of activation checkpointing or `save_on_cpu` win; an
+    outer scope of ours already covers it."""
     if torch.compiler.is_compiling():  # the compiled graph decides what it saves
         return
-    scope = None
+    scopes = _state.__dict__.setdefault('model_scopes', [])
+    scopes.append(None)  # first: the exit hook pops one entry whatever happens next
     if (module.training and torch.is_grad_enabled() and not torch.jit.is_tracing()
-            and _top_saved_tensors_hooks is not None and _top_saved_tensors_hooks(False) is None):
-        scope = _Scope().enter()
-    _state.__dict__.setdefault('model_scopes', []).append(scope)
+            and _top_saved_tensors_hooks is not None and torch._C._autograd._saved_tensors_hooks_is_enabled()
+            and _top_saved_tensors_hooks(False) is None):
+        scopes[-1] = _Scope().enter()
 
 
 @torch.jit.unused
