@@ -156,6 +156,10 @@ def test_inference_follows_parameter_changes(inference_kernel):
         m(x).square().sum().backward()
         opt.step()
     check()
+    # a parameter of a layer replaced by another tensor
+    new_weight = torch.randn_like(ours.conv_w.weight)
+    ours.conv_w.weight, authors.conv_w.weight = nn.Parameter(new_weight.clone()), nn.Parameter(new_weight.clone())
+    check()
     # a layer replaced: the activation (where the kernel runs only the paper's), the shared conv
     ours.act = authors.act = nn.ReLU()
     check()
@@ -351,10 +355,124 @@ def test_compile_fullgraph():
     torch.testing.assert_close(x1.grad, x2.grad)
 
 
+def _capturing_backend(graphs: list):
+    """A torch.compile backend that keeps each captured graph and runs it as captured."""
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend
+
+
+def _compile_capturing(module: nn.Module, graphs: list):
+    # each test compiles afresh: dynamo's recompile limit counts compilations of `forward` across tests
+    torch._dynamo.reset()
+    return torch.compile(module, backend=_capturing_backend(graphs), fullgraph=True)
+
+
+def _kernel_op_calls(graphs: list) -> int:
+    op = torch.ops.timm_coordatt.coord_attention_inference_.default
+    return sum(node.target is op for gm in graphs for node in gm.graph.nodes)
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('inplace', [False, True])
+def test_compiled_inference_calls_the_kernel(channels_last, inplace):
+    """Compiled inference calls the eager kernel as one op, in the layout inductor gives the convs."""
+    ours, authors = _pair(32)
+    ours.eval().inplace = inplace
+    authors.eval()
+    x = torch.randn(2, 32, 9, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    graphs = []
+    compiled = _compile_capturing(ours, graphs)
+    with torch.no_grad():
+        x_ours = x.clone()
+        y = compiled(x_ours)
+        torch.testing.assert_close(y, authors(x), rtol=1e-5, atol=1e-6)
+    assert _kernel_op_calls(graphs) == 1
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    if not inplace:
+        torch.testing.assert_close(x_ours, x, rtol=0, atol=0)
+    # with autograd, and with the kernels off, the compiled graph is the PyTorch formulation
+    graphs.clear()
+    torch.testing.assert_close(compiled(x.clone()), authors(x), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        ours.use_native_kernel = False
+        torch.testing.assert_close(compiled(x.clone()), authors(x), rtol=1e-5, atol=1e-6)
+    assert graphs and _kernel_op_calls(graphs) == 0
+
+
+def test_compiled_inference_follows_parameter_changes():
+    """The op folds the block's weights as they are at the call, like eager inference."""
+    ours, authors = _pair(24)
+    ours.eval()
+    authors.eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend='aot_eager', fullgraph=True)
+    x = torch.randn(2, 24, 5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), authors(x), rtol=1e-5, atol=1e-6)
+        for module in (ours, authors):
+            module.conv1.weight.mul_(1.5)
+            module.bn1.running_var.add_(0.25)
+        torch.testing.assert_close(compiled(x), authors(x), rtol=1e-5, atol=1e-6)
+        _randomise_(authors.conv_w)
+        ours.load_state_dict(authors.state_dict())
+        torch.testing.assert_close(compiled(x), authors(x), rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_inference_of_many_models():
+    """One compiled graph serves every block of the same shape (no recompilation per instance, no
+    limit on their number), each with its own weights, also copies and replaced parameters."""
+    graphs = []
+    first = _randomise_(CoordAttention(16)).eval()
+    backend = _capturing_backend(graphs)
+    torch._dynamo.reset()
+    x = torch.randn(1, 16, 6, 6)
+    with torch.no_grad():
+        for i in range(12):  # more than dynamo's recompile limit (8)
+            block = copy.deepcopy(first)
+            block.conv_h.weight.mul_(i - 5.5)
+            compiled = torch.compile(block, backend=backend, fullgraph=True)
+            for _ in range(2):
+                # the same kernel as eager on the channels_last copy the op runs on: the same bits
+                expected = block._forward_inference(x.contiguous(memory_format=torch.channels_last))
+                torch.testing.assert_close(compiled(x), expected, rtol=0, atol=0)
+                # another tensor, at the same version as the one it replaces
+                block.conv_w.weight = nn.Parameter(torch.randn_like(block.conv_w.weight))
+    assert len(graphs) == 1 and _kernel_op_calls(graphs) == 1
+
+
+def test_compiled_inference_inductor():
+    ours, authors = _pair(24)
+    ours.eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True)  # inductor
+    x = torch.randn(2, 24, 10, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), authors.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_op_bad_input():
+    block = CoordAttention(8)
+    params = (block.conv1.weight, block.conv1.bias, block.bn1.running_mean, block.bn1.running_var, block.bn1.weight,
+              block.bn1.bias, block.bn1.eps, block.conv_h.weight, block.conv_h.bias, block.conv_w.weight, block.conv_w.bias)
+    with pytest.raises(ValueError, match=r'expected a float32 CPU \(N, 8, H, W\) x, contiguous or channels_last, '
+                                         r'got torch.float32 on cpu, shape \(1, 4, 2, 2\)'):
+        torch.ops.timm_coordatt.coord_attention_inference_(torch.randn(1, 4, 2, 2), *params)
+    with pytest.raises(RuntimeError, match='expected float32 CPU parameters'):
+        torch.ops.timm_coordatt.coord_attention_inference_(torch.randn(1, 8, 2, 2), *[
+            p.double() if isinstance(p, torch.Tensor) else p for p in params])
+
+
 def test_torch_export():
     ours = _randomise_(CoordAttention(24)).eval()
     dims = {'x': {0: torch.export.Dim('batch'), 2: torch.export.Dim('h'), 3: torch.export.Dim('w')}}
-    exported = torch.export.export(ours, (torch.randn(2, 24, 6, 5),), dynamic_shapes=dims)
+    with torch.no_grad():  # as for inference, where torch.compile would call the kernel op
+        exported = torch.export.export(ours, (torch.randn(2, 24, 6, 5),), dynamic_shapes=dims)
+    # self-contained: none of this package's ops
+    assert not [n for n in exported.graph.nodes if 'timm_coordatt' in str(n.target)]
     for shape in [(1, 24, 3, 9), (4, 24, 12, 7)]:
         x = torch.randn(shape)
         torch.testing.assert_close(exported.module()(x), ours(x))

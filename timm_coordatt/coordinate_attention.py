@@ -9,12 +9,14 @@ The block pools the input along each spatial axis, encodes both strips with one 
 (`max(8, C // 32)`), biased convs and its own hard-swish, whatever the host block's activation.
 """
 import functools
+import weakref
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
+from torch.utils.weak import WeakIdKeyDictionary
 
 from timm.layers import LayerType, create_act_layer, register_notrace_function
 
@@ -259,6 +261,99 @@ class _FoldedParams(NamedTuple):
     native: Optional[native.InferenceWeights]  # for the C kernel, where it is built and takes them
 
 
+BatchNormStats = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], float]
+
+
+def _fold_weights(
+        w1: torch.Tensor,
+        b1: Optional[torch.Tensor],
+        bn: Optional[BatchNormStats],
+        w_h: torch.Tensor,
+        b_h: Optional[torch.Tensor],
+        w_w: torch.Tensor,
+        b_w: Optional[torch.Tensor],
+        native_activations: bool,
+) -> _FoldedParams:
+    """conv1 (weight `w1`, bias `b1`) with the eval-mode BN `bn` = (running mean, running var, weight,
+    bias, eps) folded in (None: no norm), conv_h and conv_w stacked; the C kernel's weights too where
+    it computes the block's activations (`native_activations`) in float32 on the CPU."""
+    w1 = w1.flatten(1)
+    if bn is not None:
+        # in float32, whatever the parameters' dtype, as batch norm itself computes
+        mean, var, gamma, beta, eps = bn
+        scale = torch.rsqrt(var.float() + eps)
+        shift = 0.
+        if gamma is not None:
+            scale, shift = scale * gamma.float(), beta.float()
+        bias = 0. if b1 is None else b1.float()
+        b1 = ((bias - mean.float()) * scale + shift).to(w1.dtype)
+        w1 = (w1.float() * scale[:, None]).to(w1.dtype)
+    w_hw = torch.cat([w_h, w_w]).flatten(1)
+    b_hw = None if b_h is None else torch.cat([b_h, b_w])
+    w1 = w1.contiguous()
+    weights = None
+    if native_activations and all(t is None or (t.dtype == torch.float32 and t.is_cpu) for t in (w1, b1, w_hw, b_hw)):
+        weights = native.InferenceWeights(w1, b1, w_hw.t().contiguous(), b_hw)
+    return _FoldedParams(w1, b1, w_hw, b_hw, weights)
+
+
+# the kernel's weights folded by the op below, by conv1's weight: (weak references to all the
+# sources, their versions, the weights); refolded when a source is replaced or changed in place
+_op_weights = WeakIdKeyDictionary()
+
+
+def _coord_attention_inference_(
+        x: torch.Tensor,
+        w1: torch.Tensor,
+        b1: Optional[torch.Tensor],
+        bn_mean: Optional[torch.Tensor],
+        bn_var: Optional[torch.Tensor],
+        bn_weight: Optional[torch.Tensor],
+        bn_bias: Optional[torch.Tensor],
+        bn_eps: float,
+        w_h: torch.Tensor,
+        b_h: Optional[torch.Tensor],
+        w_w: torch.Tensor,
+        b_w: Optional[torch.Tensor],
+) -> None:
+    """The inference kernel in place on `x` (float32 CPU, channels_last or contiguous), for the block
+    with these parameters (`bn_var` None: no norm); paper activations."""
+    sources = (w1, b1, bn_mean, bn_var, bn_weight, bn_bias, w_h, b_h, w_w, b_w)
+    try:
+        versions = [None if t is None else t._version for t in sources]
+    except RuntimeError:  # inference tensors have no versions: fold every call
+        versions = None
+    cached = _op_weights.get(w1) if versions is not None else None
+    if (cached is not None and cached[1] == versions
+            and all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(cached[0], sources))):
+        weights = cached[2]
+    else:
+        bn = None if bn_var is None else (bn_mean, bn_var, bn_weight, bn_bias, bn_eps)
+        weights = _fold_weights(w1, b1, bn, w_h, b_h, w_w, b_w, native_activations=True).native
+        if weights is None or not native.built:
+            raise RuntimeError('timm_coordatt::coord_attention_inference_ expected float32 CPU parameters and the '
+                               f'built C kernels, got {w1.dtype} on {w1.device} (kernels built: {native.built})')
+        if versions is not None:
+            _op_weights[w1] = (tuple(None if t is None else weakref.ref(t) for t in sources), versions, weights)
+    channels_last = native.layout(x)
+    if channels_last is None or x.shape[1] != weights.channels:
+        raise ValueError(f'timm_coordatt::coord_attention_inference_ expected a float32 CPU (N, {weights.channels}, H, W) '
+                         f'x, contiguous or channels_last, got {x.dtype} on {x.device}, shape {tuple(x.shape)}, '
+                         f'strides {x.stride()}')
+    native.run_inference(x, x, weights, channels_last)
+
+
+# torch.compile calls the inference kernel as one opaque op rather than compiling the PyTorch
+# formulation (torch.export and exporters, which must be self-contained, never see it)
+if hasattr(torch.library, 'custom_op') and hasattr(torch.compiler, 'is_exporting'):
+    _coord_attention_inference_ = torch.library.custom_op(
+        'timm_coordatt::coord_attention_inference_', _coord_attention_inference_, mutates_args=('x',))
+    _coord_attention_inference_.register_fake(lambda x, *params: None)
+    _compiled_kernel_available = True
+else:
+    _compiled_kernel_available = False
+
+
 class CoordAttention(nn.Module):
     """Coordinate Attention block of Hou et al., defaults as in the paper.
 
@@ -346,6 +441,16 @@ class CoordAttention(nn.Module):
         if not torch.jit.is_scripting():
             if _eager_inference(self, x):
                 return self._forward_inference(x)
+            if self._compiled_kernel_applies(x):
+                # channels_last: the layout inductor gives the convs around the block (copies otherwise)
+                x = x.contiguous(memory_format=torch.channels_last) if self.inplace else torch.clone(
+                    x, memory_format=torch.channels_last)
+                bn = self.bn1
+                stats = (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps) if isinstance(
+                    bn, nn.BatchNorm2d) else (None, None, None, None, 0.)
+                _coord_attention_inference_(x, self.conv1.weight, self.conv1.bias, *stats, self.conv_h.weight,
+                                            self.conv_h.bias, self.conv_w.weight, self.conv_w.bias)
+                return x
             if self._native_training(x):
                 return self._forward_training(x)
         a_h, a_w = self.gates(x)
@@ -357,6 +462,14 @@ class CoordAttention(nn.Module):
         """Whether the pooling and the product run in the C kernels: autograd for x, eager float32 CPU."""
         return (self.use_native_kernel and torch.is_grad_enabled() and _is_eager(x)  # eager first: FX proxies
                 and x.requires_grad and native.strips_supported(x))
+
+    @torch.jit.unused
+    def _compiled_kernel_applies(self, x: torch.Tensor) -> bool:
+        """Inference under torch.compile (not export) that the C kernel computes: the compiled graph calls it."""
+        return (_compiled_kernel_available and not self.training and not torch.is_grad_enabled()
+                and torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+                and self.use_native_kernel and native.available() and self._native_foldable()
+                and x.dim() == 4 and x.shape[1] == self.channels and x.dtype == torch.float32 and x.device.type == 'cpu')
 
     @torch.jit.unused
     def _forward_training(self, x: torch.Tensor) -> torch.Tensor:
@@ -416,50 +529,48 @@ class CoordAttention(nn.Module):
     def _folded_params(self) -> Optional[_FoldedParams]:
         """conv1 with bn1 folded in and conv_h, conv_w stacked; None for a norm that cannot be folded.
 
-        Cached while the version counters of the source tensors stay put, so in-place updates
-        (optimizer steps, BN statistics) fold again; so do moving the module (`_apply`), loading a
-        state dict, which may swap the tensors, and replacing one of its layers. Parametrized weights,
+        Cached while the source tensors stay the same tensors at the same versions, so in-place updates
+        (optimizer steps, BN statistics) and replaced parameters fold again; so do moving the module
+        (`_apply`), loading a state dict and replacing one of its layers. Parametrized weights,
         computed anew on each access, are never cached.
         """
-        cached = self._inference_params
-        if cached is not None:
-            sources, versions, params = cached
-            if [t._version for t in sources] == versions:
-                return params
-        bn = self.bn1
-        if not (isinstance(bn, nn.Identity) or (type(bn) is nn.BatchNorm2d and bn.track_running_stats)):
+        if not self._foldable_norm():
             return None
+        bn = self.bn1
         sources = [t for t in (self.conv1.weight, self.conv1.bias, self.conv_h.weight, self.conv_h.bias,
                                self.conv_w.weight, self.conv_w.bias, *bn.parameters(), *bn.buffers())
                    if t is not None]
-        params = self._fold(bn)
-        if any(parametrize.is_parametrized(m) for m in (self.conv1, bn, self.conv_h, self.conv_w)):
-            return params
         try:
-            self._inference_params = (sources, [t._version for t in sources], params)
+            versions = [t._version for t in sources]
         except RuntimeError:  # inference tensors (a module built under inference_mode) have no versions
-            pass
+            versions = None
+        cached = self._inference_params
+        if (versions is not None and cached is not None and cached[1] == versions
+                and all(a is b for a, b in zip(cached[0], sources))):
+            return cached[2]
+        params = self._fold(bn)
+        if versions is not None and not any(
+                parametrize.is_parametrized(m) for m in (self.conv1, bn, self.conv_h, self.conv_w)):
+            self._inference_params = (sources, versions, params)
         return params
 
     def _fold(self, bn: nn.Module) -> _FoldedParams:
-        w1, b1 = self.conv1.weight.flatten(1), self.conv1.bias
-        if isinstance(bn, nn.BatchNorm2d):
-            # in float32, whatever the parameters' dtype, as batch norm itself computes
-            scale = torch.rsqrt(bn.running_var.float() + bn.eps)
-            shift = 0.
-            if bn.affine:
-                scale, shift = scale * bn.weight.float(), bn.bias.float()
-            bias = 0. if b1 is None else b1.float()
-            b1 = ((bias - bn.running_mean.float()) * scale + shift).to(w1.dtype)
-            w1 = (w1.float() * scale[:, None]).to(w1.dtype)
-        w_hw = torch.cat([self.conv_h.weight, self.conv_w.weight]).flatten(1)
-        b_hw = None if self.conv_h.bias is None else torch.cat([self.conv_h.bias, self.conv_w.bias])
-        w1 = w1.contiguous()
-        weights = None
-        if (native.built and type(self.act) is nn.Hardswish and type(self.gate) is nn.Sigmoid
-                and all(t is None or (t.dtype == torch.float32 and t.is_cpu) for t in (w1, b1, w_hw, b_hw))):
-            weights = native.InferenceWeights(w1, b1, w_hw.t().contiguous(), b_hw)
-        return _FoldedParams(w1, b1, w_hw, b_hw, weights)
+        stats = (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps) if isinstance(bn, nn.BatchNorm2d) else None
+        return _fold_weights(self.conv1.weight, self.conv1.bias, stats, self.conv_h.weight, self.conv_h.bias,
+                             self.conv_w.weight, self.conv_w.bias, self._native_activations())
+
+    def _foldable_norm(self) -> bool:
+        bn = self.bn1
+        return isinstance(bn, nn.Identity) or (type(bn) is nn.BatchNorm2d and bn.track_running_stats)
+
+    def _native_activations(self) -> bool:
+        """The C kernel is built and computes this block's activations (the paper's)."""
+        return native.built and type(self.act) is nn.Hardswish and type(self.gate) is nn.Sigmoid
+
+    def _native_foldable(self) -> bool:
+        """Whether `_folded_params()` gives weights for the C kernel (checked without folding)."""
+        return self._foldable_norm() and self._native_activations() and all(
+            conv.weight.dtype == torch.float32 and conv.weight.is_cpu for conv in (self.conv1, self.conv_h, self.conv_w))
 
     def _apply(self, fn, recurse=True):
         self._inference_params = None

@@ -1,0 +1,85 @@
+""" torch.compile inference of the CA models: the C kernel as one op against the compiled PyTorch formulation.
+
+For each pair (CA model / baseline), in one process, compiled with the default inductor backend
+(`dynamic=False`), inference at each batch size (eval, `torch.inference_mode`), calls in turn (each
+variant first in turn):
+- `baseline`: the baseline model;
+- `kernel_op`: the CA model as it compiles by default, each CA block one call of the C kernel
+  (`timm_coordatt::coord_attention_inference_`);
+- `formulation`: the same CA model with `use_native_kernel = False` on its blocks, so that inductor
+  compiles the block's PyTorch formulation (what compiled graphs ran before the op).
+Prints the medians of the per-call times and the medians of the per-call ratios to the baseline.
+Compiling takes about a minute a model and batch size.
+
+    python benchmarks/compiled_inference_ab.py [--calls 30] [--batch-sizes 1 32] [--threads 2]
+        [--channels-last] [--pairs mobilenetv2_ca:mobilenetv2_100 ...]
+"""
+import argparse
+import statistics
+import time
+from typing import Callable, Dict
+
+import timm
+import torch
+
+from timm_coordatt import CoordAttention
+
+PAIRS = ['mobilenetv2_ca:mobilenetv2_100', 'mobilenext_ca:mobilenext_100', 'efficientnet_b0_ca:efficientnet_b0']
+VARIANTS = ('baseline', 'kernel_op', 'formulation')
+
+
+def _compiled(name: str, memory_format: torch.memory_format, native: bool) -> Callable:
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval().to(memory_format=memory_format)
+    for block in model.modules():
+        if isinstance(block, CoordAttention):
+            block.use_native_kernel = native
+    return torch.compile(model, dynamic=False)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--calls', type=int, default=30, help='calls of each variant (default: %(default)s)')
+    parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 32])
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--channels-last', action='store_true', help='models and inputs channels_last')
+    parser.add_argument('--pairs', nargs='+', default=PAIRS, metavar='CA:BASELINE')
+    args = parser.parse_args()
+    pairs = [tuple(p.split(':')) for p in args.pairs]
+    if any(len(p) != 2 for p in pairs):
+        parser.error(f'--pairs expected CA:BASELINE model names, got {args.pairs}')
+    torch.set_num_threads(args.threads)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    print(f'command: python benchmarks/compiled_inference_ab.py --calls {args.calls} --batch-sizes '
+          f'{" ".join(map(str, args.batch_sizes))} --threads {args.threads}'
+          + (' --channels-last' if args.channels_last else '') + f' --pairs {" ".join(args.pairs)}')
+    print(f'torch {torch.__version__}, inductor, {args.threads} threads, 224x224, '
+          f'{args.calls} calls of each variant in turn')
+    print(f'{"CA model":>18} | {"batch":>5} | ' + ' | '.join(f'{v + " ms":>14}' for v in VARIANTS)
+          + ' | ' + ' | '.join(f'{v + "/base":>16}' for v in VARIANTS[1:]))
+    for ca_name, base_name in pairs:
+        for batch_size in args.batch_sizes:
+            models: Dict[str, Callable] = {
+                'baseline': _compiled(base_name, memory_format, True),
+                'kernel_op': _compiled(ca_name, memory_format, True),
+                'formulation': _compiled(ca_name, memory_format, False),
+            }
+            x = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=memory_format)
+            seconds = {v: [] for v in VARIANTS}
+            with torch.inference_mode():
+                for model in models.values():  # compiles, then warms up
+                    for _ in range(3):
+                        model(x)
+                for i in range(args.calls):
+                    for v in VARIANTS[i % 3:] + VARIANTS[:i % 3]:
+                        start = time.perf_counter()
+                        models[v](x)
+                        seconds[v].append(time.perf_counter() - start)
+            medians = [statistics.median(seconds[v]) * 1e3 for v in VARIANTS]
+            ratios = [statistics.median(a / b for a, b in zip(seconds[v], seconds['baseline'])) for v in VARIANTS[1:]]
+            print(f'{ca_name:>18} | {batch_size:>5} | ' + ' | '.join(f'{m:14.2f}' for m in medians)
+                  + ' | ' + ' | '.join(f'{r:16.3f}' for r in ratios), flush=True)
+
+
+if __name__ == '__main__':
+    main()
