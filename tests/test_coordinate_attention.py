@@ -281,6 +281,26 @@ def test_low_precision(dtype, tol, training):
     assert xl.grad.dtype == dtype and torch.isfinite(xl.grad.float()).all()
 
 
+@pytest.mark.parametrize('dtype,tol', [(torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize('use_native_kernel', [True, False])
+def test_autocast_with_float32_input(dtype, tol, memory_format, use_native_kernel):
+    """A float32 input under autocast (as after a norm that autocast keeps in float32): the gates come
+    out in half precision and the product promotes them, as in the authors' formulation; the C
+    kernels and the PyTorch backward take the promoted gates."""
+    ours, authors = _pair(32)
+    ours.use_native_kernel = use_native_kernel
+    x = torch.randn(2, 32, 9, 5).contiguous(memory_format=memory_format)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast('cpu', dtype=dtype):
+        y1, y2 = ours(x1), authors(x2)
+    assert y1.dtype == y2.dtype == torch.float32
+    torch.testing.assert_close(y1, y2, rtol=tol, atol=tol)  # gates rounded to half precision in both
+    y1.square().sum().backward()
+    y2.square().sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=tol, atol=tol)
+
+
 def _gate_inputs(memory_format: torch.memory_format):
     """x and the two gates in float64; channels_last takes the backward's NHWC reductions."""
     x = torch.randn(2, 3, 4, 5, dtype=torch.double).contiguous(memory_format=memory_format)
