@@ -351,14 +351,17 @@ def _coord_attention_inference_(
 # formulation (torch.export and exporters, which must be self-contained, never see it). Defined with
 # `torch.library.Library`: a call costs about a third of what the same op costs as
 # `torch.library.custom_op` (9 against 28 us, with its autograd and view handling, needless here).
-_compiled_kernel_available = hasattr(torch.library, 'register_fake') and hasattr(torch.compiler, 'is_exporting')
-if _compiled_kernel_available:
+_library = None
+if hasattr(torch.library, 'register_fake'):  # torch >= 2.4
     _library = torch.library.Library('timm_coordatt', 'DEF')
     _library.define(
         'coord_attention_inference_(Tensor(a!) x, Tensor w1, Tensor? b1, Tensor? bn_mean, Tensor? bn_var, '
         'Tensor? bn_weight, Tensor? bn_bias, float bn_eps, Tensor w_h, Tensor? b_h, Tensor w_w, Tensor? b_w) -> ()')
     _library.impl('coord_attention_inference_', _coord_attention_inference_, 'CPU')
     torch.library.register_fake('timm_coordatt::coord_attention_inference_', lambda *args: None, lib=_library)
+# Compiled graphs call it from torch 2.13: before, dynamo read `torch.compiler.is_exporting()` as True
+# under torch.compile too (seen on 2.11), which leaves no way to keep the op out of exported graphs only.
+_compiled_kernel_available = _library is not None and torch.__version__ >= (2, 13)
 
 
 class CoordAttention(nn.Module):
