@@ -23,6 +23,8 @@ from cli_helpers import make_image_folder, one_thread  # noqa: F401  (one_thread
 MODEL = 'mobilenetv2_050_ca'
 # small, fast, and on the embedded task: a handful of steps per epoch at 32 px
 TINY = ['--img-size', '32', '--workers', '0', '--grid-val-samples', '16']
+# bit-for-bit comparisons of two runs: on the CPU (on a GPU cuDNN's and atomic-add reductions vary run to run)
+EXACT = ['--device', 'cpu']
 
 
 def read_metrics(run):
@@ -81,7 +83,7 @@ def test_train_on_image_folder_writes_a_loadable_run(tmp_path):
 def test_resume_at_epoch_boundary_is_exact(tmp_path):
     # a schedule that does not depend on the number of epochs, so 1 + 1 epochs must equal 2
     common = ['--model', MODEL, '--grid-samples', '32', '--batch-size', '8', '--sched', 'constant',
-              '--warmup-epochs', '0', *TINY]
+              '--warmup-epochs', '0', *TINY, *EXACT]
     straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
     assert main(['train', *common, '--epochs', '2', '--output', straight]) == 0
     assert main(['train', *common, '--epochs', '1', '--output', split]) == 0
@@ -105,7 +107,7 @@ def probe_recompute_mobilenetv2(pretrained=False, **kwargs):
 
 def test_recompute_ca_trains_the_same_weights(tmp_path):
     common = ['--model', 'probe_recompute_mobilenetv2', '--grid-samples', '32', '--batch-size', '8', '--epochs', '1',
-              *TINY]
+              *TINY, *EXACT]
     runs = {}
     for label, flags in (('held', ['--no-recompute-ca']), ('lean', [])):  # the registered CA models: on
         FORWARD_MODES.clear()
@@ -118,7 +120,7 @@ def test_recompute_ca_trains_the_same_weights(tmp_path):
 
 
 def test_ctrl_c_leaves_a_checkpoint_that_resumes_exactly(tmp_path):
-    common = ['--model', MODEL, '--grid-samples', '64', '--batch-size', '8', '--epochs', '2', *TINY]
+    common = ['--model', MODEL, '--grid-samples', '64', '--batch-size', '8', '--epochs', '2', *TINY, *EXACT]
     straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
     assert main(['train', *common, '--output', straight]) == 0
 

@@ -1,6 +1,6 @@
 """ The CUDA paths, where a GPU is present (skipped elsewhere): the C kernels are CPU-only, so on CUDA
 the block runs PyTorch ops throughout, in training, in folded inference, in half precision, with CA
-outputs recomputed, compiled by inductor, and measured by the benchmark. """
+outputs recomputed, compiled by inductor, measured by the benchmark, and trained by the CLI. """
 import contextlib
 import copy
 
@@ -11,6 +11,7 @@ import torch
 from timm_coordatt import CoordAttention, set_recompute_ca_outputs
 from timm_coordatt.model_benchmark import BenchmarkConfig, peak_memory, run_benchmark
 
+from test_cli_train import _train_with
 from test_coordinate_attention import SHAPES, _pair
 from test_recompute import _ca_output_bytes, _grads, _host
 
@@ -180,3 +181,9 @@ def test_module_follows_the_device():
     with torch.no_grad():
         expected = ca(x)
         torch.testing.assert_close(ca.to(CUDA)(x.to(CUDA)).cpu(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_train_cli_float16(tmp_path):
+    """`timm-coordatt train` on CUDA with float16 autocast and loss scaling: finite weights that moved."""
+    records = _train_with(tmp_path, '--device', 'cuda', '--amp', 'float16', '--channels-last')
+    assert records[0]['train_loss'] > 0
