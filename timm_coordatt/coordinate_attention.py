@@ -349,8 +349,8 @@ def _coord_attention_inference_(
 
 # torch.compile calls the inference kernel as one opaque op rather than compiling the PyTorch
 # formulation (torch.export and exporters, which must be self-contained, never see it). Defined with
-# `torch.library.Library`: a call costs about a third of what the same op costs as
-# `torch.library.custom_op` (9 against 28 us, with its autograd and view handling, needless here).
+# `torch.library.Library`: its dispatch adds 3 us a call where `torch.library.custom_op`'s autograd
+# and view handling, needless here, add 8 (9 against 15 us at 1x32x7x7, the function alone 6).
 _library = None
 if hasattr(torch.library, 'register_fake'):  # torch >= 2.4
     _library = torch.library.Library('timm_coordatt', 'DEF')
