@@ -14,7 +14,8 @@ import torch
 import timm_coordatt  # noqa: F401  (registers the models)
 from timm_coordatt.cli import main
 from timm_coordatt.model_benchmark import (
-    BenchmarkConfig, _time_in_turn, add_arguments, format_results, peak_memory, run_benchmark)
+    PROFILE_WARMUP_STEPS, BenchmarkConfig, _time_in_turn, add_arguments, format_profile, format_results, peak_memory,
+    profile_mode, profile_overhead, run_benchmark)
 
 PAIR = ('mobilenetv2_050_ca', 'mobilenetv2_050')
 TINY = BenchmarkConfig(
@@ -163,3 +164,26 @@ def test_models_run_in_the_mode_of_each_metric(monkeypatch):
     run_benchmark(dataclasses.replace(TINY, modes=('eager',), rounds=1))
     assert {inference for inference, _ in seen} == {True, False}
     assert all(training != inference for inference, training in seen)
+
+
+def test_profile_steps_in_the_first_eager_layout(monkeypatch):
+    """`--profile`: both models in the first mode of `--modes` that runs eagerly, profiled after the
+    warm-up steps; ops only the CA model runs show up against a baseline of zero."""
+    layouts = []
+    create = timm.create_model
+
+    def create_recording(name, **kwargs):
+        model = create(name, **kwargs)
+        model.register_forward_pre_hook(lambda m, args: layouts.append(
+            (name, args[0].is_contiguous(memory_format=torch.channels_last))))
+        return model
+
+    monkeypatch.setattr(timm, 'create_model', create_recording)
+    cfg = dataclasses.replace(TINY, modes=('compile', 'channels_last'))
+    assert profile_mode(cfg) == 'channels_last'
+    rows = profile_overhead(PAIR, cfg)
+    steps = PROFILE_WARMUP_STEPS + 1
+    assert layouts == [(PAIR[0], True)] * steps + [(PAIR[1], True)] * steps
+    assert rows[-1][0] == 'total' and rows[-1][1] > 0 and rows[-1][2] > 0
+    assert any(base == 0 and ca > 0 for _, base, ca in rows[:-1])
+    assert 'channels_last training step after' in format_profile(PAIR, rows, mode=profile_mode(cfg))
