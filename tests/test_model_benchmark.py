@@ -97,6 +97,19 @@ def test_peak_memory_of_a_known_allocation_pattern():
     assert peak_memory(fn, torch.device('cpu')) == 4 * (500_000 + 2_000_000)
 
 
+def test_peak_memory_ignores_frees_of_earlier_profiled_memory():
+    """A block allocated in an earlier measured call and freed in this one (garbage collected during
+    it, say) is not this call's: the profiler reports its free, which must not lower the count."""
+    keep = []
+    peak_memory(lambda: keep.append(torch.empty(1_000_000)), torch.device('cpu'))
+
+    def fn():
+        keep.clear()
+        a = torch.empty(500_000)  # noqa: F841
+
+    assert peak_memory(fn, torch.device('cpu')) == 4 * 500_000
+
+
 def test_bad_input(capsys):
     assert main(['benchmark', '--pairs', 'mobilenetv2_ca:no_such_model']) == 2
     assert 'unknown model(s): no_such_model' in capsys.readouterr().err

@@ -156,8 +156,8 @@ def _time_in_turn(fns: Sequence[Callable[[], None]], device: torch.device, min_t
             return [statistics.median(t) for t in times]
 
 
-def _cpu_allocations(fn: Callable[[], None]) -> List[Tuple[int, int]]:
-    """(time, bytes) of every CPU allocation (+) and free (-) by torch during one call of `fn`."""
+def _cpu_allocations(fn: Callable[[], None]) -> List[Tuple[int, int, int]]:
+    """(time, bytes, address) of every CPU allocation (+) and free (-) by torch during one call of `fn`."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     # the profiler's raw allocation records (what its memory timeline is built from); the public
@@ -168,7 +168,7 @@ def _cpu_allocations(fn: Callable[[], None]) -> List[Tuple[int, int]]:
         node = stack.pop()
         stack.extend(node.children)
         if node.tag == _EventType.Allocation and node.extra_fields.device.type == 'cpu':
-            records.append((node.start_time_ns, node.extra_fields.alloc_size))
+            records.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.ptr))
     return sorted(records)
 
 
@@ -187,8 +187,15 @@ def peak_memory(fn: Callable[[], None], device: torch.device) -> int:
         fn()
         _sync(device)
         return torch.cuda.max_memory_allocated(device) - before
+    # the profiler also records frees of blocks allocated in an earlier profiled call (garbage that a
+    # collection inside this one releases, say): only frees of this call's own blocks count
+    held = {}
     live = peak = 0
-    for _, nbytes in _cpu_allocations(fn):
+    for _, nbytes, address in _cpu_allocations(fn):
+        if nbytes > 0:
+            held[address] = nbytes
+        elif held.pop(address, None) is None:
+            continue
         live += nbytes
         peak = max(peak, live)
     return peak
