@@ -30,7 +30,8 @@ from .recompute import set_recompute_ca_outputs
 
 __all__ = [
     'BenchmarkConfig', 'Result', 'GOALS', 'MODES', 'PAIRS', 'default_pairs', 'peak_memory', 'run_benchmark',
-    'profile_overhead', 'profile_mode', 'results_dict', 'format_results', 'format_profile', 'add_arguments', 'run_from_args',
+    'profile_overhead', 'profile_mode', 'results_dict', 'format_results', 'format_profile', 'add_arguments',
+    'run_from_args',
 ]
 
 MODES = ('eager', 'channels_last', 'compile')
