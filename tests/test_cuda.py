@@ -28,9 +28,9 @@ def exact_cuda_math():
     torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
-def _cuda_pair(channels: int, dtype: torch.dtype = torch.float32, memory_format=torch.contiguous_format):
+def _cuda_pair(channels: int, memory_format=torch.contiguous_format):
     ours, authors = _pair(channels)
-    return (m.to(CUDA, dtype, memory_format=memory_format) for m in (ours, authors))
+    return (m.to(CUDA, memory_format=memory_format) for m in (ours, authors))
 
 
 @pytest.mark.parametrize('shape', SHAPES)
