@@ -15,8 +15,7 @@ Compiling takes about a minute a model and batch size.
         [--channels-last] [--pairs mobilenetv2_ca:mobilenetv2_100 ...]
 """
 import argparse
-import statistics
-import time
+from functools import partial
 from typing import Callable, Dict
 
 import timm
@@ -24,7 +23,8 @@ import torch
 
 from timm_coordatt import CoordAttention
 
-PAIRS = ['mobilenetv2_ca:mobilenetv2_100', 'mobilenext_ca:mobilenext_100', 'efficientnet_b0_ca:efficientnet_b0']
+from in_turn import add_pairs_argument, model_pairs, time_in_turn
+
 VARIANTS = ('baseline', 'kernel_op', 'formulation')
 
 
@@ -43,11 +43,9 @@ def main():
     parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 32])
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--channels-last', action='store_true', help='models and inputs channels_last')
-    parser.add_argument('--pairs', nargs='+', default=PAIRS, metavar='CA:BASELINE')
+    add_pairs_argument(parser)
     args = parser.parse_args()
-    pairs = [tuple(p.split(':')) for p in args.pairs]
-    if any(len(p) != 2 for p in pairs):
-        parser.error(f'--pairs expected CA:BASELINE model names, got {args.pairs}')
+    pairs = model_pairs(parser, args.pairs)
     torch.set_num_threads(args.threads)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     print(f'command: python benchmarks/compiled_inference_ab.py --calls {args.calls} --batch-sizes '
@@ -65,18 +63,8 @@ def main():
                 'formulation': _compiled(ca_name, memory_format, False),
             }
             x = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=memory_format)
-            seconds = {v: [] for v in VARIANTS}
-            with torch.inference_mode():
-                for model in models.values():  # compiles, then warms up
-                    for _ in range(3):
-                        model(x)
-                for i in range(args.calls):
-                    for v in VARIANTS[i % 3:] + VARIANTS[:i % 3]:
-                        start = time.perf_counter()
-                        models[v](x)
-                        seconds[v].append(time.perf_counter() - start)
-            medians = [statistics.median(seconds[v]) * 1e3 for v in VARIANTS]
-            ratios = [statistics.median(a / b for a, b in zip(seconds[v], seconds['baseline'])) for v in VARIANTS[1:]]
+            with torch.inference_mode():  # the warm-up calls compile
+                medians, ratios = time_in_turn({v: partial(m, x) for v, m in models.items()}, args.calls, warmup=3)
             print(f'{ca_name:>18} | {batch_size:>5} | ' + ' | '.join(f'{m:14.2f}' for m in medians)
                   + ' | ' + ' | '.join(f'{r:16.3f}' for r in ratios), flush=True)
 

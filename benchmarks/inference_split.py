@@ -15,8 +15,7 @@ Prints the medians of the per-call times and the median of the per-call ratios t
 """
 import argparse
 import copy
-import statistics
-import time
+from functools import partial
 from typing import Callable, Dict
 
 import timm
@@ -26,7 +25,8 @@ from torch import nn
 import timm_coordatt  # noqa: F401  (registers the models)
 from timm_coordatt import CoordAttention, native
 
-PAIRS = ['mobilenetv2_ca:mobilenetv2_100', 'mobilenext_ca:mobilenext_100', 'efficientnet_b0_ca:efficientnet_b0']
+from in_turn import add_pairs_argument, model_pairs, time_in_turn
+
 
 
 class _KernelOnly(nn.Module):
@@ -55,8 +55,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--calls', type=int, default=150, help='calls of each variant (default: %(default)s)')
     parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--pairs', nargs='+', default=PAIRS, metavar='CA:BASELINE')
+    add_pairs_argument(parser)
     args = parser.parse_args()
+    pairs = model_pairs(parser, args.pairs)
     torch.set_num_threads(args.threads)
     print(f'command: python benchmarks/inference_split.py --calls {args.calls} --threads {args.threads} '
           f'--pairs {" ".join(args.pairs)}')
@@ -65,8 +66,7 @@ def main():
     variants = ['baseline', 'ca', 'kernel_only', 'identity']
     print(f'{"CA model":>18} | {"layout":>13} | ' + ' | '.join(f'{v + " ms":>14}' for v in variants)
           + ' | ' + ' | '.join(f'{v + "/base":>16}' for v in variants[1:]))
-    for pair in args.pairs:
-        ca_name, base_name = pair.split(':')
+    for ca_name, base_name in pairs:
         for channels_last in (False, True):
             memory_format = torch.channels_last if channels_last else torch.contiguous_format
             torch.manual_seed(0)
@@ -78,18 +78,8 @@ def main():
                 'identity': _replace_blocks(ca, lambda block: nn.Identity()),
             }
             x = torch.randn(1, 3, 224, 224).contiguous(memory_format=memory_format)
-            seconds = {v: [] for v in variants}
-            with torch.inference_mode():
-                for model in models.values():  # warm-up: folded weights, allocator, oneDNN primitives
-                    for _ in range(5):
-                        model(x)
-                for i in range(args.calls):
-                    for v in variants[i % 4:] + variants[:i % 4]:
-                        start = time.perf_counter()
-                        models[v](x)
-                        seconds[v].append(time.perf_counter() - start)
-            medians = [statistics.median(seconds[v]) * 1e3 for v in variants]
-            ratios = [statistics.median(a / b for a, b in zip(seconds[v], seconds['baseline'])) for v in variants[1:]]
+            with torch.inference_mode():  # warm-up: folded weights, allocator, oneDNN primitives
+                medians, ratios = time_in_turn({v: partial(m, x) for v, m in models.items()}, args.calls, warmup=5)
             layout = 'channels_last' if channels_last else 'contiguous'
             print(f'{ca_name:>18} | {layout:>13} | ' + ' | '.join(f'{m:14.2f}' for m in medians)
                   + ' | ' + ' | '.join(f'{r:16.3f}' for r in ratios), flush=True)

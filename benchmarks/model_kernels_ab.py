@@ -23,8 +23,8 @@ import torch.nn.functional as F
 import timm_coordatt  # noqa: F401  (registers the models)
 from timm_coordatt import CoordAttention
 
-PAIRS = [('mobilenetv2_ca', 'mobilenetv2_100'), ('mobilenext_ca', 'mobilenext_100'),
-         ('efficientnet_b0_ca', 'efficientnet_b0')]
+from in_turn import add_pairs_argument, model_pairs
+
 CALLS = {'b1': 10, 'b32': 2, 'train': 2}  # calls a sample
 
 
@@ -53,11 +53,9 @@ def main():
     parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--metrics', nargs='+', default=list(CALLS), choices=list(CALLS))
-    parser.add_argument('--pairs', nargs='+', default=[f'{ca}:{base}' for ca, base in PAIRS], metavar='CA:BASELINE')
+    add_pairs_argument(parser)
     args = parser.parse_args()
-    pairs = [tuple(p.split(':')) for p in args.pairs]
-    if any(len(p) != 2 for p in pairs):
-        parser.error(f'--pairs expected CA:BASELINE model names, got {args.pairs}')
+    pairs = model_pairs(parser, args.pairs)
     torch.set_num_threads(args.threads)
     print(f'command: python benchmarks/model_kernels_ab.py --rounds {args.rounds} --threads {args.threads} '
           f'--metrics {" ".join(args.metrics)} --pairs {" ".join(args.pairs)}')

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from timm_coordatt import set_recompute_ca_outputs
 from timm_coordatt.model_benchmark import peak_memory
 
-PAIRS = ['mobilenetv2_ca:mobilenetv2_100', 'mobilenext_ca:mobilenext_100', 'efficientnet_b0_ca:efficientnet_b0']
+from in_turn import add_pairs_argument, model_pairs
+
 LAYOUTS = {'contiguous': torch.contiguous_format, 'channels_last': torch.channels_last}
 MIB = 2 ** 20
 
@@ -31,11 +32,9 @@ def main():
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--layouts', nargs='+', default=list(LAYOUTS), choices=list(LAYOUTS))
-    parser.add_argument('--pairs', nargs='+', default=PAIRS, metavar='CA:BASELINE')
+    add_pairs_argument(parser)
     args = parser.parse_args()
-    pairs = [tuple(p.split(':')) for p in args.pairs]
-    if any(len(p) != 2 for p in pairs):
-        parser.error(f'--pairs expected CA:BASELINE model names, got {args.pairs}')
+    pairs = model_pairs(parser, args.pairs)
     torch.set_num_threads(args.threads)
     print('command: python benchmarks/recompute_ab.py ' + ' '.join(
         [f'--rounds {args.rounds}', f'--threads {args.threads}', f'--batch-size {args.batch_size}',
