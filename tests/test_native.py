@@ -71,12 +71,14 @@ def test_environment_at_import_turns_it_off(value, expected):
     assert result.stdout.strip() == expected
 
 
-# 1 x W, H x 1, 1 x 1, very non-square, rows shorter and longer than a vector (short rows of up to
-# 8 and up to 16 run whole vectors over several rows, the last rows of a plane plain loops; the
-# product stages 16 rows at a time, so 19 and 37 rows cross that boundary); C and rd
-# (rd = 10 at C = 320) not multiples of the kernel's blocking; batches split over threads unevenly
+# 1 x W, H x 1, 1 x 1, very non-square, rows shorter and longer than a vector (rows of up to 64
+# run whole vectors of 8 to 64 over several rows, the last rows of a plane plain loops, longer rows
+# plain loops throughout; the product stages 16 rows at a time, so 19, 20 and 37 rows cross that
+# boundary, and takes rows of whole vectors over 16 in plain loops); C and rd (rd = 10 at C = 320)
+# not multiples of the kernel's blocking; batches split over threads unevenly
 SHAPES = [(1, 320, 14, 14), (3, 24, 1, 13), (2, 16, 9, 1), (5, 40, 1, 1), (1, 24, 3, 50), (3, 96, 7, 11),
-          (2, 24, 5, 7), (1, 8, 37, 6), (1, 16, 19, 12)]
+          (2, 24, 5, 7), (1, 8, 37, 6), (1, 16, 19, 12), (1, 16, 19, 28), (1, 8, 20, 17), (2, 8, 17, 56),
+          (1, 8, 3, 64), (1, 8, 4, 65)]
 
 
 @pytest.mark.parametrize('shape', SHAPES)

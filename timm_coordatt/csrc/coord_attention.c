@@ -75,11 +75,13 @@ CA_INLINE float ca_hardswish(float v) {
  * Each step of a sample works on a range: of channels (pooling, gate convs, product) or of rows
  * of the shared conv, so that the threads of a team can share one sample. */
 
-/* Rows shorter than CA_SHORT_ROW (the 7- and 14-wide maps of a network's last stages) leave a
- * vector loop over W mostly scalar. Their loops instead take whole vectors of `lanes` (8 or 16, a
- * constant where inlined) from the row's start, running on into the following rows of the same
- * plane, and mask the lanes past the row; rows too near the plane's end for that take plain loops. */
-#define CA_SHORT_ROW 16
+/* Rows of up to CA_SHORT_ROW elements (the 7- to 56-wide maps of a network's last four stages) leave
+ * a vector loop over W a scalar remainder, or all scalar, and a reduction per row through memory.
+ * Their loops instead take whole vectors of `lanes` (W rounded up to a multiple of 8, a constant
+ * where inlined, so that the row's sums stay in registers) from the row's start, running on into
+ * the following rows of the same plane, and mask the lanes past the row; rows too near the plane's
+ * end for that take plain loops. */
+#define CA_SHORT_ROW 64
 
 /* both strips of one channel plane (H, W): row means into sc[0, H), column means into col[0, W) */
 CA_INLINE void ca_strips_plane(const float *xc, float *sc, float *col, int64_t h, int64_t w, const int64_t lanes) {
@@ -131,12 +133,12 @@ CA_INLINE void ca_strips_plane(const float *xc, float *sc, float *col, int64_t h
  * lanes past the row multiply the next row's elements by 1 and store them unchanged, which that
  * row then overwrites. In place, that store would stall the next row's load (a load overlapping
  * part of a store is not forwarded), so the rows go through a buffer, CA_STAGED_ROWS at a time,
- * copied to `oc` after. */
+ * copied to `oc` after; rows of whole vectors have no such lanes and need none. */
 CA_INLINE void ca_scale_plane(const float *xc, float *oc, const float *ah, const float *aw, int64_t h, int64_t w,
                               const int64_t lanes) {
     int64_t i = 0;
     if (lanes > 0) {
-        const int in_place = xc == oc;
+        const int in_place = xc == oc && lanes != w;
         float aws[CA_SHORT_ROW], staged[(CA_STAGED_ROWS + 1) * CA_SHORT_ROW];
         for (int64_t k = 0; k < lanes; k++) aws[k] = k < w ? aw[k] : 1.0f;
         while (i * w + lanes <= h * w) {
@@ -160,11 +162,17 @@ CA_INLINE void ca_scale_plane(const float *xc, float *oc, const float *ah, const
     }
 }
 
-/* each of the two above specialised: short rows of up to 8 or up to 16, and long rows (lanes 0) */
+/* each of the two above specialised: short rows by their whole vectors of 8, and long rows (lanes 0) */
 #define CA_BY_ROW_LENGTH(w, call_with_lanes) \
     do { \
         if ((w) <= 8) call_with_lanes(8); \
-        else if ((w) < CA_SHORT_ROW) call_with_lanes(CA_SHORT_ROW); \
+        else if ((w) <= 16) call_with_lanes(16); \
+        else if ((w) <= 24) call_with_lanes(24); \
+        else if ((w) <= 32) call_with_lanes(32); \
+        else if ((w) <= 40) call_with_lanes(40); \
+        else if ((w) <= 48) call_with_lanes(48); \
+        else if ((w) <= 56) call_with_lanes(56); \
+        else if ((w) <= CA_SHORT_ROW) call_with_lanes(CA_SHORT_ROW); \
         else call_with_lanes(0); \
     } while (0)
 
@@ -183,7 +191,10 @@ CA_INLINE void ca_scale_planes(const float *x, float *out, const float *ah, cons
 #define CA_SCALE_CHANNELS(lanes) \
     for (int64_t ch = c0; ch < c1; ch++) \
         ca_scale_plane(x + ch * h * w, out + ch * h * w, ah + ch * stride_h, aw + ch * stride_w, h, w, lanes)
-    CA_BY_ROW_LENGTH(w, CA_SCALE_CHANNELS);
+    if (w > 16 && w % 8 == 0)
+        CA_SCALE_CHANNELS(0); /* whole vectors and no reduction: plain loops are as fast, faster in place */
+    else
+        CA_BY_ROW_LENGTH(w, CA_SCALE_CHANNELS);
 #undef CA_SCALE_CHANNELS
 }
 
@@ -484,11 +495,10 @@ CA_INLINE void ca_sum_parts(const float *partial, float *sw, int parts, int64_t 
     }
 }
 
-/* Each op runs in a function of its own, each with an AVX2/FMA clone: with all of them inlined into
- * one, a change to one op's loops moved the code generated for the others (0.75-0.85x on unchanged
- * loops, `python benchmarks/native_ab.py`). */
-CA_TARGET_CLONES
-static void ca_run_block(struct ca_job *job) {
+/* Each op runs in a function of its own, each with an AVX2/FMA clone, and so does each layout of the
+ * inference kernel: with all of them inlined into one, a change to one op's loops moved the code
+ * generated for the others (0.75-0.85x on unchanged loops, `python benchmarks/native_ab.py`). */
+CA_INLINE void ca_block(struct ca_job *job, const int channels_last) {
     const int64_t c = job->c, h = job->h, w = job->w, rd = job->rd, len = h + w, size = c * h * w;
     float *buffer = job->workspace;
     if (buffer == NULL) {
@@ -508,7 +518,7 @@ static void ca_run_block(struct ca_job *job) {
     for (int64_t b = job->first; b < job->last; b++) {
         const float *xb = job->x + b * size;
         float *ob = job->out + b * size;
-        if (job->channels_last) {
+        if (channels_last) {
             if (job->barrier) {
                 ca_pool_nhwc(xb, s, partial + job->rank * w * c, c, w, i0, i1);
                 job->barrier();
@@ -528,7 +538,7 @@ static void ca_run_block(struct ca_job *job) {
         ca_gate_convs(y, a, c, h, w, rd, job->wg, job->bg, c0, c1);
         /* no barrier after the product: the next sample's pooling writes only this thread's share of
          * s, t and the partial sums, and its conv1 waits for everyone to pass the next barrier */
-        if (job->channels_last) {
+        if (channels_last) {
             if (job->barrier) job->barrier();
             ca_product_nhwc(xb, ob, a, c, h, w, i0, i1);
         } else {
@@ -537,6 +547,12 @@ static void ca_run_block(struct ca_job *job) {
     }
     job->status = 0;
 }
+
+CA_TARGET_CLONES
+static void ca_run_block_nchw(struct ca_job *job) { ca_block(job, 0); }
+
+CA_TARGET_CLONES
+static void ca_run_block_nhwc(struct ca_job *job) { ca_block(job, 1); }
 
 CA_TARGET_CLONES
 static void ca_run_gate(struct ca_job *job) {
@@ -614,7 +630,10 @@ static void ca_run_strips_backward(struct ca_job *job) {
 static void ca_run(struct ca_job *job) {
     switch (job->op) {
     case CA_BLOCK:
-        ca_run_block(job);
+        if (job->channels_last)
+            ca_run_block_nhwc(job);
+        else
+            ca_run_block_nchw(job);
         return; /* sets its status */
     case CA_GATE:
         ca_run_gate(job);
