@@ -12,6 +12,12 @@ in the same rounds, subtracted: repeated calls in place would shrink x towards d
 training pooling and product, the latter also into a freshly allocated output each call
 (`gate_fresh`, as training allocates it: the page faults of new memory included). Prints medians (us a call), before/after (> 1: the installed build is
 faster) and whether both builds' outputs are bit for bit the same.
+
+With `--models`, the registered models instead: each pair's baseline and its CA model with each build,
+eval mode at batch 1 in both memory formats, calls in turn (`--model-calls` each), where a kernel call
+pays for what the model around it left in the caches:
+
+    python benchmarks/native_ab.py /tmp/before.so --models [--pairs CA:BASELINE ...]
 """
 import argparse
 import importlib.machinery
@@ -20,8 +26,10 @@ import statistics
 import time
 from typing import Callable, Dict
 
+import timm
 import torch
 
+from in_turn import add_pairs_argument, model_pairs, time_in_turn
 from timm_coordatt import CoordAttention, native
 
 SHAPES = [(1, 144, 56, 56), (1, 192, 28, 28), (1, 384, 14, 14), (1, 576, 14, 14), (1, 960, 7, 7),
@@ -84,17 +92,56 @@ def _calls(lib, op: str, shape, channels_last: bool, threads: int) -> Dict[str, 
     return {'call': call, 'copy': None}
 
 
+def _model_rows(libs, pairs, calls: int) -> None:
+    """Each pair's baseline and CA model with each build at batch 1, calls in turn."""
+    print(f'{"CA model":>15} | {"layout":>13} | {"baseline ms":>11} | {"before ms":>9} | {"after ms":>9} | '
+          f'before/base | after/base')
+    for ca_name, base_name in pairs:
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            torch.manual_seed(0)
+            base = timm.create_model(base_name).eval().to(memory_format=memory_format)
+            ca = timm.create_model(ca_name).eval().to(memory_format=memory_format)
+            x = torch.randn(1, 3, 224, 224).contiguous(memory_format=memory_format)
+
+            def with_build(lib):
+                def call():
+                    native._native = lib  # what the blocks' kernel calls go through
+                    ca(x)
+                return call
+            try:
+                with torch.inference_mode():
+                    (base_ms, before_ms, after_ms), (before_ratio, after_ratio) = time_in_turn(
+                        {'baseline': lambda: base(x), 'before': with_build(libs['before']),
+                         'after': with_build(libs['after'])}, calls, warmup=3)
+            finally:
+                native._native = libs['after']
+            layout = 'channels_last' if memory_format == torch.channels_last else 'contiguous'
+            print(f'{ca_name:>15} | {layout:>13} | {base_ms:11.2f} | {before_ms:9.2f} | {after_ms:9.2f} | '
+                  f'{before_ratio:11.3f} | {after_ratio:10.3f}', flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('before', help='path of the other build of timm_coordatt/_native (a .so or .pyd)')
     parser.add_argument('--rounds', type=int, default=15)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--min-time', type=float, default=0.02, help='seconds of calls per sample')
+    parser.add_argument('--models', action='store_true', help='time the registered models instead of the kernels')
+    parser.add_argument('--model-calls', type=int, default=300, help='calls of each model (--models)')
+    add_pairs_argument(parser)
     args = parser.parse_args()
+    pairs = model_pairs(parser, args.pairs)
     if not native.built:
         raise SystemExit('the installed package has no C kernels to compare')
     torch.set_num_threads(args.threads)
     libs = {'before': _load(args.before), 'after': native._native}
+    if args.models:
+        print(f'command: python benchmarks/native_ab.py {args.before} --models --model-calls {args.model_calls} '
+              f'--threads {args.threads} --pairs {" ".join(args.pairs)}')
+        print(f'torch {torch.__version__}, {args.threads} threads, batch 1, 224x224, eval, medians of '
+              f'{args.model_calls} calls in turn; after = the installed build; ratios: medians of each round\'s')
+        _model_rows(libs, pairs, args.model_calls)
+        return
     print(f'command: python benchmarks/native_ab.py {args.before} --rounds {args.rounds} --threads {args.threads} '
           f'--min-time {args.min_time}')
     print(f'torch {torch.__version__}, {args.threads} threads, medians of {args.rounds} interleaved rounds '
