@@ -7,7 +7,7 @@ variant first in turn):
 - `kernel_op`: the CA model as it compiles by default, each CA block one call of the C kernel
   (`timm_coordatt::coord_attention_inference_`);
 - `formulation`: the same CA model with `use_native_kernel = False` on its blocks, so that inductor
-  compiles the block's PyTorch formulation (what compiled graphs ran before the op).
+  compiles the block's PyTorch ops (means and its 1x1 convs, as compiled training gets them).
 Prints the medians of the per-call times and the medians of the per-call ratios to the baseline.
 Compiling takes about a minute a model and batch size.
 
