@@ -26,6 +26,11 @@ from .recompute import mark_recomputable, recompute_active
 
 __all__ = ['CoordAttention', 'CoordAttentionFactory', 'coord_gate']
 
+# The checks of every call, looked up once: in a network's forward each module dict and Python
+# wrapper passed through per call is a cache miss or more (torch.compile knows these functions by
+# identity, whatever their name here)
+_is_compiling = torch.compiler.is_compiling
+_is_tracing = torch._C._is_tracing  # torch.jit.is_tracing() without its wrapper
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
@@ -43,8 +48,7 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 def _is_eager(x: torch.Tensor) -> bool:
     """Plain eager execution: no compiler, exporter, tracer or torch.func transform watching."""
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, Proxy)
-                or _is_functorch_wrapped(x))
+    return not (_is_compiling() or _is_tracing() or isinstance(x, Proxy) or _is_functorch_wrapped(x))
 
 
 class _GateGradient:
