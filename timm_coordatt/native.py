@@ -28,6 +28,9 @@ __all__ = [
 
 
 built = _native is not None
+# looked up once for the per-call path of inference: in a network's forward, each lookup in torch's
+# module dict there is a cache miss
+_float32, _channels_last, _get_num_threads = torch.float32, torch.channels_last, torch.get_num_threads
 # read once: the check runs on every CoordAttention call, where an environment lookup costs more
 # than the rest of the call's Python
 enabled = os.environ.get('TIMM_COORDATT_NATIVE', '1') != '0'
@@ -86,7 +89,7 @@ def run_inference(x: torch.Tensor, out: torch.Tensor, weights: InferenceWeights,
     """`coord_attention_inference` without its checks, for callers that made them (`layout(x)` is
     `channels_last`, `out` laid out as x): the per-call path of `CoordAttention`."""
     _native.forward(x.data_ptr(), out.data_ptr(), *x.shape, weights.rd_channels, *weights.addresses,
-                    channels_last, torch.get_num_threads())
+                    channels_last, _get_num_threads())
     return out
 
 
@@ -148,11 +151,11 @@ def gate_backward(
 def layout(x: torch.Tensor) -> Optional[bool]:
     """channels_last (True) or contiguous (False) for a non-empty 4-D float32 CPU tensor, else None:
     the layouts the kernels take."""
-    if x.dim() != 4 or x.dtype != torch.float32 or not x.is_cpu or x.numel() == 0:
+    if x.dim() != 4 or x.dtype != _float32 or not x.is_cpu or x.numel() == 0:
         return None
     if x.is_contiguous():
         return False
-    return True if x.is_contiguous(memory_format=torch.channels_last) else None
+    return True if x.is_contiguous(memory_format=_channels_last) else None
 
 
 def strips_supported(x: torch.Tensor) -> bool:
