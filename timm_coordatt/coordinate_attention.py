@@ -589,7 +589,7 @@ class CoordAttention(nn.Module):
         """
         cached = self._inference_params
         # C loops (map) over the layers and tensors: in a network's forward they are out of the
-        # caches, and the same check in Python loops took 1.9% of MobileNetV2's batch-1 latency (1.1%)
+        # caches, and every step of a Python loop over them adds misses (docs/tools.md)
         if (cached is not None and tuple(self._modules.values()) == cached.layers
                 and all(map(operator.is_, map(operator.getitem, cached.owners, cached.names), cached.sources))
                 and tuple(map(_tensor_version, cached.tensors)) == cached.versions):
