@@ -37,7 +37,7 @@ _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 @torch.jit.unused
 def _is_functorch(x: torch.Tensor) -> bool:
     """Inside a torch.func transform (grad, vmap, ...): no data pointers, no custom autograd.Function."""
-    return not torch.compiler.is_compiling() and _is_functorch_wrapped(x)
+    return not _is_compiling() and _is_functorch_wrapped(x)
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
