@@ -1,6 +1,7 @@
 """ CoordAttention against the authors' formulation rebuilt from the spec, plus options, dtypes,
 bad input and export/compilation paths. """
 import copy
+import pickle
 from functools import partial
 
 import onnxruntime as ort
@@ -456,7 +457,7 @@ def test_compiled_training_graph(channels_last):
 
 
 def _kernel_op_calls(graphs: list) -> int:
-    op = torch.ops.timm_coordatt.coord_attention_inference_.default
+    op = torch.ops.timm_coordatt.coord_attention_block_inference_.default
     return sum(node.target is op for gm in graphs for node in gm.graph.nodes)
 
 
@@ -483,6 +484,8 @@ def test_compiled_inference_calls_the_kernel(channels_last, inplace):
         y = compiled(x_ours)
         torch.testing.assert_close(y, authors(x), rtol=1e-5, atol=1e-6)
     assert _kernel_op_calls(graphs) == 1
+    # the input and the block's key: its parameters, as graph inputs, would each add a guard and dispatch
+    assert [node.op for node in graphs[0].graph.nodes].count('placeholder') == 2
     assert y.is_contiguous(memory_format=torch.channels_last)
     if not inplace:
         torch.testing.assert_close(x_ours, x, rtol=0, atol=0)
@@ -517,21 +520,22 @@ def test_compiled_inference_follows_parameter_changes():
 @needs_compiled_kernel
 def test_compiled_inference_of_many_models():
     """One compiled graph serves every block of the same shape (no recompilation per instance, no
-    limit on their number), each with its own weights, also copies and replaced parameters."""
+    limit on their number), each with its own weights, copies and unpickled ones included, and follows
+    replaced parameters."""
     graphs = []
     first = _randomise_(CoordAttention(16)).eval()
-    backend = _capturing_backend(graphs)
+    blocks = [first] + [copy.deepcopy(first) for _ in range(10)] + [pickle.loads(pickle.dumps(first))]
     torch._dynamo.reset()
+    run = torch.compile(lambda block, x: block(x), backend=_capturing_backend(graphs), fullgraph=True)
     x = torch.randn(1, 16, 6, 6)
     with torch.no_grad():
-        for i in range(12):  # more than dynamo's recompile limit (8)
-            block = copy.deepcopy(first)
+        for i, block in enumerate(blocks):  # more than dynamo's recompile limit (8)
             block.conv_h.weight.mul_(i - 5.5)
-            compiled = torch.compile(block, backend=backend, fullgraph=True)
-            for _ in range(2):
+        for _ in range(2):
+            for block in blocks:
                 # the same kernel as eager on the channels_last copy the op runs on: the same bits
                 expected = block._forward_inference(x.contiguous(memory_format=torch.channels_last))
-                torch.testing.assert_close(compiled(x), expected, rtol=0, atol=0)
+                torch.testing.assert_close(run(block, x), expected, rtol=0, atol=0)
                 # another tensor, at the same version as the one it replaces
                 block.conv_w.weight = nn.Parameter(torch.randn_like(block.conv_w.weight))
     assert len(graphs) == 1 and _kernel_op_calls(graphs) == 1
@@ -547,16 +551,18 @@ def test_compiled_inference_inductor():
         torch.testing.assert_close(compiled(x), authors.eval()(x), rtol=1e-5, atol=1e-6)
 
 
+@needs_compiled_kernel
 def test_kernel_op_bad_input():
-    block = CoordAttention(8)
-    params = (block.conv1.weight, block.conv1.bias, block.bn1.running_mean, block.bn1.running_var, block.bn1.weight,
-              block.bn1.bias, block.bn1.eps, block.conv_h.weight, block.conv_h.bias, block.conv_w.weight, block.conv_w.bias)
+    op = torch.ops.timm_coordatt.coord_attention_block_inference_
+    block = CoordAttention(8).eval()
+    double = copy.deepcopy(block).double()
     with pytest.raises(ValueError, match=r'expected a float32 CPU \(N, 8, H, W\) x, contiguous or channels_last, '
                                          r'got torch.float32 on cpu, shape \(1, 4, 2, 2\)'):
-        torch.ops.timm_coordatt.coord_attention_inference_(torch.randn(1, 4, 2, 2), *params)
-    with pytest.raises(RuntimeError, match='expected float32 CPU parameters'):
-        torch.ops.timm_coordatt.coord_attention_inference_(torch.randn(1, 8, 2, 2), *[
-            p.double() if isinstance(p, torch.Tensor) else p for p in params])
+        op(torch.randn(1, 4, 2, 2), block._kernel_key)
+    with pytest.raises(RuntimeError, match=r'expected a block with float32 CPU parameters.*got torch.float64 on cpu'):
+        op(torch.randn(1, 8, 2, 2), double._kernel_key)
+    with pytest.raises(RuntimeError, match='expected the key of a live CoordAttention, got 0'):
+        op(torch.randn(1, 8, 2, 2), torch.tensor(0))
 
 
 def test_torch_export():

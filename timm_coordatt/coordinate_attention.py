@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from torch.fx import Proxy
 from torch.nn import functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
 from timm.layers import LayerType, create_act_layer, register_notrace_function
 
@@ -332,49 +331,34 @@ def _fold_weights(
     return _FoldedParams(w1, b1, w_hw, b_hw, weights)
 
 
-# the kernel's weights folded by the op below, by conv1's weight: (weak references to all the
-# sources, their versions, the weights); refolded when a source is replaced or changed in place
-_op_weights = WeakIdKeyDictionary()
+# The blocks by `id`, for the op below: compiled graphs pass it the block's id in a tensor of its own
+# (`CoordAttention._kernel_key`, one graph input, guarded like any tensor but not by value, so one
+# graph serves every instance). Given the block's ten parameters and statistics instead, their guards
+# and dispatch cost a compiled MobileNetV2 6.5% of its baseline's batch-1 latency.
+_blocks: 'weakref.WeakValueDictionary[int, CoordAttention]' = weakref.WeakValueDictionary()
 
 
-def _coord_attention_inference_(
-        x: torch.Tensor,
-        w1: torch.Tensor,
-        b1: Optional[torch.Tensor],
-        bn_mean: Optional[torch.Tensor],
-        bn_var: Optional[torch.Tensor],
-        bn_weight: Optional[torch.Tensor],
-        bn_bias: Optional[torch.Tensor],
-        bn_eps: float,
-        w_h: torch.Tensor,
-        b_h: Optional[torch.Tensor],
-        w_w: torch.Tensor,
-        b_w: Optional[torch.Tensor],
-) -> None:
-    """The inference kernel in place on `x` (float32 CPU, channels_last or contiguous), for the block
-    with these parameters (`bn_var` None: no norm); paper activations."""
-    sources = (w1, b1, bn_mean, bn_var, bn_weight, bn_bias, w_h, b_h, w_w, b_w)
-    try:
-        versions = [None if t is None else t._version for t in sources]
-    except RuntimeError:  # inference tensors have no versions: fold every call
-        versions = None
-    cached = _op_weights.get(w1) if versions is not None else None
-    if (cached is not None and cached[1] == versions
-            and all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(cached[0], sources))):
-        weights = cached[2]
-    else:
-        bn = None if bn_var is None else (bn_mean, bn_var, bn_weight, bn_bias, bn_eps)
-        weights = _fold_weights(w1, b1, bn, w_h, b_h, w_w, b_w, native_activations=True).native
-        if weights is None or not native.built:
-            raise RuntimeError('timm_coordatt::coord_attention_inference_ expected float32 CPU parameters and the '
-                               f'built C kernels, got {w1.dtype} on {w1.device} (kernels built: {native.built})')
-        if versions is not None:
-            _op_weights[w1] = (tuple(None if t is None else weakref.ref(t) for t in sources), versions, weights)
+def _coord_attention_block_inference_(x: torch.Tensor, key: torch.Tensor) -> None:
+    """The inference kernel of the block whose `_kernel_key` is `key`, in place on `x` (float32 CPU,
+    channels_last or contiguous), with the block's weights folded as in eager inference."""
+    module = _blocks.get(int(key)) if key.numel() == 1 else None
+    if module is None:
+        raise RuntimeError(f'timm_coordatt::coord_attention_block_inference_ expected the key of a live '
+                           f'CoordAttention, got {key}')
+    params = module._folded_params()
+    weights = None if params is None else params.native
+    if weights is None or not native.built:
+        w1 = module.conv1.weight
+        raise RuntimeError(
+            'timm_coordatt::coord_attention_block_inference_ expected a block with float32 CPU parameters, a '
+            f'foldable norm, the paper\'s activations and the built C kernels, got {w1.dtype} on {w1.device}, '
+            f'{type(module.bn1).__name__}, {type(module.act).__name__}, {type(module.gate).__name__} '
+            f'(kernels built: {native.built})')
     channels_last = native.layout(x)
     if channels_last is None or x.shape[1] != weights.channels:
-        raise ValueError(f'timm_coordatt::coord_attention_inference_ expected a float32 CPU (N, {weights.channels}, H, W) '
-                         f'x, contiguous or channels_last, got {x.dtype} on {x.device}, shape {tuple(x.shape)}, '
-                         f'strides {x.stride()}')
+        raise ValueError(f'timm_coordatt::coord_attention_block_inference_ expected a float32 CPU '
+                         f'(N, {weights.channels}, H, W) x, contiguous or channels_last, got {x.dtype} on '
+                         f'{x.device}, shape {tuple(x.shape)}, strides {x.stride()}')
     native.run_inference(x, x, weights, channels_last)
 
 
@@ -385,11 +369,9 @@ def _coord_attention_inference_(
 _library = None
 if hasattr(torch.library, 'register_fake'):  # torch >= 2.4
     _library = torch.library.Library('timm_coordatt', 'DEF')
-    _library.define(
-        'coord_attention_inference_(Tensor(a!) x, Tensor w1, Tensor? b1, Tensor? bn_mean, Tensor? bn_var, '
-        'Tensor? bn_weight, Tensor? bn_bias, float bn_eps, Tensor w_h, Tensor? b_h, Tensor w_w, Tensor? b_w) -> ()')
-    _library.impl('coord_attention_inference_', _coord_attention_inference_, 'CPU')
-    torch.library.register_fake('timm_coordatt::coord_attention_inference_', lambda *args: None, lib=_library)
+    _library.define('coord_attention_block_inference_(Tensor(a!) x, Tensor key) -> ()')
+    _library.impl('coord_attention_block_inference_', _coord_attention_block_inference_, 'CPU')
+    torch.library.register_fake('timm_coordatt::coord_attention_block_inference_', lambda *args: None, lib=_library)
 # Compiled graphs call it from torch 2.13: before, dynamo read `torch.compiler.is_exporting()` as True
 # under torch.compile too (seen on 2.11), which leaves no way to keep the op out of exported graphs only.
 _compiled_kernel_available = _library is not None and torch.__version__ >= (2, 13)
@@ -457,6 +439,16 @@ class CoordAttention(nn.Module):
         self.gate = create_act_layer(gate_layer)
         self.inplace = inplace
         self._inference_params: Optional[_FoldRecord] = None
+        self._register()
+
+    def _register(self) -> None:
+        """Registers the block for compiled graphs' kernel op, with a key of its own."""
+        self._kernel_key = torch.tensor(id(self), device='cpu')
+        _blocks[id(self)] = self
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._register()  # a copy (`copy.deepcopy`, pickle) is a block of its own, not the original's
 
     def gates(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The height gate `a_h` (N, C, H, 1) and the width gate `a_w` (N, C, 1, W) for `x`."""
@@ -487,12 +479,7 @@ class CoordAttention(nn.Module):
                 # channels_last: the layout inductor gives the convs around the block (copies otherwise)
                 x = x.contiguous(memory_format=torch.channels_last) if self.inplace else torch.clone(
                     x, memory_format=torch.channels_last)
-                bn = self.bn1
-                stats = (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps) if isinstance(
-                    bn, nn.BatchNorm2d) else (None, None, None, None, 0.)
-                torch.ops.timm_coordatt.coord_attention_inference_.default(
-                    x, self.conv1.weight, self.conv1.bias, *stats, self.conv_h.weight, self.conv_h.bias,
-                    self.conv_w.weight, self.conv_w.bias)
+                torch.ops.timm_coordatt.coord_attention_block_inference_.default(x, self._kernel_key)
                 return x
             if self._native_training(x):
                 return self._forward_training(x)
@@ -508,10 +495,12 @@ class CoordAttention(nn.Module):
 
     @torch.jit.unused
     def _compiled_kernel_applies(self, x: torch.Tensor) -> bool:
-        """Inference under torch.compile (not export) that the C kernel computes: the compiled graph calls it."""
+        """Inference under torch.compile (not export) that the C kernel computes: the compiled graph calls it.
+        The parameters are not read here (each read would be a graph input and its guard): their dtype and
+        device are the input's, or the convs would fail, and the op checks them."""
         return (_compiled_kernel_available and not self.training and not torch.is_grad_enabled()
                 and _compiling_for_inductor()
-                and self.use_native_kernel and native.available() and self._native_foldable()
+                and self.use_native_kernel and native.available() and self._foldable_norm() and self._native_activations()
                 and x.dim() == 4 and x.shape[1] == self.channels and x.dtype == torch.float32 and x.device.type == 'cpu')
 
     @torch.jit.unused
@@ -630,11 +619,6 @@ class CoordAttention(nn.Module):
     def _native_activations(self) -> bool:
         """The C kernel is built and computes this block's activations (the paper's)."""
         return native.built and type(self.act) is nn.Hardswish and type(self.gate) is nn.Sigmoid
-
-    def _native_foldable(self) -> bool:
-        """Whether `_folded_params()` gives weights for the C kernel (checked without folding)."""
-        return self._foldable_norm() and self._native_activations() and all(
-            conv.weight.dtype == torch.float32 and conv.weight.is_cpu for conv in (self.conv1, self.conv_h, self.conv_w))
 
     def _apply(self, fn, recurse=True):
         self._inference_params = None
