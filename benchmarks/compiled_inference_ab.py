@@ -5,9 +5,11 @@ For each pair (CA model / baseline), in one process, compiled with the default i
 variant first in turn):
 - `baseline`: the baseline model;
 - `kernel_op`: the CA model as it compiles by default, each CA block one call of the C kernel
-  (`timm_coordatt::coord_attention_inference_`);
+  (`timm_coordatt::coord_attention_block_inference_`);
 - `formulation`: the same CA model with `use_native_kernel = False` on its blocks, so that inductor
   compiles the block's PyTorch ops (means and its 1x1 convs, as compiled training gets them).
+Models are `settled` first (benchmarks/in_turn.py): one training-mode forward at batch 32, as the
+benchmark's warm-up leaves them (BN statistics, and the allocator's state, which moves batch 1 most).
 Prints the medians of the per-call times and the medians of the per-call ratios to the baseline.
 Compiling takes about a minute a model and batch size.
 
@@ -23,14 +25,14 @@ import torch
 
 from timm_coordatt import CoordAttention
 
-from in_turn import add_pairs_argument, model_pairs, time_in_turn
+from in_turn import add_pairs_argument, model_pairs, settled, time_in_turn
 
 VARIANTS = ('baseline', 'kernel_op', 'formulation')
 
 
 def _compiled(name: str, memory_format: torch.memory_format, native: bool) -> Callable:
     torch.manual_seed(0)
-    model = timm.create_model(name).eval().to(memory_format=memory_format)
+    model = settled(timm.create_model(name).to(memory_format=memory_format))
     for block in model.modules():
         if isinstance(block, CoordAttention):
             block.use_native_kernel = native

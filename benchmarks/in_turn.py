@@ -1,8 +1,12 @@
-""" What the A/B scripts in benchmarks/ share: the CA/baseline pairs they take, and calls timed in turn. """
+""" What the A/B scripts in benchmarks/ share: the CA/baseline pairs they take, models settled as the
+benchmark has them, and calls timed in turn. """
 import argparse
 import statistics
 import time
 from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+from torch import nn
 
 from timm_coordatt.model_benchmark import PAIRS
 
@@ -19,6 +23,17 @@ def model_pairs(parser: argparse.ArgumentParser, texts: Sequence[str]) -> List[T
     if any(len(p) != 2 or not all(p) for p in pairs):
         parser.error(f'--pairs expected CA:BASELINE model names, got {list(texts)}')
     return pairs
+
+
+def settled(model: nn.Module, batch_size: int = 32) -> nn.Module:
+    """`model` in eval mode after one training-mode forward of a random batch (no autograd), as
+    `timm-coordatt benchmark`'s training warm-up leaves its models: batch norm statistics from data,
+    and glibc's malloc past the frees of large blocks that raise its mmap threshold, so that batch-1
+    activations come from its heap. Before that each is a new mapping faulted in on every call, which
+    slows a fresh process's batch-1 calls by up to 1.5x and reads CA's overhead 3-4 points lower."""
+    with torch.no_grad():
+        model.train()(torch.randn(batch_size, 3, 224, 224))
+    return model.eval()
 
 
 def time_in_turn(calls: Dict[str, Callable[[], object]], rounds: int, warmup: int) -> Tuple[List[float], List[float]]:

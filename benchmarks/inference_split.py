@@ -8,6 +8,8 @@ first in turn), single images:
   the block's per-call Python (mode, layout and cache checks): what the kernels alone cost;
 - `identity`: the same CA model with its CA blocks replaced by identities: the rest of the network,
   which should cost what the baseline does.
+Models are `settled` first (benchmarks/in_turn.py): one training-mode forward at batch 32, as the
+benchmark's warm-up leaves them (BN statistics, and the allocator's state, which moves batch 1 most).
 Prints the medians of the per-call times and the median of the per-call ratios to the baseline
 (calls taken next to each other share the machine's state).
 
@@ -25,7 +27,7 @@ from torch import nn
 import timm_coordatt  # noqa: F401  (registers the models)
 from timm_coordatt import CoordAttention, native
 
-from in_turn import add_pairs_argument, model_pairs, time_in_turn
+from in_turn import add_pairs_argument, model_pairs, settled, time_in_turn
 
 
 
@@ -70,9 +72,9 @@ def main():
         for channels_last in (False, True):
             memory_format = torch.channels_last if channels_last else torch.contiguous_format
             torch.manual_seed(0)
-            ca = timm.create_model(ca_name).eval().to(memory_format=memory_format)
+            ca = settled(timm.create_model(ca_name).to(memory_format=memory_format))
             models: Dict[str, nn.Module] = {
-                'baseline': timm.create_model(base_name).eval().to(memory_format=memory_format),
+                'baseline': settled(timm.create_model(base_name).to(memory_format=memory_format)),
                 'ca': ca,
                 'kernel_only': _replace_blocks(ca, _KernelOnly),
                 'identity': _replace_blocks(ca, lambda block: nn.Identity()),

@@ -14,8 +14,8 @@ training pooling and product, the latter also into a freshly allocated output ea
 faster) and whether both builds' outputs are bit for bit the same.
 
 With `--models`, the registered models instead: each pair's baseline and its CA model with each build,
-eval mode at batch 1 in both memory formats, calls in turn (`--model-calls` each), where a kernel call
-pays for what the model around it left in the caches:
+eval mode at batch 1 in both memory formats (`settled` first, benchmarks/in_turn.py), calls in turn
+(`--model-calls` each), where a kernel call pays for what the model around it left in the caches:
 
     python benchmarks/native_ab.py /tmp/before.so --models [--pairs CA:BASELINE ...]
 """
@@ -29,7 +29,7 @@ from typing import Callable, Dict
 import timm
 import torch
 
-from in_turn import add_pairs_argument, model_pairs, time_in_turn
+from in_turn import add_pairs_argument, model_pairs, settled, time_in_turn
 from timm_coordatt import CoordAttention, native
 
 SHAPES = [(1, 144, 56, 56), (1, 192, 28, 28), (1, 384, 14, 14), (1, 576, 14, 14), (1, 960, 7, 7),
@@ -99,8 +99,8 @@ def _model_rows(libs, pairs, calls: int) -> None:
     for ca_name, base_name in pairs:
         for memory_format in (torch.contiguous_format, torch.channels_last):
             torch.manual_seed(0)
-            base = timm.create_model(base_name).eval().to(memory_format=memory_format)
-            ca = timm.create_model(ca_name).eval().to(memory_format=memory_format)
+            base = settled(timm.create_model(base_name).to(memory_format=memory_format))
+            ca = settled(timm.create_model(ca_name).to(memory_format=memory_format))
             x = torch.randn(1, 3, 224, 224).contiguous(memory_format=memory_format)
 
             def with_build(lib):
