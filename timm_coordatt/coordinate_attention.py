@@ -331,17 +331,18 @@ def _fold_weights(
     return _FoldedParams(w1, b1, w_hw, b_hw, weights)
 
 
-# The blocks by `id`, for the op below: compiled graphs pass it the block's id in a tensor of its own
-# (`CoordAttention._kernel_key`, one graph input, guarded like any tensor but not by value, so one
-# graph serves every instance). Given the block's ten parameters and statistics instead, their guards
-# and dispatch cost a compiled MobileNetV2 6.5% of its baseline's batch-1 latency.
+# The blocks by the address of their `_kernel_key`, a tensor of their own that compiled graphs pass
+# to the op below: one graph input a block, guarded like any tensor but not by value or identity, so
+# one graph serves every instance. Given the block's ten parameters and statistics instead, their
+# guards and dispatch cost a compiled MobileNetV2 6.5% of its baseline's batch-1 latency; the address
+# is read without the dispatch that reading a value takes.
 _blocks: 'weakref.WeakValueDictionary[int, CoordAttention]' = weakref.WeakValueDictionary()
 
 
 def _coord_attention_block_inference_(x: torch.Tensor, key: torch.Tensor) -> None:
     """The inference kernel of the block whose `_kernel_key` is `key`, in place on `x` (float32 CPU,
     channels_last or contiguous), with the block's weights folded as in eager inference."""
-    module = _blocks.get(int(key)) if key.numel() == 1 else None
+    module = _blocks.get(key.data_ptr())
     if module is None:
         raise RuntimeError(f'timm_coordatt::coord_attention_block_inference_ expected the key of a live '
                            f'CoordAttention, got {key}')
@@ -443,8 +444,8 @@ class CoordAttention(nn.Module):
 
     def _register(self) -> None:
         """Registers the block for compiled graphs' kernel op, with a key of its own."""
-        self._kernel_key = torch.tensor(id(self), device='cpu')
-        _blocks[id(self)] = self
+        self._kernel_key = torch.zeros(1, device='cpu')
+        _blocks[self._kernel_key.data_ptr()] = self
 
     def __setstate__(self, state):
         super().__setstate__(state)
