@@ -541,6 +541,19 @@ def test_compiled_inference_of_many_models():
     assert len(graphs) == 1 and _kernel_op_calls(graphs) == 1
 
 
+@needs_compiled_kernel
+def test_compiled_inference_inductor_freezing():
+    """Inductor's freezing folds parameters into constants and passes the op a copy of the block's key."""
+    ours, authors = _pair(24)
+    ours.eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True)
+    x = torch.randn(2, 24, 10, 7)
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        torch.testing.assert_close(compiled(x), authors.eval()(x), rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
 def test_compiled_inference_inductor():
     ours, authors = _pair(24)
     ours.eval()
@@ -561,8 +574,8 @@ def test_kernel_op_bad_input():
         op(torch.randn(1, 4, 2, 2), block._kernel_key)
     with pytest.raises(RuntimeError, match=r'expected a block with float32 CPU parameters.*got torch.float64 on cpu'):
         op(torch.randn(1, 8, 2, 2), double._kernel_key)
-    with pytest.raises(RuntimeError, match=r'expected the key of a live CoordAttention, got tensor\(\[0\.\]\)'):
-        op(torch.randn(1, 8, 2, 2), torch.zeros(1))
+    with pytest.raises(RuntimeError, match=r'expected the key of a live CoordAttention, got tensor\(\[-1\]\)'):
+        op(torch.randn(1, 8, 2, 2), torch.tensor([-1]))
 
 
 def test_torch_export():

@@ -9,6 +9,7 @@ The block pools the input along each spatial axis, encodes both strips with one 
 (`max(8, C // 32)`), biased convs and its own hard-swish, whatever the host block's activation.
 """
 import functools
+import itertools
 import operator
 import weakref
 from typing import NamedTuple, Optional, Tuple
@@ -331,18 +332,23 @@ def _fold_weights(
     return _FoldedParams(w1, b1, w_hw, b_hw, weights)
 
 
-# The blocks by the address of their `_kernel_key`, a tensor of their own that compiled graphs pass
-# to the op below: one graph input a block, guarded like any tensor but not by value or identity, so
-# one graph serves every instance. Given the block's ten parameters and statistics instead, their
-# guards and dispatch cost a compiled MobileNetV2 6.5% of its baseline's batch-1 latency; the address
-# is read without the dispatch that reading a value takes.
-_blocks: 'weakref.WeakValueDictionary[int, CoordAttention]' = weakref.WeakValueDictionary()
+# Compiled graphs pass the op below a block's `_kernel_key`, a one-element tensor of its own holding a
+# number no other block gets: one graph input a block, guarded like any tensor but not by value or
+# identity, so one graph serves every instance. Given the block's ten parameters and statistics
+# instead, their guards and dispatch cost a compiled MobileNetV2 6.5% of its baseline's batch-1
+# latency. The op finds the block by the key's address, which it reads without a dispatch, and
+# failing that by its number: inductor's freezing passes a copy of the key.
+_blocks_by_key_address: 'weakref.WeakValueDictionary[int, CoordAttention]' = weakref.WeakValueDictionary()
+_blocks_by_key: 'weakref.WeakValueDictionary[int, CoordAttention]' = weakref.WeakValueDictionary()
+_next_key = itertools.count()
 
 
 def _coord_attention_block_inference_(x: torch.Tensor, key: torch.Tensor) -> None:
     """The inference kernel of the block whose `_kernel_key` is `key`, in place on `x` (float32 CPU,
     channels_last or contiguous), with the block's weights folded as in eager inference."""
-    module = _blocks.get(key.data_ptr())
+    module = _blocks_by_key_address.get(key.data_ptr())
+    if module is None and key.numel() == 1:
+        module = _blocks_by_key.get(int(key))
     if module is None:
         raise RuntimeError(f'timm_coordatt::coord_attention_block_inference_ expected the key of a live '
                            f'CoordAttention, got {key}')
@@ -444,8 +450,10 @@ class CoordAttention(nn.Module):
 
     def _register(self) -> None:
         """Registers the block for compiled graphs' kernel op, with a key of its own."""
-        self._kernel_key = torch.zeros(1, device='cpu')
-        _blocks[self._kernel_key.data_ptr()] = self
+        number = next(_next_key)
+        self._kernel_key = torch.tensor([number], device='cpu')
+        _blocks_by_key[number] = self
+        _blocks_by_key_address[self._kernel_key.data_ptr()] = self
 
     def __setstate__(self, state):
         super().__setstate__(state)
