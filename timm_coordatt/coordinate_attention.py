@@ -509,7 +509,8 @@ class CoordAttention(nn.Module):
         device are the input's, or the convs would fail, and the op checks them."""
         return (_compiled_kernel_available and not self.training and not torch.is_grad_enabled()
                 and _compiling_for_inductor()
-                and self.use_native_kernel and native.available() and self._foldable_norm() and self._native_activations()
+                and self.use_native_kernel and native.available()
+                and self._foldable_norm() and self._native_activations()
                 and x.dim() == 4 and x.shape[1] == self.channels and x.dtype == torch.float32 and x.device.type == 'cpu')
 
     @torch.jit.unused
