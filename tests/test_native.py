@@ -75,8 +75,10 @@ def test_environment_at_import_turns_it_off(value, expected):
 # run whole vectors of 8 to 64 over several rows, the last rows of a plane plain loops, longer rows
 # plain loops throughout; the product stages 16 rows at a time, so 19, 20 and 37 rows cross that
 # boundary, and takes rows of whole vectors over 16 in plain loops); C and rd (rd = 10 at C = 320)
-# not multiples of the kernel's blocking; batches split over threads unevenly
-SHAPES = [(1, 320, 14, 14), (3, 24, 1, 13), (2, 16, 9, 1), (5, 40, 1, 1), (1, 24, 3, 50), (3, 96, 7, 11),
+# not multiples of the kernel's blocking (the shared conv takes rows four at a time, positions two at a
+# time, and the rows past the last four, positions four at a time: rd = 10 and L = 13 leave every
+# remainder); batches split over threads unevenly
+SHAPES = [(1, 320, 14, 14), (1, 320, 7, 6), (3, 24, 1, 13), (2, 16, 9, 1), (5, 40, 1, 1), (1, 24, 3, 50), (3, 96, 7, 11),
           (2, 24, 5, 7), (1, 8, 37, 6), (1, 16, 19, 12), (1, 16, 19, 28), (1, 8, 20, 17), (2, 8, 17, 56),
           (1, 8, 3, 64), (1, 8, 4, 65)]
 
@@ -113,9 +115,14 @@ def test_options(kwargs):
         torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_same_result_whatever_the_threads():
-    m = _randomised(CoordAttention(64))
-    x = torch.randn(7, 64, 9, 9)
+# samples split over threads, each whole; one sample shared by them, contiguous (a shared channels_last
+# sample adds the threads' partial sums over H, rounded differently for each number of threads)
+@pytest.mark.parametrize('shape, channels_last', [((7, 64, 9, 9), False), ((7, 64, 9, 9), True), ((1, 320, 7, 6), False)])
+def test_same_result_whatever_the_threads(shape, channels_last):
+    m = _randomised(CoordAttention(shape[1]))
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     threads = torch.get_num_threads()
     outputs = []
     try:

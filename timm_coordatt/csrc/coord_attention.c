@@ -86,11 +86,10 @@ CA_INLINE float ca_hardswish(float v) {
 /* both strips of one channel plane (H, W): row means into sc[0, H), column means into col[0, W) */
 CA_INLINE void ca_strips_plane(const float *xc, float *sc, float *col, int64_t h, int64_t w, const int64_t lanes) {
     const float inv_h = 1.0f / (float)h, inv_w = 1.0f / (float)w;
-    int64_t i = 0;
     if (lanes > 0 && lanes <= h * w) {
         /* the column sums start as the first row, stored in vectors as wide as the loop loads them:
          * zeroing them first takes narrower stores, which would stall that load (a load spanning
-         * two stores is not forwarded) */
+         * two stores is not forwarded); for the same reason they stay here, not in `col`, to the end */
         float cols[CA_SHORT_ROW], first = 0.0f;
 #pragma omp simd reduction(+ : first)
         for (int64_t k = 0; k < lanes; k++) {
@@ -98,7 +97,8 @@ CA_INLINE void ca_strips_plane(const float *xc, float *sc, float *col, int64_t h
             first += cols[k];
         }
         sc[0] = first * inv_w;
-        for (i = 1; i * w + lanes <= h * w; i++) {
+        int64_t i = 1;
+        for (; i * w + lanes <= h * w; i++) {
             const float *row = xc + i * w;
             float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
@@ -109,11 +109,21 @@ CA_INLINE void ca_strips_plane(const float *xc, float *sc, float *col, int64_t h
             }
             sc[i] = acc * inv_w;
         }
-        for (int64_t j = 0; j < w; j++) col[j] = cols[j];
-    } else {
-        for (int64_t j = 0; j < w; j++) col[j] = 0.0f;
+        for (; i < h; i++) { /* rows too near the plane's end for whole vectors */
+            const float *row = xc + i * w;
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t j = 0; j < w; j++) {
+                acc += row[j];
+                cols[j] += row[j];
+            }
+            sc[i] = acc * inv_w;
+        }
+        for (int64_t j = 0; j < w; j++) col[j] = cols[j] * inv_h;
+        return;
     }
-    for (; i < h; i++) {
+    for (int64_t j = 0; j < w; j++) col[j] = 0.0f;
+    for (int64_t i = 0; i < h; i++) {
         const float *row = xc + i * w;
         float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
@@ -176,6 +186,23 @@ CA_INLINE void ca_scale_plane(const float *xc, float *oc, const float *ah, const
         else call_with_lanes(0); \
     } while (0)
 
+/* Transposes in tiles of CA_TILE x CA_TILE: row by row, each store of the (L, C) side (rows of a few
+ * thousand floats) would touch a cache line of its own */
+#define CA_TILE 16
+
+/* b[j * ldb + i] = a[i * lda + j] for rows [i0, i1) and columns [j0, j1) of a */
+CA_INLINE void ca_transpose(const float *a, int64_t lda, float *b, int64_t ldb, int64_t i0, int64_t i1, int64_t j0,
+                            int64_t j1) {
+    for (int64_t ii = i0; ii < i1; ii += CA_TILE) {
+        const int64_t ie = ii + CA_TILE < i1 ? ii + CA_TILE : i1;
+        for (int64_t jj = j0; jj < j1; jj += CA_TILE) {
+            const int64_t je = jj + CA_TILE < j1 ? jj + CA_TILE : j1;
+            for (int64_t j = jj; j < je; j++)
+                for (int64_t i = ii; i < ie; i++) b[j * ldb + i] = a[i * lda + j];
+        }
+    }
+}
+
 /* pooling, channels [c0, c1) of one sample (C, H, W) contiguous: both strips of each, s (C, L) */
 CA_INLINE void ca_strips_nchw(const float *x, float *s, int64_t c, int64_t h, int64_t w, int64_t c0, int64_t c1) {
     const int64_t len = h + w;
@@ -218,37 +245,84 @@ CA_INLINE void ca_pool_nhwc(const float *x, float *s, float *sw, int64_t c, int6
     }
 }
 
-/* the shared conv with hard-swish, rows [r0, r1) of y (rd, L) from s (L, C); r0 a multiple of 4 */
+/* y[r, l] = hardswish(acc + b1[r]) */
+CA_INLINE void ca_conv1_out(float *y, int64_t len, const float *b1, int64_t r, int64_t l, float acc) {
+    y[r * len + l] = ca_hardswish(acc + (b1 ? b1[r] : 0.0f));
+}
+
+/* The shared conv with hard-swish, rows [r0, r1) of y (rd, L) from s (L, C); r0 a multiple of 4.
+ * Eight sums at a time, four rows of w1 at two positions (one row at four past the last four rows):
+ * with fewer, each multiply-add waits on the one before into the same sum. */
 CA_INLINE void ca_conv1(const float *s, float *y, int64_t c, int64_t len,
                         const float *w1, const float *b1, int64_t r0, int64_t r1) {
-    /* four rows of w1 at a time: four independent sums, each element of s loaded once for them */
     int64_t r = r0;
     for (; r + 4 <= r1; r += 4) {
         const float *w0 = w1 + r * c, *w1r = w0 + c, *w2 = w1r + c, *w3 = w2 + c;
-        for (int64_t l = 0; l < len; l++) {
-            const float *sl = s + l * c;
-            float acc0 = 0.0f, acc1 = 0.0f, acc2 = 0.0f, acc3 = 0.0f;
-#pragma omp simd reduction(+ : acc0, acc1, acc2, acc3)
+        int64_t l = 0;
+        for (; l + 2 <= len; l += 2) {
+            const float *sa = s + l * c, *sb = sa + c;
+            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f, b0 = 0.0f, b1r = 0.0f, b2 = 0.0f, b3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1r, b2, b3)
             for (int64_t ch = 0; ch < c; ch++) {
-                acc0 += w0[ch] * sl[ch];
-                acc1 += w1r[ch] * sl[ch];
-                acc2 += w2[ch] * sl[ch];
-                acc3 += w3[ch] * sl[ch];
+                const float u = sa[ch], v = sb[ch];
+                a0 += w0[ch] * u;
+                a1 += w1r[ch] * u;
+                a2 += w2[ch] * u;
+                a3 += w3[ch] * u;
+                b0 += w0[ch] * v;
+                b1r += w1r[ch] * v;
+                b2 += w2[ch] * v;
+                b3 += w3[ch] * v;
             }
-            y[r * len + l] = ca_hardswish(acc0 + (b1 ? b1[r] : 0.0f));
-            y[(r + 1) * len + l] = ca_hardswish(acc1 + (b1 ? b1[r + 1] : 0.0f));
-            y[(r + 2) * len + l] = ca_hardswish(acc2 + (b1 ? b1[r + 2] : 0.0f));
-            y[(r + 3) * len + l] = ca_hardswish(acc3 + (b1 ? b1[r + 3] : 0.0f));
+            ca_conv1_out(y, len, b1, r, l, a0);
+            ca_conv1_out(y, len, b1, r + 1, l, a1);
+            ca_conv1_out(y, len, b1, r + 2, l, a2);
+            ca_conv1_out(y, len, b1, r + 3, l, a3);
+            ca_conv1_out(y, len, b1, r, l + 1, b0);
+            ca_conv1_out(y, len, b1, r + 1, l + 1, b1r);
+            ca_conv1_out(y, len, b1, r + 2, l + 1, b2);
+            ca_conv1_out(y, len, b1, r + 3, l + 1, b3);
+        }
+        for (; l < len; l++) {
+            const float *sl = s + l * c;
+            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+            for (int64_t ch = 0; ch < c; ch++) {
+                a0 += w0[ch] * sl[ch];
+                a1 += w1r[ch] * sl[ch];
+                a2 += w2[ch] * sl[ch];
+                a3 += w3[ch] * sl[ch];
+            }
+            ca_conv1_out(y, len, b1, r, l, a0);
+            ca_conv1_out(y, len, b1, r + 1, l, a1);
+            ca_conv1_out(y, len, b1, r + 2, l, a2);
+            ca_conv1_out(y, len, b1, r + 3, l, a3);
         }
     }
     for (; r < r1; r++) {
         const float *wr = w1 + r * c;
-        for (int64_t l = 0; l < len; l++) {
+        int64_t l = 0;
+        for (; l + 4 <= len; l += 4) {
+            const float *s0 = s + l * c, *s1 = s0 + c, *s2 = s1 + c, *s3 = s2 + c;
+            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+            for (int64_t ch = 0; ch < c; ch++) {
+                a0 += wr[ch] * s0[ch];
+                a1 += wr[ch] * s1[ch];
+                a2 += wr[ch] * s2[ch];
+                a3 += wr[ch] * s3[ch];
+            }
+            ca_conv1_out(y, len, b1, r, l, a0);
+            ca_conv1_out(y, len, b1, r, l + 1, a1);
+            ca_conv1_out(y, len, b1, r, l + 2, a2);
+            ca_conv1_out(y, len, b1, r, l + 3, a3);
+        }
+        for (; l < len; l++) {
             const float *sl = s + l * c;
             float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
             for (int64_t ch = 0; ch < c; ch++) acc += wr[ch] * sl[ch];
-            y[r * len + l] = ca_hardswish(acc + (b1 ? b1[r] : 0.0f));
+            ca_conv1_out(y, len, b1, r, l, acc);
         }
     }
 }
@@ -298,8 +372,7 @@ CA_INLINE void ca_gate_convs(const float *y, float *a, int64_t c, int64_t h, int
 CA_INLINE void ca_product_nchw(const float *x, float *out, const float *a, float *t, int64_t c, int64_t h, int64_t w,
                                int64_t c0, int64_t c1) {
     const int64_t len = h + w;
-    for (int64_t l = 0; l < len; l++)
-        for (int64_t ch = c0; ch < c1; ch++) t[ch * len + l] = a[l * c + ch];
+    ca_transpose(a, c, t, len, 0, len, c0, c1);
     ca_scale_planes(x, out, t, t + h, len, len, h, w, c0, c1);
 }
 
@@ -529,8 +602,7 @@ CA_INLINE void ca_block(struct ca_job *job, const int channels_last) {
             }
         } else {
             ca_strips_nchw(xb, t, c, h, w, c0, c1);
-            for (int64_t ch = c0; ch < c1; ch++) /* (C, L) to the (L, C) rows of s */
-                for (int64_t l = 0; l < len; l++) s[l * c + ch] = t[ch * len + l];
+            ca_transpose(t, len, s, c, c0, c1, 0, len); /* (C, L) to the (L, C) rows of s */
         }
         if (job->barrier) job->barrier();
         ca_conv1(s, y, c, len, job->w1, job->b1, r0, r1);
