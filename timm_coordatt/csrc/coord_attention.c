@@ -554,17 +554,20 @@ static void ca_share(int64_t n, int size, int rank, int64_t align, int64_t *firs
     if (*last > n) *last = n;
 }
 
-/* the means over H of channels [c0, c1): sums of the `parts` partial sums (W, C) at `partial`, into sw */
+/* the means over H of channels [c0, c1): sums of the `parts` partial sums (W, C) at `partial`, into sw
+ * (which may be `partial` itself); a part at a time, so that the loops run over channels, in vectors */
 CA_INLINE void ca_sum_parts(const float *partial, float *sw, int parts, int64_t c, int64_t h, int64_t w,
                             int64_t c0, int64_t c1) {
     const float inv_h = 1.0f / (float)h;
     for (int64_t j = 0; j < w; j++) {
         float *out = sw + j * c;
-        for (int64_t ch = c0; ch < c1; ch++) {
-            float acc = 0.0f;
-            for (int part = 0; part < parts; part++) acc += partial[(part * w + j) * c + ch];
-            out[ch] = acc * inv_h;
+        const float *first = partial + j * c;
+        for (int64_t ch = c0; ch < c1; ch++) out[ch] = first[ch];
+        for (int part = 1; part < parts; part++) {
+            const float *more = partial + (part * w + j) * c;
+            for (int64_t ch = c0; ch < c1; ch++) out[ch] += more[ch];
         }
+        for (int64_t ch = c0; ch < c1; ch++) out[ch] *= inv_h;
     }
 }
 
