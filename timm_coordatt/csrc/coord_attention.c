@@ -571,6 +571,20 @@ CA_INLINE void ca_sum_parts(const float *partial, float *sw, int parts, int64_t 
     }
 }
 
+/* the block's weights this thread will read, asked for while it pools */
+CA_INLINE void ca_prefetch_range(const float *p, int64_t n) {
+    for (int64_t k = 0; k < n; k += 16) __builtin_prefetch(p + k, 0, 2);
+}
+
+CA_INLINE void ca_prefetch_weights(const struct ca_job *job, int64_t c0, int64_t c1, int64_t r0, int64_t r1) {
+    const int64_t c = job->c;
+    ca_prefetch_range(job->w1 + r0 * c, (r1 - r0) * c);
+    for (int64_t r = 0; r < job->rd; r++) {
+        ca_prefetch_range(job->wg + r * 2 * c + c0, c1 - c0);
+        ca_prefetch_range(job->wg + r * 2 * c + c + c0, c1 - c0);
+    }
+}
+
 /* Each op runs in a function of its own, each with an AVX2/FMA clone, and so does each layout of the
  * inference kernel: with all of them inlined into one, a change to one op's loops moved the code
  * generated for the others (0.75-0.85x on unchanged loops, `python benchmarks/native_ab.py`). */
@@ -591,6 +605,7 @@ CA_INLINE void ca_block(struct ca_job *job, const int channels_last) {
     ca_share(c, job->size, job->rank, 16, &c0, &c1);
     ca_share(rd, job->size, job->rank, 4, &r0, &r1);
     ca_share(h, job->size, job->rank, 1, &i0, &i1);
+    ca_prefetch_weights(job, c0, c1, r0, r1);
     for (int64_t b = job->first; b < job->last; b++) {
         const float *xb = job->x + b * size;
         float *ob = job->out + b * size;
