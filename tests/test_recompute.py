@@ -156,6 +156,34 @@ def test_no_scope_outlives_a_forward():
     assert not recompute_active()
 
 
+def test_nested_models_close_only_their_own_scopes():
+    """A CA model inside another's training forward: run in eval mode (its hooks then record nothing)
+    or raising, it leaves the outer model's scope open until the outer forward ends."""
+    inner = timm.create_model('mobilenetv2_050_ca')
+    seen = []
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            self.inner.eval()
+            self.inner(x)
+            seen.append(recompute_active())
+            self.inner.train()
+            with pytest.raises(RuntimeError):
+                self.inner(torch.randn(2, 5, 32, 32))  # the stem conv rejects 5 channels
+            seen.append(recompute_active())
+            return self.inner(x)
+
+    outer = set_recompute_ca_outputs(Outer()).train()
+    outer(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert seen == [True, True]
+    assert not recompute_active()
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
 def _scopes_seen(model: nn.Module, x: torch.Tensor) -> set:
     """(recompute active, innermost pack hook) as each CA block of `model` sees them."""
     seen = set()
