@@ -250,6 +250,23 @@ CA_INLINE void ca_conv1_out(float *y, int64_t len, const float *b1, int64_t r, i
     y[r * len + l] = ca_hardswish(acc + (b1 ? b1[r] : 0.0f));
 }
 
+/* the four dot products p_k . q_k of length c, as four independent sums */
+CA_INLINE void ca_dot4(const float *p0, const float *p1, const float *p2, const float *p3, const float *q0,
+                       const float *q1, const float *q2, const float *q3, int64_t c, float out[4]) {
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (int64_t ch = 0; ch < c; ch++) {
+        a0 += p0[ch] * q0[ch];
+        a1 += p1[ch] * q1[ch];
+        a2 += p2[ch] * q2[ch];
+        a3 += p3[ch] * q3[ch];
+    }
+    out[0] = a0;
+    out[1] = a1;
+    out[2] = a2;
+    out[3] = a3;
+}
+
 /* The shared conv with hard-swish, rows [r0, r1) of y (rd, L) from s (L, C); r0 a multiple of 4.
  * Eight sums at a time, four rows of w1 at two positions (one row at four past the last four rows):
  * with fewer, each multiply-add waits on the one before into the same sum. */
@@ -285,37 +302,19 @@ CA_INLINE void ca_conv1(const float *s, float *y, int64_t c, int64_t len,
         }
         for (; l < len; l++) {
             const float *sl = s + l * c;
-            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-            for (int64_t ch = 0; ch < c; ch++) {
-                a0 += w0[ch] * sl[ch];
-                a1 += w1r[ch] * sl[ch];
-                a2 += w2[ch] * sl[ch];
-                a3 += w3[ch] * sl[ch];
-            }
-            ca_conv1_out(y, len, b1, r, l, a0);
-            ca_conv1_out(y, len, b1, r + 1, l, a1);
-            ca_conv1_out(y, len, b1, r + 2, l, a2);
-            ca_conv1_out(y, len, b1, r + 3, l, a3);
+            float acc[4];
+            ca_dot4(w0, w1r, w2, w3, sl, sl, sl, sl, c, acc);
+            for (int k = 0; k < 4; k++) ca_conv1_out(y, len, b1, r + k, l, acc[k]);
         }
     }
     for (; r < r1; r++) {
         const float *wr = w1 + r * c;
         int64_t l = 0;
         for (; l + 4 <= len; l += 4) {
-            const float *s0 = s + l * c, *s1 = s0 + c, *s2 = s1 + c, *s3 = s2 + c;
-            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-            for (int64_t ch = 0; ch < c; ch++) {
-                a0 += wr[ch] * s0[ch];
-                a1 += wr[ch] * s1[ch];
-                a2 += wr[ch] * s2[ch];
-                a3 += wr[ch] * s3[ch];
-            }
-            ca_conv1_out(y, len, b1, r, l, a0);
-            ca_conv1_out(y, len, b1, r, l + 1, a1);
-            ca_conv1_out(y, len, b1, r, l + 2, a2);
-            ca_conv1_out(y, len, b1, r, l + 3, a3);
+            const float *s0 = s + l * c;
+            float acc[4];
+            ca_dot4(wr, wr, wr, wr, s0, s0 + c, s0 + 2 * c, s0 + 3 * c, c, acc);
+            for (int k = 0; k < 4; k++) ca_conv1_out(y, len, b1, r, l + k, acc[k]);
         }
         for (; l < len; l++) {
             const float *sl = s + l * c;
