@@ -83,6 +83,22 @@ CA_INLINE float ca_hardswish(float v) {
  * end for that take plain loops. */
 #define CA_SHORT_ROW 64
 
+/* rows [i0, h) of a channel plane (H, W) in plain loops: their means over W into sc, their elements
+ * added to the column sums `cols` */
+CA_INLINE void ca_plane_rows(const float *xc, float *sc, float *cols, int64_t i0, int64_t h, int64_t w) {
+    const float inv_w = 1.0f / (float)w;
+    for (int64_t i = i0; i < h; i++) {
+        const float *row = xc + i * w;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = 0; j < w; j++) {
+            acc += row[j];
+            cols[j] += row[j];
+        }
+        sc[i] = acc * inv_w;
+    }
+}
+
 /* both strips of one channel plane (H, W): row means into sc[0, H), column means into col[0, W) */
 CA_INLINE void ca_strips_plane(const float *xc, float *sc, float *col, int64_t h, int64_t w, const int64_t lanes) {
     const float inv_h = 1.0f / (float)h, inv_w = 1.0f / (float)w;
@@ -109,30 +125,12 @@ CA_INLINE void ca_strips_plane(const float *xc, float *sc, float *col, int64_t h
             }
             sc[i] = acc * inv_w;
         }
-        for (; i < h; i++) { /* rows too near the plane's end for whole vectors */
-            const float *row = xc + i * w;
-            float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t j = 0; j < w; j++) {
-                acc += row[j];
-                cols[j] += row[j];
-            }
-            sc[i] = acc * inv_w;
-        }
+        ca_plane_rows(xc, sc, cols, i, h, w); /* rows too near the plane's end for whole vectors */
         for (int64_t j = 0; j < w; j++) col[j] = cols[j] * inv_h;
         return;
     }
     for (int64_t j = 0; j < w; j++) col[j] = 0.0f;
-    for (int64_t i = 0; i < h; i++) {
-        const float *row = xc + i * w;
-        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t j = 0; j < w; j++) {
-            acc += row[j];
-            col[j] += row[j];
-        }
-        sc[i] = acc * inv_w;
-    }
+    ca_plane_rows(xc, sc, col, 0, h, w);
     for (int64_t j = 0; j < w; j++) col[j] *= inv_h;
 }
 
