@@ -78,9 +78,9 @@ def test_environment_at_import_turns_it_off(value, expected):
 # not multiples of the kernel's blocking (the shared conv takes rows four at a time, positions two at a
 # time, and the rows past the last four, positions four at a time: rd = 10 and L = 13 leave every
 # remainder); batches split over threads unevenly
-SHAPES = [(1, 320, 14, 14), (1, 320, 7, 6), (3, 24, 1, 13), (2, 16, 9, 1), (5, 40, 1, 1), (1, 24, 3, 50), (3, 96, 7, 11),
-          (2, 24, 5, 7), (1, 8, 37, 6), (1, 16, 19, 12), (1, 16, 19, 28), (1, 8, 20, 17), (2, 8, 17, 56),
-          (1, 8, 3, 64), (1, 8, 4, 65)]
+SHAPES = [(1, 320, 14, 14), (1, 320, 7, 6), (3, 24, 1, 13), (2, 16, 9, 1), (5, 40, 1, 1), (1, 24, 3, 50),
+          (3, 96, 7, 11), (2, 24, 5, 7), (1, 8, 37, 6), (1, 16, 19, 12), (1, 16, 19, 28), (1, 8, 20, 17),
+          (2, 8, 17, 56), (1, 8, 3, 64), (1, 8, 4, 65)]
 
 
 @pytest.mark.parametrize('shape', SHAPES)
@@ -117,7 +117,8 @@ def test_options(kwargs):
 
 # samples split over threads, each whole; one sample shared by them, contiguous (a shared channels_last
 # sample adds the threads' partial sums over H, rounded differently for each number of threads)
-@pytest.mark.parametrize('shape, channels_last', [((7, 64, 9, 9), False), ((7, 64, 9, 9), True), ((1, 320, 7, 6), False)])
+@pytest.mark.parametrize('shape, channels_last', [
+    ((7, 64, 9, 9), False), ((7, 64, 9, 9), True), ((1, 320, 7, 6), False)])
 def test_same_result_whatever_the_threads(shape, channels_last):
     m = _randomised(CoordAttention(shape[1]))
     x = torch.randn(shape)
