@@ -184,28 +184,13 @@ CA_INLINE void ca_scale_plane(const float *xc, float *oc, const float *ah, const
         else call_with_lanes(0); \
     } while (0)
 
-/* Transposes in tiles of CA_TILE x CA_TILE: row by row, each store of the (L, C) side (rows of a few
- * thousand floats) would touch a cache line of its own */
-#define CA_TILE 16
-
-/* b[j * ldb + i] = a[i * lda + j] for rows [i0, i1) and columns [j0, j1) of a */
-CA_INLINE void ca_transpose(const float *a, int64_t lda, float *b, int64_t ldb, int64_t i0, int64_t i1, int64_t j0,
-                            int64_t j1) {
-    for (int64_t ii = i0; ii < i1; ii += CA_TILE) {
-        const int64_t ie = ii + CA_TILE < i1 ? ii + CA_TILE : i1;
-        for (int64_t jj = j0; jj < j1; jj += CA_TILE) {
-            const int64_t je = jj + CA_TILE < j1 ? jj + CA_TILE : j1;
-            for (int64_t j = jj; j < je; j++)
-                for (int64_t i = ii; i < ie; i++) b[j * ldb + i] = a[i * lda + j];
-        }
-    }
-}
-
-/* pooling, channels [c0, c1) of one sample (C, H, W) contiguous: both strips of each, s (C, L) */
-CA_INLINE void ca_strips_nchw(const float *x, float *s, int64_t c, int64_t h, int64_t w, int64_t c0, int64_t c1) {
-    const int64_t len = h + w;
+/* pooling, channels [c0, c1) of one sample (C, H, W) contiguous: both strips of each into rows of s
+ * `stride` apart, the means over W at 0, those over H at `w_at` */
+CA_INLINE void ca_strips_nchw(const float *x, float *s, int64_t stride, int64_t w_at, int64_t h, int64_t w, int64_t c0,
+                              int64_t c1) {
 #define CA_STRIPS_CHANNELS(lanes) \
-    for (int64_t ch = c0; ch < c1; ch++) ca_strips_plane(x + ch * h * w, s + ch * len, s + ch * len + h, h, w, lanes)
+    for (int64_t ch = c0; ch < c1; ch++) \
+        ca_strips_plane(x + ch * h * w, s + ch * stride, s + ch * stride + w_at, h, w, lanes)
     CA_BY_ROW_LENGTH(w, CA_STRIPS_CHANNELS);
 #undef CA_STRIPS_CHANNELS
 }
@@ -324,6 +309,86 @@ CA_INLINE void ca_conv1(const float *s, float *y, int64_t c, int64_t len,
     }
 }
 
+/* The contiguous kernel keeps its strips, and their gates, as (C, lp) rows, as the pooling and the
+ * product take them: the means over W at [0, H), those over H at [hp, hp + W), hp = H rounded up to a
+ * multiple of 8, lp = hp + W rounded up likewise, zeros between; y (rd, lp) alike. Its shared conv and
+ * gate convs then run vectorised over positions, each strip in whole vectors, where the (L, C) form
+ * of the channels_last kernel would need the strips transposed and the gates back (copies through
+ * workspace that a network's forward leaves cold). */
+#define CA_ROUND8(n) (((n) + 7) / 8 * 8)
+
+/* Positions a block of the shared conv: four rows' sums over them in eight vectors */
+#define CA_POSITIONS 16
+
+/* rows [r, r + rows) of y (rd, lp) at positions [l0, l0 + width) from t (C, lp); sums over channels
+ * in order; rows and width constants where inlined */
+CA_INLINE void ca_conv1_positions(const float *t, float *y, int64_t c, int64_t lp, const float *w1, const float *b1,
+                                  int64_t r, const int64_t rows, int64_t l0, const int64_t width) {
+    float acc[4 * CA_POSITIONS];
+    for (int64_t k = 0; k < rows * width; k++) acc[k] = 0.0f;
+    for (int64_t ch = 0; ch < c; ch++) {
+        const float *tc = t + ch * lp + l0;
+        for (int64_t k = 0; k < rows; k++) {
+            const float wk = w1[(r + k) * c + ch];
+#pragma omp simd
+            for (int64_t j = 0; j < width; j++) acc[k * width + j] += wk * tc[j];
+        }
+    }
+    for (int64_t k = 0; k < rows; k++)
+        for (int64_t j = 0; j < width; j++) ca_conv1_out(y, lp, b1, r + k, l0 + j, acc[k * width + j]);
+}
+
+/* the shared conv with hard-swish on (C, lp) strips, rows [r0, r1) of y: four rows (then two, one)
+ * over CA_POSITIONS positions at a time */
+CA_INLINE void ca_conv1_strips(const float *t, float *y, int64_t c, int64_t lp, const float *w1, const float *b1,
+                               int64_t r0, int64_t r1) {
+#define CA_CONV1_ROWS(width) \
+    do { \
+        int64_t r = r0; \
+        for (; r + 4 <= r1; r += 4) ca_conv1_positions(t, y, c, lp, w1, b1, r, 4, l0, width); \
+        for (; r + 2 <= r1; r += 2) ca_conv1_positions(t, y, c, lp, w1, b1, r, 2, l0, width); \
+        for (; r < r1; r++) ca_conv1_positions(t, y, c, lp, w1, b1, r, 1, l0, width); \
+    } while (0)
+    int64_t l0 = 0;
+    for (; l0 + CA_POSITIONS <= lp; l0 += CA_POSITIONS) CA_CONV1_ROWS(CA_POSITIONS);
+    if (l0 < lp) CA_CONV1_ROWS(8);
+#undef CA_CONV1_ROWS
+}
+
+/* gates with sigmoid of channels [ch, ch + chans) at the 8 positions from p of y (rd, lp), into t
+ * (C, lp); the weights w_h^T (`offset` 0) or w_w^T (`offset` C); chans a constant where inlined */
+CA_INLINE void ca_gate_positions(const float *y, float *t, int64_t c, int64_t lp, int64_t rd, const float *wg,
+                                 const float *bg, int64_t offset, int64_t ch, const int64_t chans, int64_t p) {
+    float acc[8 * 8];
+    for (int64_t k = 0; k < chans; k++)
+        for (int64_t j = 0; j < 8; j++) acc[k * 8 + j] = bg ? bg[offset + ch + k] : 0.0f;
+    for (int64_t r = 0; r < rd; r++) {
+        const float *yr = y + r * lp + p, *wr = wg + r * 2 * c + offset + ch;
+        for (int64_t k = 0; k < chans; k++) {
+            const float wk = wr[k];
+#pragma omp simd
+            for (int64_t j = 0; j < 8; j++) acc[k * 8 + j] += wk * yr[j];
+        }
+    }
+    for (int64_t k = 0; k < chans; k++) {
+        float *tk = t + (ch + k) * lp + p;
+#pragma omp simd
+        for (int64_t j = 0; j < 8; j++) tk[j] = 1.0f / (1.0f + ca_exp(-acc[k * 8 + j]));
+    }
+}
+
+/* both gate convs with sigmoid for channels [c0, c1) on (C, lp) strips: eight channels (then one)
+ * over 8 positions at a time, the h-strip's positions [0, hp) with w_h, the rest with w_w */
+CA_INLINE void ca_gate_strips(const float *y, float *t, int64_t c, int64_t hp, int64_t lp, int64_t rd,
+                              const float *wg, const float *bg, int64_t c0, int64_t c1) {
+    for (int64_t p = 0; p < lp; p += 8) {
+        const int64_t offset = p < hp ? 0 : c;
+        int64_t ch = c0;
+        for (; ch + 8 <= c1; ch += 8) ca_gate_positions(y, t, c, lp, rd, wg, bg, offset, ch, 8, p);
+        for (; ch < c1; ch++) ca_gate_positions(y, t, c, lp, rd, wg, bg, offset, ch, 1, p);
+    }
+}
+
 /* Channels a block of the gate convs: the block's sums stay in registers over all rd rows of the
  * weights, and its columns of them (rd x CA_GATE_BLOCK floats) in L1 over the strips' positions,
  * where sums over all of C went through memory once every four rows. */
@@ -363,14 +428,6 @@ CA_INLINE void ca_gate_convs(const float *y, float *a, int64_t c, int64_t h, int
     for (; ch + CA_GATE_BLOCK <= c1; ch += CA_GATE_BLOCK)
         ca_gate_conv_block(y, a, c, h, h + w, rd, wg, bg, ch, CA_GATE_BLOCK);
     if (ch < c1) ca_gate_conv_block(y, a, c, h, h + w, rd, wg, bg, ch, c1 - ch);
-}
-
-/* the product for channels [c0, c1) of one sample (C, H, W) contiguous; t (C, L) as workspace */
-CA_INLINE void ca_product_nchw(const float *x, float *out, const float *a, float *t, int64_t c, int64_t h, int64_t w,
-                               int64_t c0, int64_t c1) {
-    const int64_t len = h + w;
-    ca_transpose(a, c, t, len, 0, len, c0, c1);
-    ca_scale_planes(x, out, t, t + h, len, len, h, w, c0, c1);
 }
 
 /* the product for rows [i0, i1) of one sample (H, W, C) contiguous */
@@ -517,7 +574,7 @@ struct ca_job {
     float *workspace;
 };
 
-/* The workspace of a block: s, a, t (each C * L), y (rd * L) and `parts` partial sums over H (each
+/* The workspace of a block: s, a, t (each C * L, t's rows padded to lp), y (rd * L, or rd * lp) and `parts` partial sums over H (each
  * W * C); cache-line aligned, so that the threads of a team, whose ranges start at multiples of 16
  * floats, never write to the same line. Each thread keeps its own, grown as needed and reused from
  * call to call: a fresh allocation of this size comes from new pages (mmap, or a heap trimmed in
@@ -531,7 +588,7 @@ static CA_THREAD_LOCAL float *ca_thread_workspace;
 static CA_THREAD_LOCAL size_t ca_thread_workspace_floats;
 
 static float *ca_workspace(int64_t c, int64_t h, int64_t w, int64_t rd, int parts) {
-    const size_t floats = (size_t)((3 * c + rd) * (h + w) + parts * w * c);
+    const size_t floats = (size_t)((3 * c + rd) * (CA_ROUND8(h) + CA_ROUND8(w)) + parts * w * c);
     if (floats > ca_thread_workspace_floats) {
         void *buffer = NULL;
         if (posix_memalign(&buffer, 64, floats * sizeof(float)) != 0) return NULL;
@@ -595,7 +652,8 @@ CA_INLINE void ca_block(struct ca_job *job, const int channels_last) {
             return;
         }
     }
-    float *s = buffer, *a = s + c * len, *t = a + c * len, *y = t + c * len, *partial = y + rd * len;
+    const int64_t hp = CA_ROUND8(h), lp = hp + CA_ROUND8(w);
+    float *s = buffer, *a = s + c * len, *t = a + c * len, *y = t + c * lp, *partial = y + rd * lp;
     /* a team shares channels, rows of the shared conv and, channels_last, rows of pixels (its
      * share of x and of the output then is one range of memory: channels would interleave them) */
     int64_t c0, c1, r0, r1, i0, i1;
@@ -616,20 +674,30 @@ CA_INLINE void ca_block(struct ca_job *job, const int channels_last) {
                 ca_sum_parts(s + h * c, s + h * c, 1, c, h, w, 0, c);
             }
         } else {
-            ca_strips_nchw(xb, t, c, h, w, c0, c1);
-            ca_transpose(t, len, s, c, c0, c1, 0, len); /* (C, L) to the (L, C) rows of s */
+            ca_strips_nchw(xb, t, lp, hp, h, w, c0, c1);
+            for (int64_t ch = c0; ch < c1; ch++) { /* the zeros between the strips */
+                float *tc = t + ch * lp;
+                for (int64_t l = h; l < hp; l++) tc[l] = 0.0f;
+                for (int64_t l = hp + w; l < lp; l++) tc[l] = 0.0f;
+            }
         }
         if (job->barrier) job->barrier();
-        ca_conv1(s, y, c, len, job->w1, job->b1, r0, r1);
+        if (channels_last)
+            ca_conv1(s, y, c, len, job->w1, job->b1, r0, r1);
+        else
+            ca_conv1_strips(t, y, c, lp, job->w1, job->b1, r0, r1);
         if (job->barrier) job->barrier();
-        ca_gate_convs(y, a, c, h, w, rd, job->wg, job->bg, c0, c1);
+        if (channels_last)
+            ca_gate_convs(y, a, c, h, w, rd, job->wg, job->bg, c0, c1);
+        else /* into the rows of t this thread pooled: the strips are read by now (the barrier above) */
+            ca_gate_strips(y, t, c, hp, lp, rd, job->wg, job->bg, c0, c1);
         /* no barrier after the product: the next sample's pooling writes only this thread's share of
          * s, t and the partial sums, and its conv1 waits for everyone to pass the next barrier */
         if (channels_last) {
             if (job->barrier) job->barrier();
             ca_product_nhwc(xb, ob, a, c, h, w, i0, i1);
         } else {
-            ca_product_nchw(xb, ob, a, t, c, h, w, c0, c1);
+            ca_scale_planes(xb, ob, t, t + hp, lp, lp, h, w, c0, c1);
         }
     }
     job->status = 0;
@@ -679,7 +747,7 @@ CA_TARGET_CLONES
 static void ca_run_strips_nchw(struct ca_job *job) {
     const int64_t c = job->c, h = job->h, w = job->w, size = c * h * w, len = h + w;
     for (int64_t b = job->first; b < job->last; b++)
-        ca_strips_nchw(job->x + b * size, job->out + b * c * len, c, h, w, 0, c);
+        ca_strips_nchw(job->x + b * size, job->out + b * c * len, len, h, h, w, 0, c);
 }
 
 CA_TARGET_CLONES
