@@ -69,11 +69,12 @@ CA_INLINE float ca_hardswish(float v) {
     return v * r / 6.0f;
 }
 
-/* The strips and gates are kept as (L, C) rows, L = H + W, so that every loop over channels runs
- * over contiguous memory: y (rd, L) = hardswish(w1 (rd, C) @ s + b1) takes dot products of length C,
- * and the gates a (L, C) = sigmoid(y^T @ wg + bg), wg (rd, 2C) = [w_h^T | w_w^T], axpys of length C.
- * Each step of a sample works on a range: of channels (pooling, gate convs, product) or of rows
- * of the shared conv, so that the threads of a team can share one sample. */
+/* The channels_last kernel keeps the strips and gates as (L, C) rows, L = H + W, as its pooling and
+ * product run over channels: y (rd, L) = hardswish(w1 (rd, C) @ s + b1) takes dot products of length
+ * C, and the gates a (L, C) = sigmoid(y^T @ wg + bg), wg (rd, 2C) = [w_h^T | w_w^T], axpys of length C.
+ * The contiguous kernel keeps them as (C, L) rows, as its pooling and product run over positions
+ * (see ca_conv1_strips). Each step of a sample works on a range: of channels (pooling, gate convs,
+ * product) or of rows of the shared conv, so that the threads of a team can share one sample. */
 
 /* Rows of up to CA_SHORT_ROW elements (the 7- to 56-wide maps of a network's last four stages) leave
  * a vector loop over W a scalar remainder, or all scalar, and a reduction per row through memory.
