@@ -229,9 +229,9 @@ CA_INLINE void ca_pool_nhwc(const float *x, float *s, float *sw, int64_t c, int6
     }
 }
 
-/* y[r, l] = hardswish(acc + b1[r]) */
-CA_INLINE void ca_conv1_out(float *y, int64_t len, const float *b1, int64_t r, int64_t l, float acc) {
-    y[r * len + l] = ca_hardswish(acc + (b1 ? b1[r] : 0.0f));
+/* y[r, l] = hardswish(acc + b1[r]), y's rows `stride` apart */
+CA_INLINE void ca_conv1_out(float *y, int64_t stride, const float *b1, int64_t r, int64_t l, float acc) {
+    y[r * stride + l] = ca_hardswish(acc + (b1 ? b1[r] : 0.0f));
 }
 
 /* the four dot products p_k . q_k of length c, as four independent sums */
@@ -575,8 +575,9 @@ struct ca_job {
     float *workspace;
 };
 
-/* The workspace of a block: s, a, t (each C * L, t's rows padded to lp), y (rd * L, or rd * lp) and `parts` partial sums over H (each
- * W * C); cache-line aligned, so that the threads of a team, whose ranges start at multiples of 16
+/* The workspace of a block: s, a (each C * L, the channels_last kernel's), t (C * lp, the contiguous
+ * kernel's), y (rd * lp) and `parts` partial sums over H (each W * C, a channels_last team's);
+ * cache-line aligned, so that the threads of a team, whose ranges start at multiples of 16
  * floats, never write to the same line. Each thread keeps its own, grown as needed and reused from
  * call to call: a fresh allocation of this size comes from new pages (mmap, or a heap trimmed in
  * between), whose faults cost as much as the block's arithmetic. */
@@ -626,9 +627,14 @@ CA_INLINE void ca_sum_parts(const float *partial, float *sw, int parts, int64_t 
     }
 }
 
-/* the block's weights this thread will read, asked for while it pools */
+/* the block's weights this thread will read, asked for while it pools (GCC and clang; elsewhere not) */
 CA_INLINE void ca_prefetch_range(const float *p, int64_t n) {
+#if defined(__GNUC__)
     for (int64_t k = 0; k < n; k += 16) __builtin_prefetch(p + k, 0, 2);
+#else
+    (void)p;
+    (void)n;
+#endif
 }
 
 CA_INLINE void ca_prefetch_weights(const struct ca_job *job, int64_t c0, int64_t c1, int64_t r0, int64_t r1) {
