@@ -23,7 +23,6 @@
 #include <unistd.h>
 
 #define CA_MAX_THREADS 64
-#define CA_CHANNEL_BLOCK 64
 
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
 /* an AVX2/FMA version next to the baseline one, picked when the module loads */
@@ -491,26 +490,23 @@ CA_INLINE void ca_gate_backward_nchw(const float *x, const float *ah, const floa
 CA_INLINE void ca_gate_backward_nhwc(const float *x, const float *ah, const float *aw, const float *grad,
                                      float *gx, float *gah, float *gaw, int64_t c, int64_t h, int64_t w,
                                      const int with_gx) {
-    /* channel blocks small enough that a row's sums and the W rows of grad_a_w stay in L1 */
-    for (int64_t c0 = 0; c0 < c; c0 += CA_CHANNEL_BLOCK) {
-        const int64_t cb = c - c0 < CA_CHANNEL_BLOCK ? c - c0 : CA_CHANNEL_BLOCK;
-        for (int64_t j = 0; j < w; j++)
-            for (int64_t k = 0; k < cb; k++) gaw[j * c + c0 + k] = 0.0f;
-        for (int64_t i = 0; i < h; i++) {
-            float acc[CA_CHANNEL_BLOCK] = {0.0f};
-            const float *gh = ah + i * c + c0;
-            for (int64_t j = 0; j < w; j++) {
-                const int64_t at = (i * w + j) * c + c0;
-                const float *gw = aw + j * c + c0;
-                float *gaw_j = gaw + j * c + c0;
-                for (int64_t k = 0; k < cb; k++) {
-                    const float p = x[at + k] * grad[at + k];
-                    acc[k] += p * gw[k];
-                    gaw_j[k] += gh[k] * p;
-                    if (with_gx) gx[at + k] = grad[at + k] * gh[k] * gw[k];
-                }
+    /* x and grad in their order, a position's C channels at a time (streams that the prefetchers
+     * follow); the sums, a_h's row and a_w's W rows, in the outputs, which stay in the L1 cache */
+    for (int64_t k = 0; k < w * c; k++) gaw[k] = 0.0f;
+    for (int64_t i = 0; i < h; i++) {
+        const float *gh = ah + i * c;
+        float *gah_i = gah + i * c;
+        for (int64_t k = 0; k < c; k++) gah_i[k] = 0.0f;
+        for (int64_t j = 0; j < w; j++) {
+            const int64_t at = (i * w + j) * c;
+            const float *gw = aw + j * c;
+            float *gaw_j = gaw + j * c;
+            for (int64_t k = 0; k < c; k++) {
+                const float p = x[at + k] * grad[at + k];
+                gah_i[k] += p * gw[k];
+                gaw_j[k] += gh[k] * p;
+                if (with_gx) gx[at + k] = grad[at + k] * gh[k] * gw[k];
             }
-            for (int64_t k = 0; k < cb; k++) gah[i * c + c0 + k] = acc[k];
         }
     }
 }
