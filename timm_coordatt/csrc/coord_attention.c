@@ -25,10 +25,14 @@
 #define CA_MAX_THREADS 64
 
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
-/* an AVX2/FMA version next to the baseline one, picked when the module loads */
+/* an AVX2/FMA version next to the baseline one, picked when the module loads; the channels_last
+ * loops, over C contiguous channels, also an AVX-512 one (the contiguous layout's rows of 7-56
+ * elements run slower in 16 lanes) */
 #define CA_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define CA_TARGET_CLONES_WIDE __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define CA_TARGET_CLONES
+#define CA_TARGET_CLONES_WIDE
 #endif
 
 #if defined(__GNUC__)
@@ -490,8 +494,9 @@ CA_INLINE void ca_gate_backward_nchw(const float *x, const float *ah, const floa
 CA_INLINE void ca_gate_backward_nhwc(const float *x, const float *ah, const float *aw, const float *grad,
                                      float *gx, float *gah, float *gaw, int64_t c, int64_t h, int64_t w,
                                      const int with_gx) {
-    /* x and grad in their order, a position's C channels at a time (streams that the prefetchers
-     * follow); the sums, a_h's row and a_w's W rows, in the outputs, which stay in the L1 cache */
+    /* x and grad in their order, a position's C channels at a time (streams the prefetchers follow;
+     * in blocks of 64 channels, each a strided pass over the sample, 1.1-1.7x slower at batch 32);
+     * the sums in the outputs, a_h's row and a_w's W rows, which stay in the core's caches */
     for (int64_t k = 0; k < w * c; k++) gaw[k] = 0.0f;
     for (int64_t i = 0; i < h; i++) {
         const float *gh = ah + i * c;
@@ -709,15 +714,14 @@ CA_INLINE void ca_block(struct ca_job *job, const int channels_last) {
 CA_TARGET_CLONES
 static void ca_run_block_nchw(struct ca_job *job) { ca_block(job, 0); }
 
-CA_TARGET_CLONES
+CA_TARGET_CLONES_WIDE
 static void ca_run_block_nhwc(struct ca_job *job) { ca_block(job, 1); }
 
-CA_TARGET_CLONES
-static void ca_run_gate(struct ca_job *job) {
+CA_INLINE void ca_gate_job(struct ca_job *job, const int channels_last) {
     const int64_t c = job->c, h = job->h, w = job->w, size = c * h * w;
     for (int64_t b = job->first; b < job->last; b++) {
         const float *xb = job->x + b * size, *ah = job->ah + b * c * h, *aw = job->aw + b * c * w;
-        if (job->channels_last)
+        if (channels_last)
             ca_gate_nhwc(xb, ah, aw, job->out + b * size, c, h, w);
         else
             ca_gate_nchw(xb, ah, aw, job->out + b * size, c, h, w);
@@ -725,20 +729,24 @@ static void ca_run_gate(struct ca_job *job) {
 }
 
 CA_TARGET_CLONES
-static void ca_run_gate_backward(struct ca_job *job) {
+static void ca_run_gate_nchw(struct ca_job *job) { ca_gate_job(job, 0); }
+
+CA_TARGET_CLONES_WIDE
+static void ca_run_gate_nhwc(struct ca_job *job) { ca_gate_job(job, 1); }
+
+CA_INLINE void ca_gate_backward_job(struct ca_job *job, const int channels_last) {
     const int64_t c = job->c, h = job->h, w = job->w, size = c * h * w;
-    const int cl = job->channels_last;
     for (int64_t b = job->first; b < job->last; b++) {
         const float *xb = job->x + b * size, *ah = job->ah + b * c * h, *aw = job->aw + b * c * w;
         const float *grad = job->grad + b * size;
         float *gah = job->gah + b * c * h, *gaw = job->gaw + b * c * w;
         /* constant with_gx in each call: two specialised copies of the loops */
         if (job->out == NULL) {
-            if (cl)
+            if (channels_last)
                 ca_gate_backward_nhwc(xb, ah, aw, grad, NULL, gah, gaw, c, h, w, 0);
             else
                 ca_gate_backward_nchw(xb, ah, aw, grad, NULL, gah, gaw, c, h, w, 0);
-        } else if (cl) {
+        } else if (channels_last) {
             ca_gate_backward_nhwc(xb, ah, aw, grad, job->out + b * size, gah, gaw, c, h, w, 1);
         } else {
             ca_gate_backward_nchw(xb, ah, aw, grad, job->out + b * size, gah, gaw, c, h, w, 1);
@@ -747,13 +755,19 @@ static void ca_run_gate_backward(struct ca_job *job) {
 }
 
 CA_TARGET_CLONES
+static void ca_run_gate_backward_nchw(struct ca_job *job) { ca_gate_backward_job(job, 0); }
+
+CA_TARGET_CLONES_WIDE
+static void ca_run_gate_backward_nhwc(struct ca_job *job) { ca_gate_backward_job(job, 1); }
+
+CA_TARGET_CLONES
 static void ca_run_strips_nchw(struct ca_job *job) {
     const int64_t c = job->c, h = job->h, w = job->w, size = c * h * w, len = h + w;
     for (int64_t b = job->first; b < job->last; b++)
         ca_strips_nchw(job->x + b * size, job->out + b * c * len, len, h, h, w, 0, c);
 }
 
-CA_TARGET_CLONES
+CA_TARGET_CLONES_WIDE
 static void ca_run_strips_nhwc(struct ca_job *job) {
     const int64_t c = job->c, h = job->h, w = job->w, size = c * h * w, len = h + w;
     for (int64_t b = job->first; b < job->last; b++) { /* (L, C): the inference kernel's pooling */
@@ -763,21 +777,19 @@ static void ca_run_strips_nhwc(struct ca_job *job) {
     }
 }
 
-CA_TARGET_CLONES
-static void ca_run_strips_backward(struct ca_job *job) {
+CA_INLINE void ca_strips_backward_job(struct ca_job *job, const int channels_last) {
     const int64_t c = job->c, h = job->h, w = job->w, size = c * h * w, len = h + w;
-    const int cl = job->channels_last;
     for (int64_t b = job->first; b < job->last; b++) {
         const float *gsb = job->gs + b * c * len;
         float *gx = job->out + b * size;
         if (job->grad == NULL) {
-            if (cl)
+            if (channels_last)
                 ca_strips_backward_nhwc(gsb, NULL, NULL, NULL, gx, c, h, w, 0);
             else
                 ca_strips_backward_nchw(gsb, NULL, NULL, NULL, gx, c, h, w, 0);
         } else {
             const float *grad = job->grad + b * size, *ah = job->ah + b * c * h, *aw = job->aw + b * c * w;
-            if (cl)
+            if (channels_last)
                 ca_strips_backward_nhwc(gsb, grad, ah, aw, gx, c, h, w, 1);
             else
                 ca_strips_backward_nchw(gsb, grad, ah, aw, gx, c, h, w, 1);
@@ -785,31 +797,25 @@ static void ca_run_strips_backward(struct ca_job *job) {
     }
 }
 
+CA_TARGET_CLONES
+static void ca_run_strips_backward_nchw(struct ca_job *job) { ca_strips_backward_job(job, 0); }
+
+CA_TARGET_CLONES_WIDE
+static void ca_run_strips_backward_nhwc(struct ca_job *job) { ca_strips_backward_job(job, 1); }
+
+/* each op's kernel by layout (contiguous, channels_last) */
+static void (*const ca_kernels[][2])(struct ca_job *) = {
+    [CA_BLOCK] = {ca_run_block_nchw, ca_run_block_nhwc},
+    [CA_GATE] = {ca_run_gate_nchw, ca_run_gate_nhwc},
+    [CA_GATE_BACKWARD] = {ca_run_gate_backward_nchw, ca_run_gate_backward_nhwc},
+    [CA_STRIPS] = {ca_run_strips_nchw, ca_run_strips_nhwc},
+    [CA_STRIPS_BACKWARD] = {ca_run_strips_backward_nchw, ca_run_strips_backward_nhwc},
+};
+
 static void ca_run(struct ca_job *job) {
-    switch (job->op) {
-    case CA_BLOCK:
-        if (job->channels_last)
-            ca_run_block_nhwc(job);
-        else
-            ca_run_block_nchw(job);
-        return; /* sets its status */
-    case CA_GATE:
-        ca_run_gate(job);
-        break;
-    case CA_GATE_BACKWARD:
-        ca_run_gate_backward(job);
-        break;
-    case CA_STRIPS:
-        if (job->channels_last)
-            ca_run_strips_nhwc(job);
-        else
-            ca_run_strips_nchw(job);
-        break;
-    case CA_STRIPS_BACKWARD:
-        ca_run_strips_backward(job);
-        break;
-    }
-    job->status = 0;
+    ca_kernels[job->op][job->channels_last != 0](job);
+    if (job->op != CA_BLOCK) /* the block sets its status */
+        job->status = 0;
 }
 
 /* The threads: the OpenMP runtime torch has loaded (GNU's libgomp ABI, which LLVM's and Intel's
