@@ -10,8 +10,10 @@ Times, in one process, each build going first in turn, at the shapes of MobileNe
 the registered models run it; each in-place call on a fresh copy of the input, the copy's time, taken
 in the same rounds, subtracted: repeated calls in place would shrink x towards denormals), and the
 training pooling and product, the latter also into a freshly allocated output each call
-(`gate_fresh`, as training allocates it: the page faults of new memory included). Prints medians (us a call), before/after (> 1: the installed build is
-faster) and whether both builds' outputs are bit for bit the same.
+(`gate_fresh`, as training allocates it: the page faults of new memory included), and their backward
+(`gate_backward`: the gates' gradients; `strips_backward`: x's whole gradient, the pooling's and the
+product's). Prints medians (us a call), before/after (> 1: the installed build is faster) and whether
+both builds' outputs are bit for bit the same.
 
 With `--models`, the registered models instead: each pair's baseline and its CA model with each build,
 eval mode at batch 1 in both memory formats (`settled` first, benchmarks/in_turn.py), calls in turn
@@ -34,7 +36,7 @@ from timm_coordatt import CoordAttention, native
 
 SHAPES = [(1, 144, 56, 56), (1, 192, 28, 28), (1, 384, 14, 14), (1, 576, 14, 14), (1, 960, 7, 7),
           (32, 144, 56, 56), (32, 960, 7, 7)]
-OPS = ('infer', 'infer_inplace', 'strips', 'gate', 'gate_fresh')
+OPS = ('infer', 'infer_inplace', 'strips', 'gate', 'gate_fresh', 'gate_backward', 'strips_backward')
 
 
 def _load(path: str):
@@ -80,11 +82,22 @@ def _calls(lib, op: str, shape, channels_last: bool, threads: int) -> Dict[str, 
     a_h, a_w = torch.rand(n, c, h, 1), torch.rand(n, c, 1, w)
     a_h, a_w = a_h.contiguous(memory_format=memory_format), a_w.contiguous(memory_format=memory_format)
     strips = torch.empty((n, h + w, c) if channels_last else (n, c, h + w))
+    grad, grad_strips = torch.randn_like(source), torch.randn_like(strips)
+    grad_gates = torch.empty(n * c * (h + w))  # the gates' gradients, (a_h's, a_w's), in one tensor to compare
+    grad_a_h, grad_a_w = grad_gates.split([n * c * h, n * c * w])
 
     def call():
         if op == 'strips':
             lib.strips(source.data_ptr(), strips.data_ptr(), n, c, h, w, channels_last, threads)
             return strips
+        if op == 'gate_backward':  # the gates' gradients only, as training asks for them
+            lib.gate_backward(source.data_ptr(), a_h.data_ptr(), a_w.data_ptr(), grad.data_ptr(), 0,
+                              grad_a_h.data_ptr(), grad_a_w.data_ptr(), n, c, h, w, channels_last, threads)
+            return grad_gates
+        if op == 'strips_backward':  # x's whole gradient: the pooling's and the gate product's
+            lib.strips_backward(grad_strips.data_ptr(), grad.data_ptr(), a_h.data_ptr(), a_w.data_ptr(),
+                                out.data_ptr(), n, c, h, w, channels_last, threads)
+            return out
         target = torch.empty_like(source) if op == 'gate_fresh' else out
         lib.gate(source.data_ptr(), a_h.data_ptr(), a_w.data_ptr(), target.data_ptr(), n, c, h, w, channels_last,
                  threads)
