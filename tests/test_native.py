@@ -322,6 +322,21 @@ def test_strip_kernels_match_autograd(shape, channels_last):
     torch.testing.assert_close(grad_a_w, gates[1].grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('shape', [(2, 8, 6, 7), (1, 16, 5, 14), (1, 8, 4, 28)])
+def test_gate_gradients_keep_each_row_to_itself(shape):
+    # short rows are read in whole vectors running on into the next row: infinities at the start of
+    # rows 1 and 3 must reach only the sums that contain them (their rows', column 0's), as autograd's do
+    x, a_h, a_w = _gates(shape, channels_last=False)
+    x[:, :, 1::2, 0] = float('inf')
+    grad = torch.randn_like(x)
+    _, grad_a_h, grad_a_w = native.gate_backward(x, a_h, a_w, grad, with_grad_x=False)
+    gates = [t.clone().requires_grad_() for t in (a_h, a_w)]
+    (x * gates[0] * gates[1]).backward(grad)
+    assert grad_a_h[:, :, 0::2].isfinite().all() and grad_a_w[..., 1:].isfinite().all()
+    torch.testing.assert_close(grad_a_h, gates[0].grad, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(grad_a_w, gates[1].grad, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 def test_strip_kernels_check_their_arguments():
     x, a_h, a_w = _gates((2, 8, 4, 5), channels_last=False)
     with pytest.raises(ValueError, match='contiguous or channels_last, got torch.float32 on cpu, shape'):
