@@ -579,22 +579,56 @@ CA_INLINE void ca_gate_backward_nhwc(const float *x, const float *ah, const floa
  * ca_pool_nhwc (L, C) for an (H, W, C) one), grad_x written once: the pooling's gradient,
  * gs[h-strip] / W + gs[w-strip] / H broadcast, plus the gate product's, (grad * a_h) * a_w, when
  * `grad` is given. */
+/* one channel plane of x's whole gradient (gated): short rows (lanes > 0) in whole vectors from each
+ * row's start, the lanes past the row writing the next row's elements, which that row then
+ * overwrites (stores over stores: no load waits on them); the rest, and long rows, a row at a time */
+CA_INLINE void ca_strips_backward_plane(const float *gsc, const float *gc, const float *ah, const float *aw,
+                                        float *gxc, int64_t h, int64_t w, const int64_t lanes) {
+    const float inv_h = 1.0f / (float)h, inv_w = 1.0f / (float)w;
+    const float *gsw = gsc + h;
+    int64_t i = 0;
+    if (lanes > 0) {
+        float aws[CA_SHORT_ROW], cols[CA_SHORT_ROW];
+        for (int64_t k = 0; k < lanes; k++) {
+            aws[k] = k < w ? aw[k] : 0.0f;
+            cols[k] = k < w ? gsw[k] * inv_h : 0.0f;
+        }
+        for (; i * w + lanes <= h * w; i++) {
+            const float g = ah[i], bh = gsc[i] * inv_w, *gr = gc + i * w;
+            float *gxr = gxc + i * w;
+#pragma omp simd
+            for (int64_t k = 0; k < lanes; k++) gxr[k] = gr[k] * g * aws[k] + (bh + cols[k]);
+        }
+    }
+    for (; i < h; i++) {
+        const float g = ah[i], bh = gsc[i] * inv_w, *gr = gc + i * w;
+        float *gxr = gxc + i * w;
+        for (int64_t j = 0; j < w; j++) gxr[j] = gr[j] * g * aw[j] + (bh + gsw[j] * inv_h);
+    }
+}
+
 CA_INLINE void ca_strips_backward_nchw(const float *gs, const float *grad, const float *ah, const float *aw,
                                        float *gx, int64_t c, int64_t h, int64_t w, const int gated) {
     const int64_t len = h + w;
+    if (gated) {
+#define CA_STRIPS_BACKWARD_CHANNELS(lanes) \
+        for (int64_t ch = 0; ch < c; ch++) \
+            ca_strips_backward_plane(gs + ch * len, grad + ch * h * w, ah + ch * h, aw + ch * w, gx + ch * h * w, \
+                                     h, w, lanes)
+        /* rows of 17-32 elements gained nothing this way */
+        if (w <= 8) CA_STRIPS_BACKWARD_CHANNELS(8);
+        else if (w <= 16) CA_STRIPS_BACKWARD_CHANNELS(16);
+        else CA_STRIPS_BACKWARD_CHANNELS(0);
+#undef CA_STRIPS_BACKWARD_CHANNELS
+        return;
+    }
     const float inv_h = 1.0f / (float)h, inv_w = 1.0f / (float)w;
     for (int64_t ch = 0; ch < c; ch++) {
         const float *gsc = gs + ch * len, *gsw = gsc + h;
         for (int64_t i = 0; i < h; i++) {
-            const int64_t row = (ch * h + i) * w;
             const float bh = gsc[i] * inv_w;
-            if (gated) {
-                const float g = ah[ch * h + i];
-                const float *gw = aw + ch * w;
-                for (int64_t j = 0; j < w; j++) gx[row + j] = grad[row + j] * g * gw[j] + (bh + gsw[j] * inv_h);
-            } else {
-                for (int64_t j = 0; j < w; j++) gx[row + j] = bh + gsw[j] * inv_h;
-            }
+            float *gxr = gx + (ch * h + i) * w;
+            for (int64_t j = 0; j < w; j++) gxr[j] = bh + gsw[j] * inv_h;
         }
     }
 }
