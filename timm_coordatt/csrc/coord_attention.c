@@ -740,9 +740,10 @@ CA_INLINE void ca_prefetch_weights(const struct ca_job *job, int64_t c0, int64_t
     }
 }
 
-/* Each op runs in a function of its own, each with an AVX2/FMA clone, and so does each layout of the
- * inference kernel: with all of them inlined into one, a change to one op's loops moved the code
- * generated for the others (0.75-0.85x on unchanged loops, `python benchmarks/native_ab.py`). */
+/* Each op runs in a function of its own for each layout (ca_kernels below), each with its clones: with
+ * all of them inlined into one, a change to one op's loops moved the code generated for the others
+ * (0.75-0.85x on unchanged loops, `python benchmarks/native_ab.py`), and the layouts take different
+ * instruction sets (CA_TARGET_CLONES_WIDE). */
 CA_INLINE void ca_block(struct ca_job *job, const int channels_last) {
     const int64_t c = job->c, h = job->h, w = job->w, rd = job->rd, len = h + w, size = c * h * w;
     float *buffer = job->workspace;
