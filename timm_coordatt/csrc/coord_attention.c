@@ -513,7 +513,8 @@ CA_INLINE void ca_gate_grads_plane(const float *xc, const float *gc, const float
 }
 
 /* with_gx = 0 (a constant where it is inlined): the gate gradients only, grad_x is left to
- * ca_strips_backward_*, which adds the pooling's gradient to it in the same pass */
+ * ca_strips_backward_*, which adds the pooling's gradient to it in the same pass; with_gx = 1: all
+ * three, in one pass over x and grad */
 CA_INLINE void ca_gate_backward_nchw(const float *x, const float *ah, const float *aw, const float *grad,
                                      float *gx, float *gah, float *gaw, int64_t c, int64_t h, int64_t w,
                                      const int with_gx) {
@@ -543,7 +544,7 @@ CA_INLINE void ca_gate_backward_nchw(const float *x, const float *ah, const floa
                 const float p = x[row + j] * grad[row + j];
                 acc += p * gw[j];
                 gaw_c[j] += g * p;
-                if (with_gx) gx[row + j] = grad[row + j] * g * gw[j];
+                gx[row + j] = grad[row + j] * g * gw[j];
             }
             gah[ch * h + i] = acc;
         }
