@@ -1,5 +1,6 @@
 """ The C kernels (timm_coordatt/native.py): built, equal to the authors' block and to autograd, used
 exactly where they support the block and input, and strict about what they are given. """
+import copy
 import json
 import os
 import subprocess
@@ -398,6 +399,78 @@ def test_training_step_uses_gate_kernels(channels_last):
     # kernels: no full-size op but the output's and x's gradient's allocations
     assert 'mul' in ops[False] and 'add' in ops[False]
     assert [op for op in ops[True] if op not in ('empty_like', 'empty', 'randn_like', 'detach')] == [], ops[True]
+
+
+def _train_step(m: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    """Output, x's and every parameter's gradient and the buffers after one training forward and backward."""
+    x = x.clone().requires_grad_()
+    out = m(x)
+    out.backward(grad)
+    return (out.detach(), x.grad, {k: p.grad for k, p in m.named_parameters()},
+            {k: b.clone() for k, b in m.named_buffers()})
+
+
+@pytest.mark.parametrize('norm', ['batch', 'batch_eval', 'cumulative', 'none'])
+@pytest.mark.parametrize('bias', [True, False])
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('shape,threads', [((4, 48, 10, 6), 2), ((3, 100, 7, 9), 2), ((2, 96, 5, 4), 3),
+                                           ((5, 40, 3, 11), 1)])
+def test_strip_mlp_kernels_match_pytorch(shape, threads, channels_last, bias, norm):
+    """The MLP on the strips in the C kernels (`_StripMLP`) against the PyTorch formulation: output, every
+    gradient and the norm's running statistics (also with momentum None, and frozen in eval mode)."""
+    c = shape[1]
+    m = CoordAttention(c, reduction=8, bias=bias, norm_layer=None if norm == 'none' else nn.BatchNorm2d)
+    m = _randomised(m).train()  # widths: rd = 12, 12, 12, 8 (rows not in fours, channels not in 32s)
+    if norm == 'batch_eval':
+        m.bn1.eval()  # frozen statistics, as when fine-tuning detection backbones
+    if norm == 'cumulative':
+        m.bn1.momentum = None
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x, grad = (torch.randn(shape).contiguous(memory_format=memory_format) for _ in range(2))
+    reference = copy.deepcopy(m)
+    reference.use_native_kernel = False
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # 3 threads for 2 samples: the weights' sums over fewer rows than threads
+    try:
+        ours, expected = _train_step(m, x, grad), _train_step(reference, x, grad)
+        ours_again, expected_again = _train_step(m, x, grad), _train_step(reference, x, grad)  # the updated statistics
+    finally:
+        torch.set_num_threads(previous)
+    for got, want in ((ours, expected), (ours_again, expected_again)):
+        torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
+        assert got[2].keys() == want[2].keys()
+        for name in want[2]:
+            torch.testing.assert_close(got[2][name], want[2][name], rtol=1e-4, atol=1e-4, msg=lambda e: f'{name}: {e}')
+        for name in want[3]:
+            torch.testing.assert_close(got[3][name], want[3][name], rtol=1e-5, atol=1e-6, msg=lambda e: f'{name}: {e}')
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_training_runs_the_strip_mlp_in_the_kernels(channels_last):
+    """No matmul, conv, activation or norm op of the strips' MLP but torch's batch norm, forward and backward;
+    PyTorch's ops where the block has other layers."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(4, 32, 9, 7).contiguous(memory_format=memory_format).requires_grad_()
+    mlp_ops = {'bmm', 'baddbmm', 'mm', 'addmm', 'convolution', 'sigmoid', 'hardswish', 'sigmoid_backward',
+               'hardswish_backward'}
+    for layers, expect_kernels in (({}, True), ({'act_layer': nn.ReLU}, False), ({'norm_layer': GroupNorm1}, False)):
+        m = _randomised(CoordAttention(32, **layers)).train()
+        with _AtenOps() as mode:
+            m(x).backward(torch.randn_like(x))
+        ran = set(mode.ops) & mlp_ops
+        assert (ran == set()) == expect_kernels, (layers, ran)
+        if expect_kernels:
+            assert {'native_batch_norm', 'native_batch_norm_backward'} <= set(mode.ops)
+
+
+def test_strip_mlp_kernels_check_their_arguments():
+    s, w1 = torch.randn(2, 9, 16), torch.randn(8, 16)
+    with pytest.raises(ValueError, match=r'w_gates_t a contiguous float32 CPU tensor of shape \(8, 32\), got '
+                                         r'torch.float32 on cpu, shape \(32, 8\)'):
+        native.strip_mlp_forward(s, 4, w1, None, lambda y: y, torch.randn(32, 8), None)
+    with pytest.raises(ValueError, match=r'expected s a contiguous float32 CPU tensor'):
+        native.strip_mlp_forward(s.double(), 4, w1, None, lambda y: y, torch.randn(8, 32), None)
 
 
 def test_gate_backward_falls_back_for_other_gradient_layouts():

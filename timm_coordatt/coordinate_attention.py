@@ -12,7 +12,7 @@ import functools
 import itertools
 import operator
 import weakref
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -38,6 +38,13 @@ _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 def _is_functorch(x: torch.Tensor) -> bool:
     """Inside a torch.func transform (grad, vmap, ...): no data pointers, no custom autograd.Function."""
     return not _is_compiling() and _is_functorch_wrapped(x)
+
+
+def _autocast_on_cpu() -> bool:
+    try:
+        return torch.is_autocast_enabled('cpu')
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -149,6 +156,94 @@ class _CoordGate(torch.autograd.Function):
         return grad_x, grad_a_h, grad_a_w, None, None
 
 
+class _StripMLP(torch.autograd.Function):
+    """`CoordAttention._gates_of_strips` for eager float32 CPU training with the paper's layers (batch
+    norm or none, hard-swish, sigmoid): the convs, activations and their backward in the C kernels
+    (`native.strip_mlp_forward`, `strip_mlp_backward`), the norm in torch's batch norm ops, where
+    autograd ran a dozen small ops a block forward and more backward (batched matmuls of a few
+    thousand multiply-adds, copies, weight gradients per sample summed after). The gates come out
+    with C contiguous (as channels_last x takes them). Double backward runs the PyTorch ops."""
+
+    @staticmethod
+    def forward(ctx, strips: torch.Tensor, h: int, bn: Optional[nn.BatchNorm2d], w1: torch.Tensor,
+                b1: Optional[torch.Tensor], bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
+                w_h: torch.Tensor, b_h: Optional[torch.Tensor], w_w: torch.Tensor, b_w: Optional[torch.Tensor]):
+        n, c, length = strips.shape
+        rd = w1.shape[0]
+        s = strips.transpose(1, 2).contiguous()  # (N, L, C): channels_last strips already are
+        w_gates_t = torch.cat([w_h.reshape(c, rd), w_w.reshape(c, rd)]).t().contiguous()
+        b_gates = None if b_h is None else torch.cat([b_h, b_w])
+        ctx.bn, ctx.training, ctx.running = bn is not None, False, (None, None)
+        statistics = []
+
+        def norm(y1: torch.Tensor) -> torch.Tensor:
+            if bn is None:
+                return y1
+            # nn.BatchNorm2d.forward's: running statistics updated in training (momentum None: a
+            # cumulative average), used in eval mode where it has them
+            factor = 0.0 if bn.momentum is None else bn.momentum
+            if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+                factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            ctx.training = bn.training or (bn.running_mean is None and bn.running_var is None)
+            ctx.running = (bn.running_mean, bn.running_var) if not bn.training or bn.track_running_stats else (None, None)
+            ctx.eps = bn.eps
+            z, mean, invstd = torch.native_batch_norm(y1, bn_weight, bn_bias, *ctx.running, ctx.training, factor, bn.eps)
+            statistics.extend((mean, invstd))
+            return z
+
+        y1, z, hh, a_h, a_w = native.strip_mlp_forward(s, h, w1.reshape(rd, c), b1, norm, w_gates_t, b_gates)
+        ctx.save_for_backward(strips, w1, b1, bn_weight, bn_bias, w_h, b_h, w_w, b_w, s, y1, z, hh, a_h, a_w,
+                              w_gates_t, *statistics)
+        return a_h.transpose(1, 2).unsqueeze(3), a_w.transpose(1, 2).unsqueeze(2)
+
+    @staticmethod
+    def backward(ctx, grad_a_h: torch.Tensor, grad_a_w: torch.Tensor):
+        if torch.is_grad_enabled():  # double backward: differentiable ops
+            return _StripMLP._differentiable_backward(ctx, grad_a_h, grad_a_w)
+        strips, w1, b1, bn_weight, bn_bias, w_h, b_h, w_w, b_w, s, y1, z, hh, a_h, a_w, w_gates_t, *statistics = \
+            ctx.saved_tensors
+        c, rd = s.shape[2], w1.shape[0]
+
+        def norm_backward(grad_z: torch.Tensor) -> torch.Tensor:
+            if not ctx.bn:
+                return grad_z
+            ctx.grad_bn = torch.ops.aten.native_batch_norm_backward(
+                grad_z, y1, bn_weight, *ctx.running, *statistics, ctx.training, ctx.eps,
+                [True, bn_weight is not None, bn_bias is not None])
+            return ctx.grad_bn[0]
+
+        # (N, C, H, 1) gradients laid out channels_last are (N, H, C) already: no copies
+        grad_s, grad_w1, grad_b1, grad_w_gates_t, grad_b_gates = native.strip_mlp_backward(
+            grad_a_h.squeeze(3).transpose(1, 2).contiguous(), grad_a_w.squeeze(2).transpose(1, 2).contiguous(),
+            a_h, a_w, z, hh, s, norm_backward, w1.reshape(rd, c), w_gates_t)
+        grad_bn_weight, grad_bn_bias = ctx.grad_bn[1:] if ctx.bn else (None, None)
+        grad_b_h, grad_b_w = (None, None) if b_h is None else grad_b_gates.split([c, c])
+        return (grad_s.transpose(1, 2), None, None, grad_w1.view(w1.shape), None if b1 is None else grad_b1,
+                grad_bn_weight, grad_bn_bias, grad_w_gates_t[:, :c].t().reshape(w_h.shape), grad_b_h,
+                grad_w_gates_t[:, c:].t().reshape(w_w.shape), grad_b_w)
+
+    @staticmethod
+    def _differentiable_backward(ctx, grad_a_h: torch.Tensor, grad_a_w: torch.Tensor):
+        inputs = ctx.saved_tensors[:9]  # strips, w1, b1, bn_weight, bn_bias, w_h, b_h, w_w, b_w
+        strips, w1, b1, bn_weight, bn_bias, w_h, b_h, w_w, b_w = inputs
+        h = ctx.saved_tensors[13].shape[1]
+        y = _conv1x1(strips, w1.flatten(1), b1)
+        if ctx.bn:  # batch statistics again, or the running ones, without updating them
+            y = F.batch_norm(y, *ctx.running, bn_weight, bn_bias, ctx.training, 0.0, ctx.eps)
+        y = F.hardswish(y)
+        a_h = torch.sigmoid(_conv1x1(y[:, :, :h], w_h.flatten(1), b_h)).unsqueeze(3)
+        a_w = torch.sigmoid(_conv1x1(y[:, :, h:], w_w.flatten(1), b_w)).unsqueeze(2)
+        positions = (0, 3, 4, 5, 6, 7, 8, 9, 10)  # of the inputs among forward's arguments
+        wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[positions[i]]]
+        grads = torch.autograd.grad((a_h, a_w), [inputs[i] for i in wanted], (grad_a_h, grad_a_w),
+                                    create_graph=True, allow_unused=True)
+        result: List[Optional[torch.Tensor]] = [None] * 11
+        for i, g in zip(wanted, grads):
+            result[positions[i]] = g
+        return tuple(result)
+
+
 def _gates_like(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     # under autocast the gates come out in half precision while x may be float32: promoted as
     # `x * a_h * a_w` would promote them, so that the kernels and the backward's matmuls get one dtype
@@ -157,7 +252,7 @@ def _gates_like(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> Tuple[
     if _is_channels_last(x):
         # gates with C contiguous, as in x: the broadcast products then run vectorised (2-3x faster)
         return a_h.contiguous(memory_format=torch.channels_last), a_w.contiguous(memory_format=torch.channels_last)
-    return a_h, a_w
+    return a_h.contiguous(), a_w.contiguous()
 
 
 @register_notrace_function  # a leaf for FX: tracing cannot branch on requires_grad
@@ -502,6 +597,14 @@ class CoordAttention(nn.Module):
         return (self.use_native_kernel and torch.is_grad_enabled() and _is_eager(x)  # eager first: FX proxies
                 and x.requires_grad and native.strips_supported(x))
 
+    def _native_mlp(self) -> bool:
+        """Whether training runs the MLP on the strips in the C kernels: the paper's activations, batch norm
+        or none, float32 CPU weights and no CPU autocast (which would run the convs in bfloat16)."""
+        bn = self.bn1
+        return (self._native_activations() and (type(bn) is nn.BatchNorm2d or type(bn) is nn.Identity)
+                and self.conv1.weight.dtype == torch.float32 and self.conv1.weight.is_cpu
+                and not _autocast_on_cpu())
+
     @torch.jit.unused
     def _compiled_kernel_applies(self, x: torch.Tensor) -> bool:
         """Inference under torch.compile (not export) that the C kernel computes: the compiled graph calls it.
@@ -529,7 +632,15 @@ class CoordAttention(nn.Module):
         written in one pass (`_GateGradient`)."""
         _check_input(x, self.channels)
         gate_gradient = _GateGradient()
-        a_h, a_w = self._gates_of_strips(_StripPool.apply(x, gate_gradient), x.shape[2], x.shape[3])
+        strips = _StripPool.apply(x, gate_gradient)
+        if self._native_mlp():
+            bn = self.bn1 if isinstance(self.bn1, nn.BatchNorm2d) else None
+            a_h, a_w = _StripMLP.apply(
+                strips, x.shape[2], bn, self.conv1.weight, self.conv1.bias, None if bn is None else bn.weight,
+                None if bn is None else bn.bias, self.conv_h.weight, self.conv_h.bias, self.conv_w.weight,
+                self.conv_w.bias)
+        else:
+            a_h, a_w = self._gates_of_strips(strips, x.shape[2], x.shape[3])
         a_h, a_w = _gates_like(x, a_h, a_w)
         out = _CoordGate.apply(x, a_h, a_w, True, gate_gradient)
         if recompute_active():

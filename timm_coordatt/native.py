@@ -6,13 +6,15 @@ In eager execution on float32 CPU tensors, contiguous or channels_last, `CoordAt
   and sigmoid and a foldable norm;
 - in training, the pooling of both strips (`strips`), the gate product `x * a_h * a_w` (`gate`) and
   their backward (`gate_backward`, `strips_backward`, the latter writing the input's whole gradient,
-  both paths', in one pass): one pass each over the full-size tensors instead of several.
+  both paths', in one pass): one pass each over the full-size tensors instead of several; and the
+  small MLP on the strips, forward and backward (`strip_mlp_forward`, `strip_mlp_backward`), in place
+  of a dozen small ops.
 Everything else (other dtypes and devices, TorchScript, tracing, torch.compile, export, torch.func
 transforms, double backward) runs the PyTorch formulation. `TIMM_COORDATT_NATIVE=0` in the environment when the package
 is imported, or `timm_coordatt.native.enabled = False` at any time, turns the kernels off.
 """
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
@@ -23,8 +25,10 @@ except ImportError:  # built without a C compiler
 
 __all__ = [
     'built', 'enabled', 'available', 'layout', 'InferenceWeights', 'coord_attention_inference', 'run_inference', 'gate_supported', 'gate', 'gate_backward',
-    'strips_supported', 'strips', 'strips_backward',
+    'strips_supported', 'strips', 'strips_backward', 'strip_mlp_forward', 'strip_mlp_backward',
 ]
+
+_MAX_THREADS = 64  # CA_MAX_THREADS
 
 
 built = _native is not None
@@ -210,3 +214,70 @@ def strips_backward(
     _native.strips_backward(grad_strips.data_ptr(), *pointers, grad_x.data_ptr(), n, c, h, w, channels_last,
                             torch.get_num_threads())
     return grad_x
+
+
+def _partial_rows(n: int) -> int:
+    """The threads the kernels split n samples over (ca_split): one row of weight-gradient sums each."""
+    return max(1, min(torch.get_num_threads(), _MAX_THREADS, n))
+
+
+def strip_mlp_forward(
+        s: torch.Tensor, h: int, w1: torch.Tensor, b1: Optional[torch.Tensor], norm: Callable[[torch.Tensor], torch.Tensor],
+        w_gates_t: torch.Tensor, b_gates: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The MLP on the (N, L, C) strips `s` (the first `h` of the L positions the H-strip's) in training:
+    conv1 (`w1` (rd, C), `b1`), `norm` (torch's, on conv1's output), hard-swish, the gate convs with
+    sigmoid (`w_gates_t` (rd, 2C) = [w_h^T | w_w^T], `b_gates` (2C)). Returns conv1's, the norm's and
+    hard-swish's outputs (N, rd, L) and the gates a_h (N, H, C), a_w (N, W, C)."""
+    n, length, c = s.shape
+    rd = w1.shape[0]
+    _check_mlp(s=s, w1=w1, b1=b1, w_gates_t=w_gates_t, b_gates=b_gates, shapes=(
+        (n, length, c), (rd, c), (rd,), (rd, 2 * c), (2 * c,)))
+    threads = torch.get_num_threads()
+    y1 = s.new_empty((n, rd, length))
+    _native.mlp_conv1(s.data_ptr(), y1.data_ptr(), w1.data_ptr(), _address(b1), n, c, h, length - h, rd, threads)
+    z = norm(y1).contiguous()
+    hh, a_h, a_w = torch.empty_like(y1), s.new_empty((n, h, c)), s.new_empty((n, length - h, c))
+    _native.mlp_gates(z.data_ptr(), hh.data_ptr(), a_h.data_ptr(), a_w.data_ptr(), w_gates_t.data_ptr(),
+                      _address(b_gates), n, c, h, length - h, rd, threads)
+    return y1, z, hh, a_h, a_w
+
+
+def strip_mlp_backward(
+        grad_a_h: torch.Tensor, grad_a_w: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor, z: torch.Tensor,
+        hh: torch.Tensor, s: torch.Tensor, norm_backward: Callable[[torch.Tensor], torch.Tensor], w1: torch.Tensor,
+        w_gates_t: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of `strip_mlp_forward` for the gates' gradients `grad_a_h` (N, H, C) and `grad_a_w`
+    (N, W, C), `norm_backward` taking the norm's output's gradient to conv1's output's. Returns the
+    strips' gradient (N, L, C), w1's, b1's, the gate convs' weights' (rd, 2C) and biases' (2C)."""
+    n, length, c = s.shape
+    rd, h = w1.shape[0], a_h.shape[1]
+    _check_mlp(grad_a_h=grad_a_h, grad_a_w=grad_a_w, a_h=a_h, a_w=a_w, z=z, hh=hh, shapes=(
+        (n, h, c), (n, length - h, c)) * 2 + ((n, rd, length),) * 2)
+    threads, rows = torch.get_num_threads(), _partial_rows(n)
+    grad_p, grad_z = torch.empty_like(s), torch.empty_like(z)
+    gates_sums = s.new_empty((rows, rd * 2 * c + 2 * c))
+    _native.mlp_gates_backward(grad_a_h.data_ptr(), grad_a_w.data_ptr(), a_h.data_ptr(), a_w.data_ptr(), z.data_ptr(),
+                               hh.data_ptr(), w_gates_t.data_ptr(), grad_p.data_ptr(), grad_z.data_ptr(),
+                               gates_sums.data_ptr(), n, c, h, length - h, rd, threads)
+    grad_y1 = norm_backward(grad_z).contiguous()
+    grad_s = grad_p  # read by now: its buffer takes the strips' gradient
+    conv1_sums = s.new_empty((rows, rd * c + rd))
+    _native.mlp_conv1_backward(grad_y1.data_ptr(), s.data_ptr(), w1.data_ptr(), grad_s.data_ptr(),
+                               conv1_sums.data_ptr(), n, c, h, length - h, rd, threads)
+    grad_w_gates_t, grad_b_gates = gates_sums[0].split([rd * 2 * c, 2 * c])
+    grad_w1, grad_b1 = conv1_sums[0].split([rd * c, rd])
+    return grad_s, grad_w1.view(rd, c), grad_b1, grad_w_gates_t.view(rd, 2 * c), grad_b_gates
+
+
+def _address(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _check_mlp(shapes: Sequence[Sequence[int]], **tensors: Optional[torch.Tensor]) -> None:
+    for (name, t), shape in zip(tensors.items(), shapes):
+        if t is not None and (t.dtype != _float32 or not t.is_cpu or tuple(t.shape) != tuple(shape)
+                              or not t.is_contiguous()):
+            raise ValueError(f'native strip MLP expected {name} a contiguous float32 CPU tensor of shape {tuple(shape)}, '
+                             f'got {t.dtype} on {t.device}, shape {tuple(t.shape)}, strides {t.stride()}')

@@ -233,8 +233,9 @@ CA_INLINE void ca_pool_nhwc(const float *x, float *s, float *sw, int64_t c, int6
 }
 
 /* y[r, l] = hardswish(acc + b1[r]), y's rows `stride` apart */
-CA_INLINE void ca_conv1_out(float *y, int64_t stride, const float *b1, int64_t r, int64_t l, float acc) {
-    y[r * stride + l] = ca_hardswish(acc + (b1 ? b1[r] : 0.0f));
+CA_INLINE void ca_conv1_out(float *y, int64_t stride, const float *b1, int64_t r, int64_t l, float acc, const int act) {
+    const float v = acc + (b1 ? b1[r] : 0.0f);
+    y[r * stride + l] = act ? ca_hardswish(v) : v;
 }
 
 /* the four dot products p_k . q_k of length c, as four independent sums */
@@ -254,14 +255,15 @@ CA_INLINE void ca_dot4(const float *p0, const float *p1, const float *p2, const 
     out[3] = a3;
 }
 
-/* The shared conv with hard-swish, rows [r0, r1) of y (rd, L) from s (L, C); r0 a multiple of 4.
- * Eight sums at a time, four rows of w1 at two positions (one row at four past the last four rows):
- * with fewer, each multiply-add waits on the one before into the same sum. */
-CA_INLINE void ca_conv1(const float *s, float *y, int64_t c, int64_t len,
-                        const float *w1, const float *b1, int64_t r0, int64_t r1) {
+/* The shared conv, with hard-swish if `act`, rows [r0, r1) of y (rd, len; rows y_stride apart) from
+ * s (len, C), w1's rows w_stride apart; r0 a multiple of 4. Eight sums at a time, four rows of w1 at
+ * two positions (one row at four past the last four rows): with fewer, each multiply-add waits on
+ * the one before into the same sum. (Training also runs the gate convs' backward through it.) */
+CA_INLINE void ca_conv1(const float *s, float *y, int64_t c, int64_t len, int64_t y_stride,
+                        const float *w1, int64_t w_stride, const float *b1, int64_t r0, int64_t r1, const int act) {
     int64_t r = r0;
     for (; r + 4 <= r1; r += 4) {
-        const float *w0 = w1 + r * c, *w1r = w0 + c, *w2 = w1r + c, *w3 = w2 + c;
+        const float *w0 = w1 + r * w_stride, *w1r = w0 + w_stride, *w2 = w1r + w_stride, *w3 = w2 + w_stride;
         int64_t l = 0;
         for (; l + 2 <= len; l += 2) {
             const float *sa = s + l * c, *sb = sa + c;
@@ -278,37 +280,37 @@ CA_INLINE void ca_conv1(const float *s, float *y, int64_t c, int64_t len,
                 b2 += w2[ch] * v;
                 b3 += w3[ch] * v;
             }
-            ca_conv1_out(y, len, b1, r, l, a0);
-            ca_conv1_out(y, len, b1, r + 1, l, a1);
-            ca_conv1_out(y, len, b1, r + 2, l, a2);
-            ca_conv1_out(y, len, b1, r + 3, l, a3);
-            ca_conv1_out(y, len, b1, r, l + 1, b0);
-            ca_conv1_out(y, len, b1, r + 1, l + 1, b1r);
-            ca_conv1_out(y, len, b1, r + 2, l + 1, b2);
-            ca_conv1_out(y, len, b1, r + 3, l + 1, b3);
+            ca_conv1_out(y, y_stride, b1, r, l, a0, act);
+            ca_conv1_out(y, y_stride, b1, r + 1, l, a1, act);
+            ca_conv1_out(y, y_stride, b1, r + 2, l, a2, act);
+            ca_conv1_out(y, y_stride, b1, r + 3, l, a3, act);
+            ca_conv1_out(y, y_stride, b1, r, l + 1, b0, act);
+            ca_conv1_out(y, y_stride, b1, r + 1, l + 1, b1r, act);
+            ca_conv1_out(y, y_stride, b1, r + 2, l + 1, b2, act);
+            ca_conv1_out(y, y_stride, b1, r + 3, l + 1, b3, act);
         }
         for (; l < len; l++) {
             const float *sl = s + l * c;
             float acc[4];
             ca_dot4(w0, w1r, w2, w3, sl, sl, sl, sl, c, acc);
-            for (int k = 0; k < 4; k++) ca_conv1_out(y, len, b1, r + k, l, acc[k]);
+            for (int k = 0; k < 4; k++) ca_conv1_out(y, y_stride, b1, r + k, l, acc[k], act);
         }
     }
     for (; r < r1; r++) {
-        const float *wr = w1 + r * c;
+        const float *wr = w1 + r * w_stride;
         int64_t l = 0;
         for (; l + 4 <= len; l += 4) {
             const float *s0 = s + l * c;
             float acc[4];
             ca_dot4(wr, wr, wr, wr, s0, s0 + c, s0 + 2 * c, s0 + 3 * c, c, acc);
-            for (int k = 0; k < 4; k++) ca_conv1_out(y, len, b1, r, l + k, acc[k]);
+            for (int k = 0; k < 4; k++) ca_conv1_out(y, y_stride, b1, r, l + k, acc[k], act);
         }
         for (; l < len; l++) {
             const float *sl = s + l * c;
             float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
             for (int64_t ch = 0; ch < c; ch++) acc += wr[ch] * sl[ch];
-            ca_conv1_out(y, len, b1, r, l, acc);
+            ca_conv1_out(y, y_stride, b1, r, l, acc, act);
         }
     }
 }
@@ -339,7 +341,7 @@ CA_INLINE void ca_conv1_positions(const float *t, float *y, int64_t c, int64_t l
         }
     }
     for (int64_t k = 0; k < rows; k++)
-        for (int64_t j = 0; j < width; j++) ca_conv1_out(y, lp, b1, r + k, l0 + j, acc[k * width + j]);
+        for (int64_t j = 0; j < width; j++) ca_conv1_out(y, lp, b1, r + k, l0 + j, acc[k * width + j], 1);
 }
 
 /* the shared conv with hard-swish on (C, lp) strips, rows [r0, r1) of y: four rows (then two, one)
@@ -398,12 +400,15 @@ CA_INLINE void ca_gate_strips(const float *y, float *t, int64_t c, int64_t hp, i
  * where sums over all of C went through memory once every four rows. */
 #define CA_GATE_BLOCK 32
 
-/* both gate convs with sigmoid for channels [c, c + width) of a (L, C) from y (rd, L), width at
- * most CA_GATE_BLOCK (a constant where inlined for whole blocks) */
-CA_INLINE void ca_gate_conv_block(const float *y, float *a, int64_t c, int64_t h, int64_t len, int64_t rd,
-                                  const float *wg, const float *bg, int64_t ch, const int64_t width) {
+/* both gate convs, with sigmoid if `act`, for channels [c, c + width) of a (L, C) from y (rd, L), width
+ * at most CA_GATE_BLOCK (a constant where inlined for whole blocks); the last W rows of a at a_second
+ * (a + H * C: one (L, C) tensor); the weights' rows w_stride apart, w_h^T from column 0, w_w^T from
+ * column w_second (training also runs conv1's backward through it: one weight for all positions) */
+CA_INLINE void ca_gate_conv_block(const float *y, float *a, float *a_second, int64_t c, int64_t h, int64_t len,
+                                  int64_t rd, const float *wg, int64_t w_stride, int64_t w_second, const float *bg,
+                                  int64_t ch, const int64_t width, const int act) {
     for (int64_t l = 0; l < len; l++) {
-        const int64_t offset = (l < h ? 0 : c) + ch; /* w_h^T or w_w^T */
+        const int64_t offset = (l < h ? 0 : w_second) + ch;
         /* `+ 0.0f` keeps the start a vector op: as a copy it is made by narrower stores, which would
          * stall the first load of the sums (a load spanning two stores is not forwarded) */
         float acc[CA_GATE_BLOCK];
@@ -412,26 +417,67 @@ CA_INLINE void ca_gate_conv_block(const float *y, float *a, int64_t c, int64_t h
         for (; r + 4 <= rd; r += 4) {
             const float v0 = y[r * len + l], v1 = y[(r + 1) * len + l];
             const float v2 = y[(r + 2) * len + l], v3 = y[(r + 3) * len + l];
-            const float *w0 = wg + r * 2 * c + offset, *w1r = w0 + 2 * c, *w2 = w1r + 2 * c, *w3 = w2 + 2 * c;
+            const float *w0 = wg + r * w_stride + offset, *w1r = w0 + w_stride, *w2 = w1r + w_stride, *w3 = w2 + w_stride;
             for (int64_t k = 0; k < width; k++) acc[k] += v0 * w0[k] + v1 * w1r[k] + v2 * w2[k] + v3 * w3[k];
         }
         for (; r < rd; r++) {
             const float v = y[r * len + l];
-            const float *wr = wg + r * 2 * c + offset;
+            const float *wr = wg + r * w_stride + offset;
             for (int64_t k = 0; k < width; k++) acc[k] += v * wr[k];
         }
-        float *al = a + l * c + ch;
-        for (int64_t k = 0; k < width; k++) al[k] = 1.0f / (1.0f + ca_exp(-acc[k]));
+        float *al = (l < h ? a + l * c : a_second + (l - h) * c) + ch;
+        if (act)
+            for (int64_t k = 0; k < width; k++) al[k] = 1.0f / (1.0f + ca_exp(-acc[k]));
+        else
+            for (int64_t k = 0; k < width; k++) al[k] = acc[k];
     }
 }
 
-/* both gate convs with sigmoid for channels [c0, c1): a (L, C) from y (rd, L) */
-CA_INLINE void ca_gate_convs(const float *y, float *a, int64_t c, int64_t h, int64_t w, int64_t rd,
-                             const float *wg, const float *bg, int64_t c0, int64_t c1) {
+/* both gate convs (see ca_gate_conv_block) for channels [c0, c1): a (L, C) from y (rd, L) */
+CA_INLINE void ca_gate_convs(const float *y, float *a, float *a_second, int64_t c, int64_t h, int64_t w, int64_t rd,
+                             const float *wg, int64_t w_stride, int64_t w_second, const float *bg,
+                             int64_t c0, int64_t c1, const int act) {
     int64_t ch = c0;
     for (; ch + CA_GATE_BLOCK <= c1; ch += CA_GATE_BLOCK)
-        ca_gate_conv_block(y, a, c, h, h + w, rd, wg, bg, ch, CA_GATE_BLOCK);
-    if (ch < c1) ca_gate_conv_block(y, a, c, h, h + w, rd, wg, bg, ch, c1 - ch);
+        ca_gate_conv_block(y, a, a_second, c, h, h + w, rd, wg, w_stride, w_second, bg, ch, CA_GATE_BLOCK, act);
+    if (ch < c1)
+        ca_gate_conv_block(y, a, a_second, c, h, h + w, rd, wg, w_stride, w_second, bg, ch, c1 - ch, act);
+}
+
+/* g[r, ch + k] += sum over positions l of u[r, l] * v[l, ch + k] for rows [r0, r0 + rows) and k < width:
+ * u (rd, len) rows u_stride apart, v (len, C), g rows g_stride apart; rows and width constants where
+ * inlined, so that the rows x width sums stay in registers over all positions */
+CA_INLINE void ca_outer_block(const float *u, int64_t u_stride, const float *v, int64_t c, int64_t len, float *g,
+                              int64_t g_stride, int64_t r0, const int64_t rows, int64_t ch, const int64_t width) {
+    float acc[4 * CA_GATE_BLOCK];
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t k = 0; k < width; k++) acc[r * width + k] = g[(r0 + r) * g_stride + ch + k] + 0.0f;
+    for (int64_t l = 0; l < len; l++) {
+        const float *vl = v + l * c + ch;
+        for (int64_t r = 0; r < rows; r++) {
+            const float ur = u[(r0 + r) * u_stride + l];
+            for (int64_t k = 0; k < width; k++) acc[r * width + k] += ur * vl[k];
+        }
+    }
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t k = 0; k < width; k++) g[(r0 + r) * g_stride + ch + k] = acc[r * width + k];
+}
+
+/* g (rd, C; rows g_stride apart) += u (rd, len) v (len, C): a weight's gradient, summed over a sample's
+ * positions; blocks of four rows by CA_GATE_BLOCK channels */
+CA_INLINE void ca_outer_sums(const float *u, int64_t u_stride, const float *v, int64_t c, int64_t len, int64_t rd,
+                             float *g, int64_t g_stride) {
+    int64_t ch = 0;
+    for (; ch + CA_GATE_BLOCK <= c; ch += CA_GATE_BLOCK) {
+        int64_t r = 0;
+        for (; r + 4 <= rd; r += 4) ca_outer_block(u, u_stride, v, c, len, g, g_stride, r, 4, ch, CA_GATE_BLOCK);
+        for (; r < rd; r++) ca_outer_block(u, u_stride, v, c, len, g, g_stride, r, 1, ch, CA_GATE_BLOCK);
+    }
+    for (; ch < c; ch++) {
+        int64_t r = 0;
+        for (; r + 4 <= rd; r += 4) ca_outer_block(u, u_stride, v, c, len, g, g_stride, r, 4, ch, 1);
+        for (; r < rd; r++) ca_outer_block(u, u_stride, v, c, len, g, g_stride, r, 1, ch, 1);
+    }
 }
 
 /* the product for rows [i0, i1) of one sample (H, W, C) contiguous */
@@ -653,7 +699,10 @@ CA_INLINE void ca_strips_backward_nhwc(const float *gs, const float *grad, const
     }
 }
 
-enum ca_op { CA_BLOCK, CA_GATE, CA_GATE_BACKWARD, CA_STRIPS, CA_STRIPS_BACKWARD };
+enum ca_op {
+    CA_BLOCK, CA_GATE, CA_GATE_BACKWARD, CA_STRIPS, CA_STRIPS_BACKWARD,
+    CA_MLP_CONV1, CA_MLP_GATES, CA_MLP_GATES_BACKWARD, CA_MLP_CONV1_BACKWARD
+};
 
 struct ca_job {
     enum ca_op op;
@@ -661,11 +710,18 @@ struct ca_job {
     const float *ah, *aw, *grad;        /* CA_GATE, CA_GATE_BACKWARD, CA_STRIPS_BACKWARD (grad: or NULL) */
     const float *gs;                    /* CA_STRIPS_BACKWARD: the strips' gradient */
     float *out, *gah, *gaw;             /* out: the output, the strips (CA_STRIPS) or grad_x (NULL: none) */
+    /* CA_MLP_*: the MLP on the strips in training, see ca_run_mlp_conv1 */
+    const float *grad_w;                /* CA_MLP_GATES_BACKWARD: a_w's gradient (grad: a_h's) */
+    float *y1, *z, *hh, *gz;            /* (N, rd, L) each */
+    float *out_w;                       /* CA_MLP_GATES: a_w (out: a_h) */
+    float *partial;                     /* the weights' gradients, a row of partial_stride a thread */
+    int64_t partial_stride;
     int64_t first, last, c, h, w, rd;   /* samples [first, last) */
     int channels_last, status;
     /* CA_BLOCK with fewer samples than threads: a team shares each sample, thread `rank` of `size`
      * taking a range of every step, with a barrier between steps and one workspace for all */
     int rank, size;
+    int thread; /* this thread's number among those sharing the samples: its row of `partial` */
     void (*barrier)(void);
     float *workspace;
 };
@@ -786,12 +842,12 @@ CA_INLINE void ca_block(struct ca_job *job, const int channels_last) {
         }
         if (job->barrier) job->barrier();
         if (channels_last)
-            ca_conv1(s, y, c, len, job->w1, job->b1, r0, r1);
+            ca_conv1(s, y, c, len, len, job->w1, c, job->b1, r0, r1, 1);
         else
             ca_conv1_strips(t, y, c, lp, job->w1, job->b1, r0, r1);
         if (job->barrier) job->barrier();
         if (channels_last)
-            ca_gate_convs(y, a, c, h, w, rd, job->wg, job->bg, c0, c1);
+            ca_gate_convs(y, a, a + h * c, c, h, w, rd, job->wg, 2 * c, c, job->bg, c0, c1, 1);
         else /* into the rows of t this thread pooled: the strips are read by now (the barrier above) */
             ca_gate_strips(y, t, c, hp, lp, rd, job->wg, job->bg, c0, c1);
         /* no barrier after the product: the next sample's pooling writes only this thread's share of
@@ -898,6 +954,95 @@ static void ca_run_strips_backward_nchw(struct ca_job *job) { ca_strips_backward
 CA_TARGET_CLONES_WIDE
 static void ca_run_strips_backward_nhwc(struct ca_job *job) { ca_strips_backward_job(job, 1); }
 
+/* The MLP on the strips in training, a sample's strips s (L, C) at a time: y1 (rd, L) = conv1(s)
+ * (CA_MLP_CONV1); then, with the norm's output z (batch statistics span samples: torch's batch norm
+ * computes z between the calls), hh = hardswish(z) and the gates a_h (H, C), a_w (W, C) = sigmoid of
+ * the gate convs of hh (CA_MLP_GATES). Backward: from the gates' gradients, the gradients of z and of
+ * the gate convs' weights and biases (CA_MLP_GATES_BACKWARD); then, from y1's (torch's batch norm
+ * backward), those of s and of conv1's weight and bias (CA_MLP_CONV1_BACKWARD). Weights as the
+ * inference kernel takes them: w1 (rd, C), wg (rd, 2C) = [w_h^T | w_w^T], bg (2C). The weights'
+ * gradients are sums over samples: each thread sums its samples' into its own row of `partial`,
+ * and ca_sum_rows adds the rows into the first. */
+CA_TARGET_CLONES_WIDE
+static void ca_run_mlp_conv1(struct ca_job *job) {
+    const int64_t c = job->c, len = job->h + job->w, rd = job->rd;
+    for (int64_t b = job->first; b < job->last; b++)
+        ca_conv1(job->x + b * len * c, job->y1 + b * rd * len, c, len, len, job->w1, c, job->b1, 0, rd, 0);
+}
+
+CA_TARGET_CLONES_WIDE
+static void ca_run_mlp_gates(struct ca_job *job) {
+    const int64_t c = job->c, h = job->h, w = job->w, len = h + w, rd = job->rd;
+    for (int64_t b = job->first; b < job->last; b++) {
+        const float *z = job->z + b * rd * len;
+        float *hh = job->hh + b * rd * len;
+#pragma omp simd
+        for (int64_t k = 0; k < rd * len; k++) hh[k] = ca_hardswish(z[k]);
+        ca_gate_convs(hh, job->out + b * h * c, job->out_w + b * w * c, c, h, w, rd, job->wg, 2 * c, c, job->bg, 0,
+                      c, 1);
+    }
+}
+
+/* partial row: [wg's gradient (rd x 2C) | bg's (2C)]; x: the gate convs' outputs' gradient (L, C) */
+CA_TARGET_CLONES_WIDE
+static void ca_run_mlp_gates_backward(struct ca_job *job) {
+    const int64_t c = job->c, h = job->h, w = job->w, len = h + w, rd = job->rd;
+    float *gwg = job->partial + job->thread * job->partial_stride, *gbg = gwg + rd * 2 * c;
+    for (int64_t k = 0; k < job->partial_stride; k++) gwg[k] = 0.0f;
+    for (int64_t b = job->first; b < job->last; b++) {
+        const float *z = job->z + b * rd * len, *hh = job->hh + b * rd * len;
+        float *gp = job->out + b * len * c, *gz = job->gz + b * rd * len;
+        for (int part = 0; part < 2; part++) { /* sigmoid's gradient, as torch's: grad * (1 - a) * a */
+            const int64_t size = (part ? w : h) * c, at = part ? h * c : 0;
+            const float *g = (part ? job->grad_w + b * w * c : job->grad + b * h * c);
+            const float *a = (part ? job->aw + b * w * c : job->ah + b * h * c);
+#pragma omp simd
+            for (int64_t k = 0; k < size; k++) gp[at + k] = g[k] * (1.0f - a[k]) * a[k];
+        }
+        ca_conv1(gp, gz, c, h, len, job->wg, 2 * c, NULL, 0, rd, 0);
+        ca_conv1(gp + h * c, gz + h, c, w, len, job->wg + c, 2 * c, NULL, 0, rd, 0);
+#pragma omp simd
+        for (int64_t k = 0; k < rd * len; k++) /* hard-swish's, as torch's */
+            gz[k] = z[k] < -3.0f ? 0.0f : (z[k] <= 3.0f ? gz[k] * (z[k] / 3.0f + 0.5f) : gz[k]);
+        ca_outer_sums(hh, len, gp, c, h, rd, gwg, 2 * c);
+        ca_outer_sums(hh + h, len, gp + h * c, c, w, rd, gwg + c, 2 * c);
+        for (int64_t l = 0; l < len; l++) {
+            float *gb = gbg + (l < h ? 0 : c);
+            const float *gl = gp + l * c;
+#pragma omp simd
+            for (int64_t k = 0; k < c; k++) gb[k] += gl[k];
+        }
+    }
+}
+
+/* gz: y1's gradient; partial row: [w1's gradient (rd x C) | b1's (rd)] */
+CA_TARGET_CLONES_WIDE
+static void ca_run_mlp_conv1_backward(struct ca_job *job) {
+    const int64_t c = job->c, h = job->h, w = job->w, len = h + w, rd = job->rd;
+    float *gw1 = job->partial + job->thread * job->partial_stride, *gb1 = gw1 + rd * c;
+    for (int64_t k = 0; k < job->partial_stride; k++) gw1[k] = 0.0f;
+    for (int64_t b = job->first; b < job->last; b++) {
+        const float *gy = job->gz + b * rd * len;
+        float *gs = job->out + b * len * c;
+        for (int64_t r = 0; r < rd; r++) {
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t l = 0; l < len; l++) sum += gy[r * len + l];
+            gb1[r] += sum;
+        }
+        ca_gate_convs(gy, gs, gs + h * c, c, h, w, rd, job->w1, c, 0, NULL, 0, c, 0);
+        ca_outer_sums(gy, len, job->x + b * len * c, c, len, rd, gw1, c);
+    }
+}
+
+/* the partial rows of the threads that shared n samples (ca_split's) summed into the first */
+static void ca_sum_rows(float *partial, int64_t width, int64_t n, int threads) {
+    if (threads > CA_MAX_THREADS) threads = CA_MAX_THREADS;
+    const int64_t rows = threads < n ? threads : n;
+    for (int64_t i = 1; i < rows; i++)
+        for (int64_t k = 0; k < width; k++) partial[k] += partial[i * width + k];
+}
+
 /* each op's kernel by layout (contiguous, channels_last) */
 static void (*const ca_kernels[][2])(struct ca_job *) = {
     [CA_BLOCK] = {ca_run_block_nchw, ca_run_block_nhwc},
@@ -905,6 +1050,11 @@ static void (*const ca_kernels[][2])(struct ca_job *) = {
     [CA_GATE_BACKWARD] = {ca_run_gate_backward_nchw, ca_run_gate_backward_nhwc},
     [CA_STRIPS] = {ca_run_strips_nchw, ca_run_strips_nhwc},
     [CA_STRIPS_BACKWARD] = {ca_run_strips_backward_nchw, ca_run_strips_backward_nhwc},
+    /* (L, C) strips whatever the input's layout */
+    [CA_MLP_CONV1] = {ca_run_mlp_conv1, ca_run_mlp_conv1},
+    [CA_MLP_GATES] = {ca_run_mlp_gates, ca_run_mlp_gates},
+    [CA_MLP_GATES_BACKWARD] = {ca_run_mlp_gates_backward, ca_run_mlp_gates_backward},
+    [CA_MLP_CONV1_BACKWARD] = {ca_run_mlp_conv1_backward, ca_run_mlp_conv1_backward},
 };
 
 static void ca_run(struct ca_job *job) {
@@ -954,6 +1104,7 @@ static void ca_parallel_body(void *data) {
     } else {
         job.first = p->n * rank / size;
         job.last = p->n * (rank + 1) / size;
+        job.thread = rank;
     }
     ca_run(&job);
     __atomic_or_fetch(&p->status, job.status, __ATOMIC_RELAXED);
@@ -975,6 +1126,7 @@ static int ca_split_pthreads(struct ca_job base, int64_t n, int threads) {
         jobs[i] = base;
         jobs[i].first = n * i / threads;
         jobs[i].last = n * (i + 1) / threads;
+        jobs[i].thread = i;
         jobs[i].status = -1;
     }
     for (int i = 1; i < threads; i++)
@@ -999,6 +1151,7 @@ static int ca_split(struct ca_job base, int64_t n, int threads) {
     base.last = n;
     base.rank = 0;
     base.size = 1;
+    base.thread = 0;
     if (threads <= 1) {
         ca_run(&base);
         return base.status;
@@ -1037,7 +1190,7 @@ static void ca_prefer_huge_pages(float *out, int64_t floats) {
 static PyObject *ca_call(struct ca_job job, int64_t n, int threads) {
     int status;
     ca_resolve_omp(); /* with the GIL held: once */
-    if (job.op != CA_STRIPS && job.out != NULL && job.out != job.x) /* a full-size output */
+    if (job.op <= CA_STRIPS_BACKWARD && job.op != CA_STRIPS && job.out != NULL && job.out != job.x) /* a full-size output */
         ca_prefer_huge_pages(job.out, n * job.c * job.h * job.w);
     Py_BEGIN_ALLOW_THREADS
     status = ca_split(job, n, threads);
@@ -1120,6 +1273,69 @@ static PyObject *strips_backward(PyObject *Py_UNUSED(self), PyObject *args) {
     return ca_call(job, n, threads);
 }
 
+static PyObject *mlp_conv1(PyObject *Py_UNUSED(self), PyObject *args) {
+    unsigned long long s, y1, w1, b1;
+    long long n, c, h, w, rd;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KKKKLLLLLi", &s, &y1, &w1, &b1, &n, &c, &h, &w, &rd, &threads)) return NULL;
+    struct ca_job job = {
+        .op = CA_MLP_CONV1, .x = CA_PTR(const float, s), .y1 = CA_PTR(float, y1),
+        .w1 = CA_PTR(const float, w1), .b1 = CA_PTR(const float, b1), .c = c, .h = h, .w = w, .rd = rd,
+    };
+    return ca_call(job, n, threads);
+}
+
+static PyObject *mlp_gates(PyObject *Py_UNUSED(self), PyObject *args) {
+    unsigned long long z, hh, a_h, a_w, wg, bg;
+    long long n, c, h, w, rd;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KKKKKKLLLLLi", &z, &hh, &a_h, &a_w, &wg, &bg, &n, &c, &h, &w, &rd, &threads))
+        return NULL;
+    struct ca_job job = {
+        .op = CA_MLP_GATES, .z = CA_PTR(float, z), .hh = CA_PTR(float, hh), .out = CA_PTR(float, a_h),
+        .out_w = CA_PTR(float, a_w), .wg = CA_PTR(const float, wg), .bg = CA_PTR(const float, bg),
+        .c = c, .h = h, .w = w, .rd = rd,
+    };
+    return ca_call(job, n, threads);
+}
+
+static PyObject *mlp_call_summed(struct ca_job job, int64_t n, int threads) {
+    PyObject *result = ca_call(job, n, threads);
+    if (result != NULL) ca_sum_rows(job.partial, job.partial_stride, n, threads);
+    return result;
+}
+
+static PyObject *mlp_gates_backward(PyObject *Py_UNUSED(self), PyObject *args) {
+    unsigned long long grad_a_h, grad_a_w, a_h, a_w, z, hh, wg, grad_p, gz, partial;
+    long long n, c, h, w, rd;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKKLLLLLi", &grad_a_h, &grad_a_w, &a_h, &a_w, &z, &hh, &wg, &grad_p, &gz,
+                          &partial, &n, &c, &h, &w, &rd, &threads))
+        return NULL;
+    struct ca_job job = {
+        .op = CA_MLP_GATES_BACKWARD, .grad = CA_PTR(const float, grad_a_h), .grad_w = CA_PTR(const float, grad_a_w),
+        .ah = CA_PTR(const float, a_h), .aw = CA_PTR(const float, a_w), .z = CA_PTR(float, z),
+        .hh = CA_PTR(float, hh), .wg = CA_PTR(const float, wg), .out = CA_PTR(float, grad_p),
+        .gz = CA_PTR(float, gz), .partial = CA_PTR(float, partial), .partial_stride = rd * 2 * c + 2 * c,
+        .c = c, .h = h, .w = w, .rd = rd,
+    };
+    return mlp_call_summed(job, n, threads);
+}
+
+static PyObject *mlp_conv1_backward(PyObject *Py_UNUSED(self), PyObject *args) {
+    unsigned long long grad_y1, s, w1, grad_s, partial;
+    long long n, c, h, w, rd;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KKKKKLLLLLi", &grad_y1, &s, &w1, &grad_s, &partial, &n, &c, &h, &w, &rd, &threads))
+        return NULL;
+    struct ca_job job = {
+        .op = CA_MLP_CONV1_BACKWARD, .gz = CA_PTR(float, grad_y1), .x = CA_PTR(const float, s),
+        .w1 = CA_PTR(const float, w1), .out = CA_PTR(float, grad_s), .partial = CA_PTR(float, partial),
+        .partial_stride = rd * c + rd, .c = c, .h = h, .w = w, .rd = rd,
+    };
+    return mlp_call_summed(job, n, threads);
+}
+
 static PyObject *threading(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args)) {
     ca_resolve_omp();
     return PyUnicode_FromString(ca_omp.parallel != NULL ? "openmp" : "pthreads");
@@ -1143,6 +1359,18 @@ static PyMethodDef methods[] = {
     {"strips_backward", strips_backward, METH_VARARGS,
      "strips_backward(grad_strips, grad, a_h, a_w, grad_x, n, c, h, w, channels_last, threads): grad_x of "
      "the strips, plus (grad * a_h) * a_w where grad is not 0"},
+    {"mlp_conv1", mlp_conv1, METH_VARARGS,
+     "mlp_conv1(s, y1, w1, b1, n, c, h, w, rd, threads): y1 (N, rd, L) = conv1 of the strips s (N, L, C)"},
+    {"mlp_gates", mlp_gates, METH_VARARGS,
+     "mlp_gates(z, hh, a_h, a_w, w_gates_t, b_gates, n, c, h, w, rd, threads): hh = hardswish(z), the gates "
+     "a_h (N, H, C) and a_w (N, W, C) = sigmoid of the gate convs of hh"},
+    {"mlp_gates_backward", mlp_gates_backward, METH_VARARGS,
+     "mlp_gates_backward(grad_a_h, grad_a_w, a_h, a_w, z, hh, w_gates_t, grad_p, grad_z, partial, n, c, h, w, "
+     "rd, threads): grad_z, and the gate convs' weight and bias gradients in partial's first row (grad_p (N, "
+     "L, C): the gate convs' outputs' gradient)"},
+    {"mlp_conv1_backward", mlp_conv1_backward, METH_VARARGS,
+     "mlp_conv1_backward(grad_y1, s, w1, grad_s, partial, n, c, h, w, rd, threads): the strips' gradient "
+     "grad_s (N, L, C), conv1's weight and bias gradients in partial's first row"},
     {NULL, NULL, 0, NULL},
 };
 
