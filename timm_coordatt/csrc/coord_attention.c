@@ -232,7 +232,7 @@ CA_INLINE void ca_pool_nhwc(const float *x, float *s, float *sw, int64_t c, int6
     }
 }
 
-/* y[r, l] = hardswish(acc + b1[r]), y's rows `stride` apart */
+/* y[r, l] = acc + b1[r], through hard-swish if `act`, y's rows `stride` apart */
 CA_INLINE void ca_conv1_out(float *y, int64_t stride, const float *b1, int64_t r, int64_t l, float acc, const int act) {
     const float v = acc + (b1 ? b1[r] : 0.0f);
     y[r * stride + l] = act ? ca_hardswish(v) : v;
