@@ -193,17 +193,22 @@ class _StripMLP(torch.autograd.Function):
             return z
 
         y1, z, hh, a_h, a_w = native.strip_mlp_forward(s, h, w1.reshape(rd, c), b1, norm, w_gates_t, b_gates)
-        ctx.save_for_backward(strips, w1, b1, bn_weight, bn_bias, w_h, b_h, w_w, b_w, s, y1, z, hh, a_h, a_w,
-                              w_gates_t, *statistics)
-        return a_h.transpose(1, 2).unsqueeze(3), a_w.transpose(1, 2).unsqueeze(2)
+        a_h, a_w = a_h.transpose(1, 2).unsqueeze(3), a_w.transpose(1, 2).unsqueeze(2)
+        if strips.stride(1) != 1:  # contiguous strips, of a contiguous x: its gates too, which the product keeps
+            a_h, a_w = a_h.contiguous(), a_w.contiguous()
+        # the strips (N, L, C) and the gates (N, H, C), (N, W, C) as backward takes them are copies or views
+        # of these: nothing full of the strips' size saved twice
+        ctx.save_for_backward(strips, w1, b1, bn_weight, bn_bias, w_h, b_h, w_w, b_w, y1, z, hh, a_h, a_w, w_gates_t,
+                              *statistics)
+        return a_h, a_w
 
     @staticmethod
     def backward(ctx, grad_a_h: torch.Tensor, grad_a_w: torch.Tensor):
         if torch.is_grad_enabled():  # double backward: differentiable ops
             return _StripMLP._differentiable_backward(ctx, grad_a_h, grad_a_w)
-        strips, w1, b1, bn_weight, bn_bias, w_h, b_h, w_w, b_w, s, y1, z, hh, a_h, a_w, w_gates_t, *statistics = \
+        strips, w1, b1, bn_weight, bn_bias, w_h, b_h, w_w, b_w, y1, z, hh, a_h, a_w, w_gates_t, *statistics = \
             ctx.saved_tensors
-        c, rd = s.shape[2], w1.shape[0]
+        c, rd = strips.shape[1], w1.shape[0]
 
         def norm_backward(grad_z: torch.Tensor) -> torch.Tensor:
             if not ctx.bn:
@@ -213,10 +218,10 @@ class _StripMLP(torch.autograd.Function):
                 [True, bn_weight is not None, bn_bias is not None])
             return ctx.grad_bn[0]
 
-        # (N, C, H, 1) gradients laid out channels_last are (N, H, C) already: no copies
+        # (N, C, H, 1) tensors laid out channels_last are (N, H, C) already: no copies
         grad_s, grad_w1, grad_b1, grad_w_gates_t, grad_b_gates = native.strip_mlp_backward(
-            grad_a_h.squeeze(3).transpose(1, 2).contiguous(), grad_a_w.squeeze(2).transpose(1, 2).contiguous(),
-            a_h, a_w, z, hh, s, norm_backward, w1.reshape(rd, c), w_gates_t)
+            *(g.flatten(2).transpose(1, 2).contiguous() for g in (grad_a_h, grad_a_w, a_h, a_w)), z, hh,
+            strips.transpose(1, 2).contiguous(), norm_backward, w1.reshape(rd, c), w_gates_t)
         grad_bn_weight, grad_bn_bias = ctx.grad_bn[1:] if ctx.bn else (None, None)
         grad_b_h, grad_b_w = (None, None) if b_h is None else grad_b_gates.split([c, c])
         return (grad_s.transpose(1, 2), None, None, grad_w1.view(w1.shape), None if b1 is None else grad_b1,
@@ -227,7 +232,7 @@ class _StripMLP(torch.autograd.Function):
     def _differentiable_backward(ctx, grad_a_h: torch.Tensor, grad_a_w: torch.Tensor):
         inputs = ctx.saved_tensors[:9]  # strips, w1, b1, bn_weight, bn_bias, w_h, b_h, w_w, b_w
         strips, w1, b1, bn_weight, bn_bias, w_h, b_h, w_w, b_w = inputs
-        h = ctx.saved_tensors[13].shape[1]
+        h = ctx.saved_tensors[12].shape[2]
         y = _conv1x1(strips, w1.flatten(1), b1)
         if ctx.bn:  # batch statistics again, or the running ones, without updating them
             y = F.batch_norm(y, *ctx.running, bn_weight, bn_bias, ctx.training, 0.0, ctx.eps)
