@@ -3,7 +3,8 @@
 For each pair, a batch-32 training step (forward, cross-entropy, backward, SGD step) of the baseline, of
 the CA model with the strip MLP in the C kernels (as it trains by default) and of the same CA model
 with that MLP in PyTorch ops (the pooling and product stay in their kernels), calls in turn; then the
-MLP alone, forward and backward, at each CA block's shape, both ways:
+MLP alone, forward and backward, at each CA block's shape, both ways (the kernels at every block: in
+training, contiguous inputs take them only where H + W <= `CoordAttention.native_mlp_contiguous_max_hw`):
 
     python benchmarks/strip_mlp_ab.py [--rounds 12] [--threads 2] [--channels-last]
         [--pairs mobilenetv2_ca:mobilenetv2_100 ...]
@@ -27,7 +28,7 @@ _native_mlp = CoordAttention._native_mlp
 
 def _set_native_mlp(on: bool) -> None:
     """The C strip MLP where the block supports it (on), or the PyTorch ops (off)."""
-    CoordAttention._native_mlp = _native_mlp if on else (lambda self: False)
+    CoordAttention._native_mlp = _native_mlp if on else (lambda self, x: False)
 
 
 def _training_step(name: str, memory_format: torch.memory_format, native_mlp: bool):

@@ -448,15 +448,16 @@ def test_strip_mlp_kernels_match_pytorch(shape, threads, channels_last, bias, no
             torch.testing.assert_close(got[3][name], want[3][name], rtol=1e-5, atol=1e-6, msg=lambda e: f'{name}: {e}')
 
 
-@pytest.mark.parametrize('channels_last', [False, True])
-def test_training_runs_the_strip_mlp_in_the_kernels(channels_last):
+@pytest.mark.parametrize('channels_last,size,kernels', [(False, 9, True), (True, 9, True), (False, 15, False),
+                                                          (True, 15, True)])
+def test_training_runs_the_strip_mlp_in_the_kernels(channels_last, size, kernels):
     """No matmul, conv, activation or norm op of the strips' MLP but torch's batch norm, forward and backward;
-    PyTorch's ops where the block has other layers."""
+    PyTorch's ops where the block has other layers, and for contiguous inputs with H + W over 28."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(4, 32, 9, 7).contiguous(memory_format=memory_format).requires_grad_()
+    x = torch.randn(4, 32, size, size + 1).contiguous(memory_format=memory_format).requires_grad_()
     mlp_ops = {'bmm', 'baddbmm', 'mm', 'addmm', 'convolution', 'sigmoid', 'hardswish', 'sigmoid_backward',
                'hardswish_backward'}
-    for layers, expect_kernels in (({}, True), ({'act_layer': nn.ReLU}, False), ({'norm_layer': GroupNorm1}, False)):
+    for layers, expect_kernels in (({}, kernels), ({'act_layer': nn.ReLU}, False), ({'norm_layer': GroupNorm1}, False)):
         m = _randomised(CoordAttention(32, **layers)).train()
         with _AtenOps() as mode:
             m(x).backward(torch.randn_like(x))

@@ -510,6 +510,10 @@ class CoordAttention(nn.Module):
     # kernels (timm_coordatt/native.py) where they are built; False (on an instance or the class)
     # runs PyTorch ops throughout.
     use_native_kernel = True
+    # Contiguous inputs train the MLP on the strips in the C kernels (channels_last ones always) where
+    # H + W is at most this: their strips and gates are transposed to and from the kernels' (H + W, C)
+    # rows, which on larger maps costs more than the kernels save (0.73-0.92x at 28x28 and 56x56).
+    native_mlp_contiguous_max_hw = 28
 
     def __init__(
             self,
@@ -602,11 +606,13 @@ class CoordAttention(nn.Module):
         return (self.use_native_kernel and torch.is_grad_enabled() and _is_eager(x)  # eager first: FX proxies
                 and x.requires_grad and native.strips_supported(x))
 
-    def _native_mlp(self) -> bool:
+    def _native_mlp(self, x: torch.Tensor) -> bool:
         """Whether training runs the MLP on the strips in the C kernels: the paper's activations, batch norm
-        or none, float32 CPU weights and no CPU autocast (which would run the convs in bfloat16)."""
+        or none, float32 CPU weights, no CPU autocast (which would run the convs in bfloat16), and x
+        channels_last or its H + W small."""
         bn = self.bn1
-        return (self._native_activations() and (type(bn) is nn.BatchNorm2d or type(bn) is nn.Identity)
+        return ((_is_channels_last(x) or x.shape[2] + x.shape[3] <= self.native_mlp_contiguous_max_hw)
+                and self._native_activations() and (type(bn) is nn.BatchNorm2d or type(bn) is nn.Identity)
                 and self.conv1.weight.dtype == torch.float32 and self.conv1.weight.is_cpu
                 and not _autocast_on_cpu())
 
@@ -638,7 +644,7 @@ class CoordAttention(nn.Module):
         _check_input(x, self.channels)
         gate_gradient = _GateGradient()
         strips = _StripPool.apply(x, gate_gradient)
-        if self._native_mlp():
+        if self._native_mlp(x):
             bn = self.bn1 if isinstance(self.bn1, nn.BatchNorm2d) else None
             a_h, a_w = _StripMLP.apply(
                 strips, x.shape[2], bn, self.conv1.weight, self.conv1.bias, None if bn is None else bn.weight,
