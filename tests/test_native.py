@@ -489,8 +489,11 @@ def test_gate_backward_falls_back_for_other_gradient_layouts():
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_double_backward_runs_pytorch_ops():
+@pytest.mark.parametrize('frozen_norm', [False, True])
+def test_double_backward_runs_pytorch_ops(frozen_norm):
     m = _randomised(CoordAttention(16)).train()
+    if frozen_norm:
+        m.bn1.eval()
     x = torch.randn(2, 16, 5, 4, requires_grad=True)
     grads = {}
     for use_native in (True, False):

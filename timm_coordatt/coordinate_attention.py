@@ -161,8 +161,8 @@ class _StripMLP(torch.autograd.Function):
     norm or none, hard-swish, sigmoid): the convs, activations and their backward in the C kernels
     (`native.strip_mlp_forward`, `strip_mlp_backward`), the norm in torch's batch norm ops, where
     autograd ran a dozen small ops a block forward and more backward (batched matmuls of a few
-    thousand multiply-adds, copies, weight gradients per sample summed after). The gates come out
-    with C contiguous (as channels_last x takes them). Double backward runs the PyTorch ops."""
+    thousand multiply-adds, copies, weight gradients per sample summed after). The gates come out in
+    the strips' layout, as the product takes them. Double backward runs the PyTorch ops."""
 
     @staticmethod
     def forward(ctx, strips: torch.Tensor, h: int, bn: Optional[nn.BatchNorm2d], w1: torch.Tensor,
@@ -234,8 +234,9 @@ class _StripMLP(torch.autograd.Function):
         strips, w1, b1, bn_weight, bn_bias, w_h, b_h, w_w, b_w = inputs
         h = ctx.saved_tensors[12].shape[2]
         y = _conv1x1(strips, w1.flatten(1), b1)
-        if ctx.bn:  # batch statistics again, or the running ones, without updating them
-            y = F.batch_norm(y, *ctx.running, bn_weight, bn_bias, ctx.training, 0.0, ctx.eps)
+        if ctx.bn:  # batch statistics again (no running ones to update), or the running ones
+            running = (None, None) if ctx.training else ctx.running
+            y = F.batch_norm(y, *running, bn_weight, bn_bias, ctx.training, 0.0, ctx.eps)
         y = F.hardswish(y)
         a_h = torch.sigmoid(_conv1x1(y[:, :, :h], w_h.flatten(1), b_h)).unsqueeze(3)
         a_w = torch.sigmoid(_conv1x1(y[:, :, h:], w_w.flatten(1), b_w)).unsqueeze(2)

@@ -257,13 +257,13 @@ def strip_mlp_backward(
         (n, h, c), (n, length - h, c)) * 2 + ((n, rd, length),) * 2)
     threads, rows = torch.get_num_threads(), _partial_rows(n)
     grad_p, grad_z = torch.empty_like(s), torch.empty_like(z)
-    gates_sums = s.new_empty((rows, rd * 2 * c + 2 * c))
+    gates_sums = s.new_zeros((rows, rd * 2 * c + 2 * c))
     _native.mlp_gates_backward(grad_a_h.data_ptr(), grad_a_w.data_ptr(), a_h.data_ptr(), a_w.data_ptr(), z.data_ptr(),
                                hh.data_ptr(), w_gates_t.data_ptr(), grad_p.data_ptr(), grad_z.data_ptr(),
                                gates_sums.data_ptr(), n, c, h, length - h, rd, threads)
     grad_y1 = norm_backward(grad_z).contiguous()
     grad_s = grad_p  # read by now: its buffer takes the strips' gradient
-    conv1_sums = s.new_empty((rows, rd * c + rd))
+    conv1_sums = s.new_zeros((rows, rd * c + rd))
     _native.mlp_conv1_backward(grad_y1.data_ptr(), s.data_ptr(), w1.data_ptr(), grad_s.data_ptr(),
                                conv1_sums.data_ptr(), n, c, h, length - h, rd, threads)
     grad_w_gates_t, grad_b_gates = gates_sums[0].split([rd * 2 * c, 2 * c])

@@ -961,8 +961,9 @@ static void ca_run_strips_backward_nhwc(struct ca_job *job) { ca_strips_backward
  * the gate convs' weights and biases (CA_MLP_GATES_BACKWARD); then, from y1's (torch's batch norm
  * backward), those of s and of conv1's weight and bias (CA_MLP_CONV1_BACKWARD). Weights as the
  * inference kernel takes them: w1 (rd, C), wg (rd, 2C) = [w_h^T | w_w^T], bg (2C). The weights'
- * gradients are sums over samples: each thread sums its samples' into its own row of `partial`,
- * and ca_sum_rows adds the rows into the first. */
+ * gradients are sums over samples: each thread adds its samples' to its own row of `partial` (zeros,
+ * a row for each thread asked for: the OpenMP runtime may start fewer), and ca_sum_rows adds the rows
+ * into the first. */
 CA_TARGET_CLONES_WIDE
 static void ca_run_mlp_conv1(struct ca_job *job) {
     const int64_t c = job->c, len = job->h + job->w, rd = job->rd;
@@ -988,7 +989,6 @@ CA_TARGET_CLONES_WIDE
 static void ca_run_mlp_gates_backward(struct ca_job *job) {
     const int64_t c = job->c, h = job->h, w = job->w, len = h + w, rd = job->rd;
     float *gwg = job->partial + job->thread * job->partial_stride, *gbg = gwg + rd * 2 * c;
-    for (int64_t k = 0; k < job->partial_stride; k++) gwg[k] = 0.0f;
     for (int64_t b = job->first; b < job->last; b++) {
         const float *z = job->z + b * rd * len, *hh = job->hh + b * rd * len;
         float *gp = job->out + b * len * c, *gz = job->gz + b * rd * len;
@@ -1020,7 +1020,6 @@ CA_TARGET_CLONES_WIDE
 static void ca_run_mlp_conv1_backward(struct ca_job *job) {
     const int64_t c = job->c, h = job->h, w = job->w, len = h + w, rd = job->rd;
     float *gw1 = job->partial + job->thread * job->partial_stride, *gb1 = gw1 + rd * c;
-    for (int64_t k = 0; k < job->partial_stride; k++) gw1[k] = 0.0f;
     for (int64_t b = job->first; b < job->last; b++) {
         const float *gy = job->gz + b * rd * len;
         float *gs = job->out + b * len * c;
