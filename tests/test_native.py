@@ -474,6 +474,8 @@ def test_strip_mlp_kernels_check_their_arguments():
         native.strip_mlp_forward(s, 4, w1, None, lambda y: y, torch.randn(32, 8), None)
     with pytest.raises(ValueError, match=r'expected s a contiguous float32 CPU tensor'):
         native.strip_mlp_forward(s.double(), 4, w1, None, lambda y: y, torch.randn(8, 32), None)
+    with pytest.raises(ValueError, match=r'expected z a contiguous float32 CPU tensor of shape \(2, 8, 9\)'):
+        native.strip_mlp_forward(s, 4, w1, None, lambda y: y[:, :4], torch.randn(8, 32), None)
 
 
 def test_gate_backward_falls_back_for_other_gradient_layouts():

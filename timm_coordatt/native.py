@@ -237,6 +237,7 @@ def strip_mlp_forward(
     y1 = s.new_empty((n, rd, length))
     _native.mlp_conv1(s.data_ptr(), y1.data_ptr(), w1.data_ptr(), _address(b1), n, c, h, length - h, rd, threads)
     z = norm(y1).contiguous()
+    _check_mlp(z=z, shapes=((n, rd, length),))
     hh, a_h, a_w = torch.empty_like(y1), s.new_empty((n, h, c)), s.new_empty((n, length - h, c))
     _native.mlp_gates(z.data_ptr(), hh.data_ptr(), a_h.data_ptr(), a_w.data_ptr(), w_gates_t.data_ptr(),
                       _address(b_gates), n, c, h, length - h, rd, threads)
