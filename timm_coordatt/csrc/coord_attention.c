@@ -984,7 +984,7 @@ static void ca_run_mlp_gates(struct ca_job *job) {
     }
 }
 
-/* partial row: [wg's gradient (rd x 2C) | bg's (2C)]; x: the gate convs' outputs' gradient (L, C) */
+/* partial row: [wg's gradient (rd x 2C) | bg's (2C)]; out: the gate convs' outputs' gradient (L, C) */
 CA_TARGET_CLONES_WIDE
 static void ca_run_mlp_gates_backward(struct ca_job *job) {
     const int64_t c = job->c, h = job->h, w = job->w, len = h + w, rd = job->rd;
