@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrizations, parametrize, prune
 
 from authors_coordatt import AuthorsCoordAtt
 from timm.layers import GroupNorm1
@@ -180,6 +181,72 @@ def test_inference_follows_parameter_changes(inference_kernel):
     authors.double()
     x = x.double()
     check()
+
+
+class _Doubled(nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return 2 * weight
+
+
+class _RoundingConv(nn.Conv2d):
+    """A conv whose forward changes its weight, as quantization-aware training's do."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, torch.round(self.weight, decimals=1), self.bias)
+
+
+def _prune(m: nn.Module) -> None:
+    for conv in (m.conv1, m.conv_h, m.conv_w):
+        prune.l1_unstructured(conv, 'weight', amount=0.5)
+        prune.l1_unstructured(conv, 'bias', amount=0.3)
+
+
+def _parametrize(m: nn.Module) -> None:
+    parametrize.register_parametrization(m.conv_h, 'weight', _Doubled())
+    parametrize.register_parametrization(m.bn1, 'weight', _Doubled())
+
+
+def _weight_norm(m: nn.Module) -> None:
+    parametrizations.weight_norm(m.conv1)
+
+
+def _subclassed_conv(m: nn.Module) -> None:
+    conv = _RoundingConv(m.conv_w.in_channels, m.conv_w.out_channels, 1)
+    conv.load_state_dict(m.conv_w.state_dict())
+    m.conv_w = conv
+
+
+@pytest.mark.parametrize('transform', [_prune, _parametrize, _weight_norm, _subclassed_conv])
+@pytest.mark.parametrize('cached_first', [False, True])
+def test_layers_computing_their_weights(transform, cached_first, inference_kernel):
+    """Pruned, weight-normed, parametrized or subclassed layers compute their weights when called: the
+    block then calls them (training and inference), as the authors' block does, whether or not it had
+    folded the plain weights before (`cached_first`)."""
+    torch.manual_seed(0)
+    ours, authors = _pair(40)
+    x = torch.randn(3, 40, 6, 5)
+    if cached_first:
+        with torch.no_grad():
+            ours.eval()(x)
+    for m in (ours, authors):
+        transform(m)
+    for m in (ours, authors):  # two training steps: the masked or parametrized weights train
+        m.train()
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        for _ in range(2):
+            opt.zero_grad()
+            m(x.clone().requires_grad_()).square().sum().backward()
+            opt.step()
+    grads = [dict((name, p.grad) for name, p in m.named_parameters()) for m in (ours, authors)]
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], rtol=1e-4, atol=1e-4, msg=name)
+    for m in (ours, authors):
+        m.eval()
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        xm = x.contiguous(memory_format=memory_format)
+        with torch.inference_mode():
+            torch.testing.assert_close(ours(xm), authors(xm), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('kwargs', [

@@ -570,10 +570,16 @@ class CoordAttention(nn.Module):
         h, w = x.shape[-2:]
         if not torch.jit.is_scripting():
             if _compiling_for_inductor():
-                return self._gates_for_inductor(x, h, w)
+                # means and the block's own 1x1 convs: the eager formulation's strided sums and batched
+                # matmuls compile to slow kernels (MobileNetV2's compiled training step at 1.23-1.32x its
+                # baseline's, against 1.05-1.06x this way)
+                return self._gates_by_layers(torch.cat([x.mean(3), x.mean(2)], dim=2), h, w)
         return self._gates_of_strips(_pool_strips(x), h, w)
 
     def _gates_of_strips(self, y: torch.Tensor, h: int, w: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        if not torch.jit.is_scripting():
+            if not self._plain_layers():
+                return self._gates_by_layers(y, h, w)
         # The 1x1 convs as matmuls on the strips (same weights, flattened), with no transposes: the
         # norm sees the usual contiguous (N, C, L, 1) layout and so does its gradient. That matters:
         # CPU batch norm's backward is wrong when input and gradient differ in memory format, and
@@ -614,6 +620,7 @@ class CoordAttention(nn.Module):
         bn = self.bn1
         return ((_is_channels_last(x) or x.shape[2] + x.shape[3] <= self.native_mlp_contiguous_max_hw)
                 and self._native_activations() and (type(bn) is nn.BatchNorm2d or type(bn) is nn.Identity)
+                and self._plain_layers()
                 and self.conv1.weight.dtype == torch.float32 and self.conv1.weight.is_cpu
                 and not _autocast_on_cpu())
 
@@ -625,18 +632,30 @@ class CoordAttention(nn.Module):
         return (_compiled_kernel_available and not self.training and not torch.is_grad_enabled()
                 and _compiling_for_inductor()
                 and self.use_native_kernel and native.available()
-                and self._foldable_norm() and self._native_activations()
+                and self._foldable_norm() and self._native_activations() and self._plain_layers()
                 and x.dim() == 4 and x.shape[1] == self.channels and x.dtype == torch.float32 and x.device.type == 'cpu')
 
     @torch.jit.unused
-    def _gates_for_inductor(self, x: torch.Tensor, h: int, w: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """`gates` as torch.compile gets them best: means and the block's own 1x1 convs. The eager
-        formulation's strided sums and batched matmuls compile to slow kernels (MobileNetV2's compiled
-        training step at 1.23-1.32x its baseline's, against 1.05-1.06x this way)."""
-        y = torch.cat([x.mean(3), x.mean(2)], dim=2).unsqueeze(3)  # (N, C, H + W, 1)
-        y = self.act(self.bn1(self.conv1(y)))
+    def _gates_by_layers(self, y: torch.Tensor, h: int, w: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The gates of the strips `y` (N, C, H + W) by calling the block's layers, their hooks,
+        parametrizations and subclasses' forwards included."""
+        # contiguous: CPU batch norm's backward is wrong where its input and gradient differ in memory format
+        y = self.act(self.bn1(self.conv1(y.unsqueeze(3).contiguous())))
         y_h, y_w = torch.split(y, [h, w], dim=2)
         return self.gate(self.conv_h(y_h)), self.gate(self.conv_w(y_w)).transpose(2, 3)
+
+    @torch.jit.unused
+    def _plain_layers(self) -> bool:
+        """Whether the fast paths, which read the layers' weights rather than call the layers, compute
+        what the layers would: plain `nn.Conv2d`s (no quantization-aware subclass) whose weights and
+        biases are registered parameters, and a norm whose are, where it is folded or its statistics
+        read. Pruning (`torch.nn.utils.prune`), weight norm and parametrizations compute a weight when
+        the layer is called (pre-hook or property) and unregister the parameter."""
+        for conv in (self.conv1, self.conv_h, self.conv_w):
+            if type(conv) is not nn.Conv2d or 'weight' not in conv._parameters or 'bias' not in conv._parameters:
+                return False
+        bn = self.bn1
+        return type(bn) is not nn.BatchNorm2d or ('weight' in bn._parameters and 'bias' in bn._parameters)
 
     @torch.jit.unused
     def _forward_training(self, x: torch.Tensor) -> torch.Tensor:
@@ -702,29 +721,36 @@ class CoordAttention(nn.Module):
         return torch.mul(x, a_h, out=x if self.inplace else None).mul_(a_w)
 
     def _folded_params(self) -> Optional[_FoldedParams]:
-        """conv1 with bn1 folded in and conv_h, conv_w stacked; None for a norm that cannot be folded.
+        """conv1 with bn1 folded in and conv_h, conv_w stacked; None for a norm that cannot be folded
+        or layers whose weights are not plain parameters (`_plain_layers`).
 
         Cached while the layers and the source tensors stay the same objects at the same versions, so
-        in-place updates (optimizer steps, BN statistics, EMA) and replaced parameters or layers fold
-        again; so do moving the module (`_apply`) and loading a state dict. Parametrized weights,
-        computed anew on each access, and inference tensors (no versions) are never cached.
+        in-place updates (optimizer steps, BN statistics, EMA) and replaced or unregistered parameters
+        or layers fold again; so do moving the module (`_apply`) and loading a state dict. Writes
+        through `.data`, which PyTorch leaves out of the version counters, are not seen. Inference
+        tensors (no versions) are never cached.
         """
         cached = self._inference_params
-        # C loops (map) over the layers and tensors: in a network's forward they are out of the
-        # caches, and every step of a Python loop over them adds misses (docs/tools.md)
-        if (cached is not None and tuple(self._modules.values()) == cached.layers
-                and all(map(operator.is_, map(operator.getitem, cached.owners, cached.names), cached.sources))
-                and tuple(map(_tensor_version, cached.tensors)) == cached.versions):
-            return cached.params
-        if not self._foldable_norm():
+        if cached is not None:
+            # C loops (map) over the layers and tensors: in a network's forward they are out of the
+            # caches, and every step of a Python loop over them adds misses (docs/tools.md)
+            try:
+                current = (tuple(self._modules.values()) == cached.layers
+                           and all(map(operator.is_, map(operator.getitem, cached.owners, cached.names), cached.sources))
+                           and tuple(map(_tensor_version, cached.tensors)) == cached.versions)
+            except KeyError:  # a parameter unregistered since (pruning, a parametrization)
+                current = False
+            if current:
+                return cached.params
+        if not self._foldable_norm() or not self._plain_layers():
             return None
         params = self._fold(self.bn1)
         self._inference_params = self._fold_record(params)
         return params
 
     def _fold_record(self, params: _FoldedParams) -> Optional[_FoldRecord]:
-        """What `params` were folded from, read from the layers' own dicts; None where a weight is
-        computed on access (parametrized) or the tensors have no versions (built in inference mode)."""
+        """What `params` were folded from, read from the layers' own dicts; None where the tensors have
+        no versions (built in inference mode)."""
         modules = self._modules
         owners = [(modules[name]._parameters, key) for name in ('conv1', 'conv_h', 'conv_w') for key in ('weight', 'bias')]
         bn = modules['bn1']
@@ -735,7 +761,7 @@ class CoordAttention(nn.Module):
             sources = tuple(owner[name] for owner, name in owners)
             tensors = tuple(t for t in sources if t is not None)
             versions = tuple(map(_tensor_version, tensors))
-        except (KeyError, RuntimeError):
+        except RuntimeError:
             return None
         return _FoldRecord(tuple(modules.values()), tuple(o for o, _ in owners), tuple(n for _, n in owners),
                            sources, tensors, versions, params)
