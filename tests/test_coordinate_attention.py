@@ -249,6 +249,30 @@ def test_layers_computing_their_weights(transform, cached_first, inference_kerne
             torch.testing.assert_close(ours(xm), authors(xm), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('make_copy', [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))])
+def test_copies_fold_their_own_weights(make_copy, inference_kernel):
+    """A copy of a block that has folded its weights computes with its own: not with the original's
+    folded tensors, which the original frees or refolds. Parameters given to a block as they are
+    (`assign=True`: version 0, as a copy's; no norm, whose copied statistics are at version 1) once
+    let a copy's cache pass as current."""
+    authors = _randomise_(AuthorsCoordAtt(40, 40))
+    authors.bn1 = nn.Identity()
+    block = CoordAttention(40, norm_layer=None).eval()
+    block.load_state_dict({k: v.clone() for k, v in authors.state_dict().items()}, assign=True)
+    x = torch.randn(2, 40, 6, 5)
+    with torch.no_grad():
+        block(x)  # folds
+        twin = make_copy(block)
+        for t in block._inference_params.params:  # the original's folded weights, overwritten
+            if isinstance(t, torch.Tensor):
+                t.fill_(float('nan'))
+        if block._inference_params.params.native is not None:
+            for t in block._inference_params.params.native.tensors:
+                if t is not None:
+                    t.fill_(float('nan'))
+        torch.testing.assert_close(twin(x), authors.eval()(x), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize('kwargs', [
     dict(bias=False),
     dict(norm_layer=None),

@@ -560,6 +560,11 @@ class CoordAttention(nn.Module):
         _blocks_by_key[number] = self
         _blocks_by_key_address[self._kernel_key.data_ptr()] = self
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state['_inference_params'] = None  # the addresses of this block's folded weights: a copy folds its own
+        return state
+
     def __setstate__(self, state):
         super().__setstate__(state)
         self._register()  # a copy (`copy.deepcopy`, pickle) is a block of its own, not the original's
