@@ -11,9 +11,10 @@ first in turn), single images:
 Models are `settled` first (benchmarks/in_turn.py): one training-mode forward at batch 32, as the
 benchmark's warm-up leaves them (BN statistics, and the allocator's state, which moves batch 1 most).
 Prints the medians of the per-call times and the median of the per-call ratios to the baseline
-(calls taken next to each other share the machine's state).
+(calls taken next to each other share the machine's state). `--freeze-bn`: both models with their batch
+norms frozen after settling (`timm.layers.freeze_batch_norm_2d`), as detection backbones are fine-tuned.
 
-    python benchmarks/inference_split.py [--calls 150] [--threads 2] [--pairs mobilenetv2_ca:mobilenetv2_100 ...]
+    python benchmarks/inference_split.py [--calls 150] [--threads 2] [--freeze-bn] [--pairs mobilenetv2_ca:mobilenetv2_100 ...]
 """
 import argparse
 import copy
@@ -22,6 +23,7 @@ from typing import Callable, Dict
 
 import timm
 import torch
+from timm.layers import freeze_batch_norm_2d
 from torch import nn
 
 import timm_coordatt  # noqa: F401  (registers the models)
@@ -57,12 +59,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--calls', type=int, default=150, help='calls of each variant (default: %(default)s)')
     parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--freeze-bn', action='store_true',
+                        help='batch norms frozen (timm.layers.freeze_batch_norm_2d), as detection and '
+                             'segmentation backbones are fine-tuned')
     add_pairs_argument(parser)
     args = parser.parse_args()
     pairs = model_pairs(parser, args.pairs)
     torch.set_num_threads(args.threads)
     print(f'command: python benchmarks/inference_split.py --calls {args.calls} --threads {args.threads} '
-          f'--pairs {" ".join(args.pairs)}')
+          f'{"--freeze-bn " if args.freeze_bn else ""}--pairs {" ".join(args.pairs)}')
     print(f'torch {torch.__version__}, {args.threads} threads, batch 1, 224x224, '
           f'{args.calls} calls of each variant in turn')
     variants = ['baseline', 'ca', 'kernel_only', 'identity']
@@ -72,9 +77,10 @@ def main():
         for channels_last in (False, True):
             memory_format = torch.channels_last if channels_last else torch.contiguous_format
             torch.manual_seed(0)
-            ca = settled(timm.create_model(ca_name).to(memory_format=memory_format))
+            prepare = freeze_batch_norm_2d if args.freeze_bn else lambda model: model
+            ca = prepare(settled(timm.create_model(ca_name).to(memory_format=memory_format)))
             models: Dict[str, nn.Module] = {
-                'baseline': settled(timm.create_model(base_name).to(memory_format=memory_format)),
+                'baseline': prepare(settled(timm.create_model(base_name).to(memory_format=memory_format))),
                 'ca': ca,
                 'kernel_only': _replace_blocks(ca, _KernelOnly),
                 'identity': _replace_blocks(ca, lambda block: nn.Identity()),

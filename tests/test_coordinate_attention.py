@@ -11,7 +11,8 @@ from torch import nn
 from torch.nn.utils import parametrizations, parametrize, prune
 
 from authors_coordatt import AuthorsCoordAtt
-from timm.layers import GroupNorm1
+from timm.layers import GroupNorm1, freeze_batch_norm_2d
+from torchvision.ops.misc import FrozenBatchNorm2d
 from timm_coordatt import CoordAttention, coord_gate, coordinate_attention, native
 from timm_coordatt.model_benchmark import peak_memory
 
@@ -288,6 +289,45 @@ def test_inference_options(kwargs, inference_kernel):
         expected = m(x)  # autograd enabled: the general path
         with torch.inference_mode():
             torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_batch_norm(inference_kernel):
+    """`timm.layers.freeze_batch_norm_2d` (detection and segmentation fine-tuning) turns bn1 into
+    torchvision's FrozenBatchNorm2d: inference folds it as it folds batch norm, following changes to its
+    buffers; training runs it as the eval-mode batch norm it is."""
+    torch.manual_seed(0)
+    ours, authors = _pair(40)
+    x = torch.randn(2, 40, 6, 5)
+    with torch.no_grad():
+        ours.eval()(x)  # folded with the batch norm first
+    ours = freeze_batch_norm_2d(ours)
+    assert type(ours.bn1) is FrozenBatchNorm2d
+    assert ours._folded_params() is not None  # the inference path that folds (and runs the kernel)
+
+    def check():
+        authors.eval()
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            xm = x.contiguous(memory_format=memory_format)
+            with torch.inference_mode():
+                torch.testing.assert_close(ours(xm), authors(xm), rtol=1e-5, atol=1e-6)
+
+    check()
+    with torch.no_grad():
+        for m in (ours, authors):
+            m.bn1.running_var.mul_(3)
+            m.bn1.weight.add_(0.5)
+    check()
+    ours.train()
+    authors.train()
+    authors.bn1.eval()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = ours(x1), authors(x2)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+    y1.square().sum().backward()
+    y2.square().sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, authors.get_parameter(name).grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_inference_low_precision_and_inference_parameters():

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.fx import Proxy
 from torch.nn import functional as F
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from timm.layers import LayerType, create_act_layer, register_notrace_function
 
@@ -660,7 +661,8 @@ class CoordAttention(nn.Module):
             if type(conv) is not nn.Conv2d or 'weight' not in conv._parameters or 'bias' not in conv._parameters:
                 return False
         bn = self.bn1
-        return type(bn) is not nn.BatchNorm2d or ('weight' in bn._parameters and 'bias' in bn._parameters)
+        owner = bn._parameters if type(bn) is nn.BatchNorm2d else bn._buffers if type(bn) is FrozenBatchNorm2d else None
+        return owner is None or ('weight' in owner and 'bias' in owner)
 
     @torch.jit.unused
     def _forward_training(self, x: torch.Tensor) -> torch.Tensor:
@@ -762,6 +764,8 @@ class CoordAttention(nn.Module):
         if type(bn) is nn.BatchNorm2d:
             owners += [(bn._parameters, 'weight'), (bn._parameters, 'bias'),
                        (bn._buffers, 'running_mean'), (bn._buffers, 'running_var')]
+        elif type(bn) is FrozenBatchNorm2d:
+            owners += [(bn._buffers, name) for name in ('weight', 'bias', 'running_mean', 'running_var')]
         try:
             sources = tuple(owner[name] for owner, name in owners)
             tensors = tuple(t for t in sources if t is not None)
@@ -772,13 +776,17 @@ class CoordAttention(nn.Module):
                            sources, tensors, versions, params)
 
     def _fold(self, bn: nn.Module) -> _FoldedParams:
-        stats = (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps) if isinstance(bn, nn.BatchNorm2d) else None
+        frozen_or_batch_norm = isinstance(bn, (nn.BatchNorm2d, FrozenBatchNorm2d))
+        stats = (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps) if frozen_or_batch_norm else None
         return _fold_weights(self.conv1.weight, self.conv1.bias, stats, self.conv_h.weight, self.conv_h.bias,
                              self.conv_w.weight, self.conv_w.bias, self._native_activations())
 
     def _foldable_norm(self) -> bool:
+        """No norm, batch norm with running statistics, or a frozen one (as `timm.layers.freeze_batch_norm_2d`
+        leaves detection and segmentation backbones)."""
         bn = self.bn1
-        return isinstance(bn, nn.Identity) or (type(bn) is nn.BatchNorm2d and bn.track_running_stats)
+        return (isinstance(bn, nn.Identity) or type(bn) is FrozenBatchNorm2d
+                or (type(bn) is nn.BatchNorm2d and bn.track_running_stats))
 
     def _native_activations(self) -> bool:
         """The C kernel is built and computes this block's activations (the paper's)."""
