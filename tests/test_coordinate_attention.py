@@ -184,6 +184,30 @@ def test_inference_follows_parameter_changes(inference_kernel):
     check()
 
 
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize('input_grad', [False, True])
+def test_inference_follows_batch_norm_statistics(memory_format, input_grad, inference_kernel):
+    """Training-mode forwards alone (a frozen backbone whose norms still train, BN recalibration) move
+    the running statistics, which batch norm updates without a version bump: inference refolds. With
+    `input_grad` training runs the C kernels' strip MLP, without it PyTorch's layers."""
+    torch.manual_seed(0)
+    ours, authors = _pair(24)
+    x = torch.randn(2, 24, 5, 6).contiguous(memory_format=memory_format)
+
+    def check():
+        ours.eval()
+        authors.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), authors(x), rtol=1e-5, atol=1e-6)
+
+    check()  # folded
+    batch = (torch.randn(2, 24, 5, 6) * 3 + 1).contiguous(memory_format=memory_format)
+    for m in (ours, authors):
+        m.train()(batch.clone().requires_grad_(input_grad))
+    torch.testing.assert_close(ours.bn1.running_var, authors.bn1.running_var)
+    check()
+
+
 class _Doubled(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return 2 * weight

@@ -762,8 +762,11 @@ class CoordAttention(nn.Module):
         owners = [(modules[name]._parameters, key) for name in ('conv1', 'conv_h', 'conv_w') for key in ('weight', 'bias')]
         bn = modules['bn1']
         if type(bn) is nn.BatchNorm2d:
-            owners += [(bn._parameters, 'weight'), (bn._parameters, 'bias'),
-                       (bn._buffers, 'running_mean'), (bn._buffers, 'running_var')]
+            # batch norm updates its running statistics without a version bump, but counts the update in
+            # num_batches_tracked with one (the strip MLP's kernels too): BN-only passes (recalibration,
+            # a training-mode forward of a frozen backbone) refold
+            owners += [(bn._parameters, 'weight'), (bn._parameters, 'bias'), (bn._buffers, 'running_mean'),
+                       (bn._buffers, 'running_var'), (bn._buffers, 'num_batches_tracked')]
         elif type(bn) is FrozenBatchNorm2d:
             owners += [(bn._buffers, name) for name in ('weight', 'bias', 'running_mean', 'running_var')]
         try:
