@@ -654,9 +654,9 @@ class CoordAttention(nn.Module):
     def _plain_layers(self) -> bool:
         """Whether the fast paths, which read the layers' weights rather than call the layers, compute
         what the layers would: plain `nn.Conv2d`s (no quantization-aware subclass) whose weights and
-        biases are registered parameters, and a norm whose are, where it is folded or its statistics
-        read. Pruning (`torch.nn.utils.prune`), weight norm and parametrizations compute a weight when
-        the layer is called (pre-hook or property) and unregister the parameter."""
+        biases are registered parameters, and a batch norm (or frozen one) whose weight and bias are
+        registered too. Pruning (`torch.nn.utils.prune`), weight norm and parametrizations compute a
+        weight when the layer is called (pre-hook or property) and unregister the parameter."""
         for conv in (self.conv1, self.conv_h, self.conv_w):
             if type(conv) is not nn.Conv2d or 'weight' not in conv._parameters or 'bias' not in conv._parameters:
                 return False
@@ -756,8 +756,8 @@ class CoordAttention(nn.Module):
         return params
 
     def _fold_record(self, params: _FoldedParams) -> Optional[_FoldRecord]:
-        """What `params` were folded from, read from the layers' own dicts; None where the tensors have
-        no versions (built in inference mode)."""
+        """What `params` were folded from, read from the layers' own dicts; None where a statistic is not
+        registered or the tensors have no versions (built in inference mode)."""
         modules = self._modules
         owners = [(modules[name]._parameters, key) for name in ('conv1', 'conv_h', 'conv_w') for key in ('weight', 'bias')]
         bn = modules['bn1']
@@ -773,7 +773,7 @@ class CoordAttention(nn.Module):
             sources = tuple(owner[name] for owner, name in owners)
             tensors = tuple(t for t in sources if t is not None)
             versions = tuple(map(_tensor_version, tensors))
-        except RuntimeError:
+        except (KeyError, RuntimeError):
             return None
         return _FoldRecord(tuple(modules.values()), tuple(o for o, _ in owners), tuple(n for _, n in owners),
                            sources, tensors, versions, params)
