@@ -653,6 +653,22 @@ def test_compiled_inference_calls_the_kernel(channels_last, inplace):
     assert graphs and _kernel_op_calls(graphs) == 0
 
 
+@pytest.mark.parametrize('transform, kernel_calls', [(freeze_batch_norm_2d, 1), (_prune, 0)])
+def test_compiled_inference_frozen_or_pruned(transform, kernel_calls):
+    """Compiled inference folds a frozen norm into the kernel op as eager does, and calls a pruned
+    block's layers (their pre-hooks build the weights) instead of the op."""
+    ours, authors = _pair(32)
+    x = torch.randn(2, 32, 9, 7)
+    for m in (ours, authors):
+        transform(m)  # in place (freeze_batch_norm_2d replaces the block's children)
+        m.eval()
+    graphs = []
+    compiled = _compile_capturing(ours, graphs)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), authors(x), rtol=1e-5, atol=1e-6)
+    assert _kernel_op_calls(graphs) == kernel_calls
+
+
 def test_compiled_inference_follows_parameter_changes():
     """The op folds the block's weights as they are at the call, like eager inference."""
     ours, authors = _pair(24)
