@@ -315,17 +315,20 @@ def test_inference_options(kwargs, inference_kernel):
             torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_frozen_batch_norm(inference_kernel):
+@pytest.mark.parametrize('convert, norm_type', [(freeze_batch_norm_2d, FrozenBatchNorm2d),
+                                                (nn.SyncBatchNorm.convert_sync_batchnorm, nn.SyncBatchNorm)])
+def test_frozen_or_sync_batch_norm(convert, norm_type, inference_kernel):
     """`timm.layers.freeze_batch_norm_2d` (detection and segmentation fine-tuning) turns bn1 into
-    torchvision's FrozenBatchNorm2d: inference folds it as it folds batch norm, following changes to its
-    buffers; training runs it as the eval-mode batch norm it is."""
+    torchvision's FrozenBatchNorm2d, `--sync-bn` into SyncBatchNorm: inference folds either as it folds
+    batch norm, following changes to its statistics; training runs a frozen norm as the eval-mode batch
+    norm it is."""
     torch.manual_seed(0)
     ours, authors = _pair(40)
     x = torch.randn(2, 40, 6, 5)
     with torch.no_grad():
         ours.eval()(x)  # folded with the batch norm first
-    ours = freeze_batch_norm_2d(ours)
-    assert type(ours.bn1) is FrozenBatchNorm2d
+    ours = convert(ours)
+    assert type(ours.bn1) is norm_type
     assert ours._folded_params() is not None  # the inference path that folds (and runs the kernel)
 
     def check():
@@ -341,6 +344,8 @@ def test_frozen_batch_norm(inference_kernel):
             m.bn1.running_var.mul_(3)
             m.bn1.weight.add_(0.5)
     check()
+    if norm_type is nn.SyncBatchNorm:  # its training needs a process group
+        return
     ours.train()
     authors.train()
     authors.bn1.eval()

@@ -397,6 +397,10 @@ class _FoldRecord(NamedTuple):
 
 _tensor_version = operator.attrgetter('_version')
 
+# the batch norms inference folds (in eval mode the same map of the running statistics; SyncBatchNorm's
+# training, which reduces across processes, runs as a layer)
+_BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
 
 BatchNormStats = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], float]
 
@@ -661,7 +665,7 @@ class CoordAttention(nn.Module):
             if type(conv) is not nn.Conv2d or 'weight' not in conv._parameters or 'bias' not in conv._parameters:
                 return False
         bn = self.bn1
-        owner = bn._parameters if type(bn) is nn.BatchNorm2d else bn._buffers if type(bn) is FrozenBatchNorm2d else None
+        owner = bn._parameters if type(bn) in _BATCH_NORMS else bn._buffers if type(bn) is FrozenBatchNorm2d else None
         return owner is None or ('weight' in owner and 'bias' in owner)
 
     @torch.jit.unused
@@ -761,7 +765,7 @@ class CoordAttention(nn.Module):
         modules = self._modules
         owners = [(modules[name]._parameters, key) for name in ('conv1', 'conv_h', 'conv_w') for key in ('weight', 'bias')]
         bn = modules['bn1']
-        if type(bn) is nn.BatchNorm2d:
+        if type(bn) in _BATCH_NORMS:
             # batch norm updates its running statistics without a version bump, but counts the update in
             # num_batches_tracked with one (the strip MLP's kernels too): BN-only passes (recalibration,
             # a training-mode forward of a frozen backbone) refold
@@ -779,17 +783,17 @@ class CoordAttention(nn.Module):
                            sources, tensors, versions, params)
 
     def _fold(self, bn: nn.Module) -> _FoldedParams:
-        frozen_or_batch_norm = isinstance(bn, (nn.BatchNorm2d, FrozenBatchNorm2d))
+        frozen_or_batch_norm = isinstance(bn, (*_BATCH_NORMS, FrozenBatchNorm2d))
         stats = (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps) if frozen_or_batch_norm else None
         return _fold_weights(self.conv1.weight, self.conv1.bias, stats, self.conv_h.weight, self.conv_h.bias,
                              self.conv_w.weight, self.conv_w.bias, self._native_activations())
 
     def _foldable_norm(self) -> bool:
-        """No norm, batch norm with running statistics, or a frozen one (as `timm.layers.freeze_batch_norm_2d`
-        leaves detection and segmentation backbones)."""
+        """No norm, batch norm (or SyncBatchNorm) with running statistics, or a frozen one (as
+        `timm.layers.freeze_batch_norm_2d` leaves detection and segmentation backbones)."""
         bn = self.bn1
         return (isinstance(bn, nn.Identity) or type(bn) is FrozenBatchNorm2d
-                or (type(bn) is nn.BatchNorm2d and bn.track_running_stats))
+                or (type(bn) in _BATCH_NORMS and bn.track_running_stats))
 
     def _native_activations(self) -> bool:
         """The C kernel is built and computes this block's activations (the paper's)."""
