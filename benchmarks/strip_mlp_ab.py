@@ -6,8 +6,11 @@ with that MLP in PyTorch ops (the pooling and product stay in their kernels), ca
 MLP alone, forward and backward, at each CA block's shape, both ways (the kernels at every block: in
 training, contiguous inputs take them only where H + W <= `CoordAttention.native_mlp_contiguous_max_hw`):
 
-    python benchmarks/strip_mlp_ab.py [--rounds 12] [--threads 2] [--channels-last]
+    python benchmarks/strip_mlp_ab.py [--rounds 12] [--threads 2] [--channels-last] [--freeze-bn]
         [--pairs mobilenetv2_ca:mobilenetv2_100 ...]
+
+`--freeze-bn`: the models' batch norms frozen (`timm.layers.freeze_batch_norm_2d`), as detection and
+segmentation backbones are fine-tuned.
 
 The training steps are noisy where glibc maps large activations anew each step (the kernel's page faults);
 `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000` in the environment keeps them in the process.
@@ -17,6 +20,7 @@ import argparse
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import freeze_batch_norm_2d
 from timm.optim import create_optimizer_v2
 
 from in_turn import add_pairs_argument, model_pairs, time_in_turn
@@ -31,9 +35,11 @@ def _set_native_mlp(on: bool) -> None:
     CoordAttention._native_mlp = _native_mlp if on else (lambda self, x: False)
 
 
-def _training_step(name: str, memory_format: torch.memory_format, native_mlp: bool):
+def _training_step(name: str, memory_format: torch.memory_format, native_mlp: bool, freeze_bn: bool):
     torch.manual_seed(0)
     model = timm.create_model(name).to(memory_format=memory_format).train()
+    if freeze_bn:
+        model = freeze_batch_norm_2d(model)
     optimizer = create_optimizer_v2(model, 'sgd', lr=0.01, momentum=0.9)
     x = torch.randn(32, 3, 224, 224).contiguous(memory_format=memory_format)
     target = torch.randint(0, 1000, (32,))
@@ -52,7 +58,7 @@ def _mlp_calls(block: CoordAttention, shape, channels_last: bool):
     strips = torch.randn(n, h + w, c).transpose(1, 2) if channels_last else torch.randn(n, c, h + w)
     strips.requires_grad_()
     grads = torch.randn(n, c, h, 1), torch.randn(n, c, 1, w)
-    bn = block.bn1 if isinstance(block.bn1, torch.nn.BatchNorm2d) else None
+    bn = None if isinstance(block.bn1, torch.nn.Identity) else block.bn1
 
     def kernels():
         gates = coordinate_attention._StripMLP.apply(
@@ -72,14 +78,16 @@ def main():
     parser.add_argument('--rounds', type=int, default=12)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--freeze-bn', action='store_true', help='batch norms frozen (timm.layers.freeze_batch_norm_2d)')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    print(f'torch {torch.__version__}, {args.threads} threads, {memory_format}, medians of {args.rounds} rounds')
+    print(f'torch {torch.__version__}, {args.threads} threads, {memory_format}, medians of {args.rounds} rounds'
+          f'{", batch norms frozen" if args.freeze_bn else ""}')
     for ca_name, base_name in model_pairs(parser, args.pairs):
-        _, base = _training_step(base_name, memory_format, True)
-        ca_model, ca_kernels = _training_step(ca_name, memory_format, True)
-        _, ca_ops = _training_step(ca_name, memory_format, False)
+        _, base = _training_step(base_name, memory_format, True, args.freeze_bn)
+        ca_model, ca_kernels = _training_step(ca_name, memory_format, True, args.freeze_bn)
+        _, ca_ops = _training_step(ca_name, memory_format, False, args.freeze_bn)
         medians, ratios = time_in_turn({'baseline': base, 'mlp kernels': ca_kernels, 'mlp ops': ca_ops},
                                        args.rounds, warmup=2)
         print(f'\n{ca_name} vs {base_name}, training step (ms; CA/baseline: median of per-round ratios)')

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from authors_coordatt import AuthorsCoordAtt
-from timm.layers import GroupNorm1
+from timm.layers import GroupNorm1, freeze_batch_norm_2d
 from timm_coordatt import CoordAttention, native
 
 
@@ -410,14 +410,15 @@ def _train_step(m: nn.Module, x: torch.Tensor, grad: torch.Tensor):
             {k: b.clone() for k, b in m.named_buffers()})
 
 
-@pytest.mark.parametrize('norm', ['batch', 'batch_eval', 'cumulative', 'none'])
+@pytest.mark.parametrize('norm', ['batch', 'batch_eval', 'cumulative', 'frozen', 'none'])
 @pytest.mark.parametrize('bias', [True, False])
 @pytest.mark.parametrize('channels_last', [False, True])
 @pytest.mark.parametrize('shape,threads', [((4, 48, 10, 6), 2), ((3, 100, 7, 9), 2), ((2, 96, 5, 4), 3),
                                            ((5, 40, 3, 11), 1)])
 def test_strip_mlp_kernels_match_pytorch(shape, threads, channels_last, bias, norm):
     """The MLP on the strips in the C kernels (`_StripMLP`) against the PyTorch formulation: output, every
-    gradient and the norm's running statistics (also with momentum None, and frozen in eval mode)."""
+    gradient and the norm's running statistics (also with momentum None, frozen in eval mode, and
+    torchvision's FrozenBatchNorm2d, as `timm.layers.freeze_batch_norm_2d` leaves it)."""
     c = shape[1]
     m = CoordAttention(c, reduction=8, bias=bias, norm_layer=None if norm == 'none' else nn.BatchNorm2d)
     m = _randomised(m).train()  # widths: rd = 12, 12, 12, 8 (rows not in fours, channels not in 32s)
@@ -425,6 +426,8 @@ def test_strip_mlp_kernels_match_pytorch(shape, threads, channels_last, bias, no
         m.bn1.eval()  # frozen statistics, as when fine-tuning detection backbones
     if norm == 'cumulative':
         m.bn1.momentum = None
+    if norm == 'frozen':
+        m = freeze_batch_norm_2d(m)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(1)
     x, grad = (torch.randn(shape, generator=gen).contiguous(memory_format=memory_format) for _ in range(2))
@@ -457,12 +460,15 @@ def test_training_runs_the_strip_mlp_in_the_kernels(channels_last, size, kernels
     x = torch.randn(4, 32, size, size + 1).contiguous(memory_format=memory_format).requires_grad_()
     mlp_ops = {'bmm', 'baddbmm', 'mm', 'addmm', 'convolution', 'sigmoid', 'hardswish', 'sigmoid_backward',
                'hardswish_backward'}
-    for layers, expect_kernels in (({}, kernels), ({'act_layer': nn.ReLU}, False), ({'norm_layer': GroupNorm1}, False)):
-        m = _randomised(CoordAttention(32, **layers)).train()
+    blocks = {'paper': (CoordAttention(32), kernels), 'relu': (CoordAttention(32, act_layer=nn.ReLU), False),
+              'group_norm': (CoordAttention(32, norm_layer=GroupNorm1), False),
+              'frozen_norm': (freeze_batch_norm_2d(CoordAttention(32)), kernels)}
+    for name, (m, expect_kernels) in blocks.items():
+        m = _randomised(m).train()
         with _AtenOps() as mode:
             m(x).backward(torch.randn_like(x))
         ran = set(mode.ops) & mlp_ops
-        assert (ran == set()) == expect_kernels, (layers, ran)
+        assert (ran == set()) == expect_kernels, (name, ran)
         if expect_kernels:
             assert {'native_batch_norm', 'native_batch_norm_backward'} <= set(mode.ops)
 
@@ -491,11 +497,13 @@ def test_gate_backward_falls_back_for_other_gradient_layouts():
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize('frozen_norm', [False, True])
+@pytest.mark.parametrize('frozen_norm', ['no', 'eval_mode', 'frozen_batch_norm'])
 def test_double_backward_runs_pytorch_ops(frozen_norm):
     m = _randomised(CoordAttention(16)).train()
-    if frozen_norm:
+    if frozen_norm == 'eval_mode':
         m.bn1.eval()
+    if frozen_norm == 'frozen_batch_norm':
+        m = freeze_batch_norm_2d(m)
     x = torch.randn(2, 16, 5, 4, requires_grad=True)
     grads = {}
     for use_native in (True, False):

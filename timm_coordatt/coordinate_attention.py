@@ -166,7 +166,7 @@ class _StripMLP(torch.autograd.Function):
     the strips' layout, as the product takes them. Double backward runs the PyTorch ops."""
 
     @staticmethod
-    def forward(ctx, strips: torch.Tensor, h: int, bn: Optional[nn.BatchNorm2d], w1: torch.Tensor,
+    def forward(ctx, strips: torch.Tensor, h: int, bn: Optional[nn.Module], w1: torch.Tensor,
                 b1: Optional[torch.Tensor], bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
                 w_h: torch.Tensor, b_h: Optional[torch.Tensor], w_w: torch.Tensor, b_w: Optional[torch.Tensor]):
         n, c, length = strips.shape
@@ -180,14 +180,17 @@ class _StripMLP(torch.autograd.Function):
         def norm(y1: torch.Tensor) -> torch.Tensor:
             if bn is None:
                 return y1
-            # nn.BatchNorm2d.forward's: running statistics updated in training (momentum None: a
-            # cumulative average), used in eval mode where it has them
-            factor = 0.0 if bn.momentum is None else bn.momentum
-            if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-                bn.num_batches_tracked.add_(1)
-                factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-            ctx.training = bn.training or (bn.running_mean is None and bn.running_var is None)
-            ctx.running = (bn.running_mean, bn.running_var) if not bn.training or bn.track_running_stats else (None, None)
+            if type(bn) is FrozenBatchNorm2d:  # its running statistics, never updated
+                factor, ctx.training, ctx.running = 0.0, False, (bn.running_mean, bn.running_var)
+            else:
+                # nn.BatchNorm2d.forward's: running statistics updated in training (momentum None: a
+                # cumulative average), used in eval mode where it has them
+                factor = 0.0 if bn.momentum is None else bn.momentum
+                if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+                    bn.num_batches_tracked.add_(1)
+                    factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+                ctx.training = bn.training or (bn.running_mean is None and bn.running_var is None)
+                ctx.running = (bn.running_mean, bn.running_var) if not bn.training or bn.track_running_stats else (None, None)
             ctx.eps = bn.eps
             z, mean, invstd = torch.native_batch_norm(y1, bn_weight, bn_bias, *ctx.running, ctx.training, factor, bn.eps)
             statistics.extend((mean, invstd))
@@ -625,11 +628,11 @@ class CoordAttention(nn.Module):
 
     def _native_mlp(self, x: torch.Tensor) -> bool:
         """Whether training runs the MLP on the strips in the C kernels: the paper's activations, batch norm
-        or none, float32 CPU weights, no CPU autocast (which would run the convs in bfloat16), and x
-        channels_last or its H + W small."""
+        (or a frozen one) or none, float32 CPU weights, no CPU autocast (which would run the convs in
+        bfloat16), and x channels_last or its H + W small."""
         bn = self.bn1
         return ((_is_channels_last(x) or x.shape[2] + x.shape[3] <= self.native_mlp_contiguous_max_hw)
-                and self._native_activations() and (type(bn) is nn.BatchNorm2d or type(bn) is nn.Identity)
+                and self._native_activations() and type(bn) in (nn.BatchNorm2d, FrozenBatchNorm2d, nn.Identity)
                 and self._plain_layers()
                 and self.conv1.weight.dtype == torch.float32 and self.conv1.weight.is_cpu
                 and not _autocast_on_cpu())
@@ -676,7 +679,7 @@ class CoordAttention(nn.Module):
         gate_gradient = _GateGradient()
         strips = _StripPool.apply(x, gate_gradient)
         if self._native_mlp(x):
-            bn = self.bn1 if isinstance(self.bn1, nn.BatchNorm2d) else None
+            bn = None if isinstance(self.bn1, nn.Identity) else self.bn1
             a_h, a_w = _StripMLP.apply(
                 strips, x.shape[2], bn, self.conv1.weight, self.conv1.bias, None if bn is None else bn.weight,
                 None if bn is None else bn.bias, self.conv_h.weight, self.conv_h.bias, self.conv_w.weight,
