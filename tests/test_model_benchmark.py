@@ -62,14 +62,17 @@ def test_text_table_ratios_come_from_the_printed_medians(results):
 
     header = lines[3].split('  ')
     assert [h.strip() for h in header if h.strip()] == [
-        'pair (CA / baseline)', 'mode', 'metric', 'unit', 'baseline', 'CA', 'CA/baseline', 'overhead', 'goal']
+        'pair (CA / baseline)', 'mode', 'metric', 'unit', 'baseline', 'CA', 'CA/baseline', 'rounds', 'overhead', 'goal']
     rows = [line for line in lines[5:] if line.startswith(PAIR[0])]
     assert len(rows) == len(results)
-    for line in rows:
+    for line, r in zip(rows, results):
         cells = line.split()
-        # ... unit baseline CA ratio overhead '<=' goal met|MISSED
-        base, ca, ratio = float(cells[-7]), float(cells[-6]), float(cells[-5])
+        # ... unit baseline CA ratio lowest-highest overhead '<=' goal met|MISSED
+        base, ca, ratio = float(cells[-8]), float(cells[-7]), float(cells[-6])
         assert ratio == pytest.approx(ca / base, rel=0.01, abs=2e-3)
+        lowest, highest = map(float, cells[-5].split('-'))
+        per_round = [c / b for c, b in zip(r.ca_samples, r.baseline_samples)]
+        assert (lowest, highest) == (pytest.approx(min(per_round), abs=6e-4), pytest.approx(max(per_round), abs=6e-4))
         assert cells[-1] in ('met', 'MISSED')
 
 
@@ -82,6 +85,7 @@ def test_cli_json(capsys):
     assert [r['metric'] for r in doc['results']] == ['infer b1', 'train b2', 'train memory b2']
     for r in doc['results']:
         assert r['ratio'] == pytest.approx(r['ca_value'] / r['baseline_value'])
+        assert r['round_ratios'] == pytest.approx([c / b for c, b in zip(r['ca_samples'], r['baseline_samples'])])
 
 
 def test_peak_memory_of_a_known_allocation_pattern():

@@ -120,6 +120,11 @@ class Result:
         return self.ca_value / self.baseline_value
 
     @property
+    def round_ratios(self) -> Tuple[float, ...]:
+        """CA / baseline of each round's samples, taken next to each other: how far the rounds spread."""
+        return tuple(ca / base for ca, base in zip(self.ca_samples, self.baseline_samples))
+
+    @property
     def overhead(self) -> float:
         """Extra cost of CA as a fraction: more time, less throughput (baseline / CA - 1), or more memory."""
         return 1 / self.ratio - 1 if self.unit == 'img/s' else self.ratio - 1
@@ -368,7 +373,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool,
     return '\n'.join(lines)
 
 
-RESULT_HEADER = ('pair (CA / baseline)', 'mode', 'metric', 'unit', 'baseline', 'CA', 'CA/baseline', 'overhead', 'goal')
+RESULT_HEADER = ('pair (CA / baseline)', 'mode', 'metric', 'unit', 'baseline', 'CA', 'CA/baseline', 'rounds',
+                 'overhead', 'goal')
 
 
 def _environment(cfg: BenchmarkConfig) -> str:
@@ -384,7 +390,8 @@ def results_dict(results: Sequence[Result], cfg: BenchmarkConfig, command: Optio
     """Everything `format_results` shows, JSON-ready, with each result's per-round samples."""
     return {
         'command': command or cfg.command(), 'environment': _environment(cfg), 'config': asdict(cfg),
-        'results': [dict(asdict(r), ratio=r.ratio, overhead=r.overhead, goal=r.goal, met=r.met) for r in results],
+        'results': [dict(asdict(r), ratio=r.ratio, round_ratios=r.round_ratios, overhead=r.overhead, goal=r.goal,
+                         met=r.met) for r in results],
     }
 
 
@@ -396,14 +403,16 @@ def format_results(results: Sequence[Result], cfg: BenchmarkConfig, fmt: str = '
     if fmt not in FORMATS:
         raise ValueError(f'format must be one of {FORMATS}, got {fmt!r}')
     rows = [(f'{r.ca_model} / {r.baseline}', r.mode, r.metric, r.unit,
-             f'{r.baseline_value:.2f}', f'{r.ca_value:.2f}', f'{r.ratio:.3f}', f'{r.overhead:+.1%}',
+             f'{r.baseline_value:.2f}', f'{r.ca_value:.2f}', f'{r.ratio:.3f}',
+             f'{min(r.round_ratios):.3f}-{max(r.round_ratios):.3f}', f'{r.overhead:+.1%}',
              f'<= {r.goal:.0%} ' + ('met' if r.met else 'MISSED'))
             for r in results]
     met = sum(r.met for r in results)
     return '\n'.join([
         f'command: {command or cfg.command()}', _environment(cfg), '',
         _table(RESULT_HEADER, rows, markdown=fmt == 'markdown'), '',
-        f'goals met: {met} of {len(results)}. CA/baseline is the ratio of the medians; overhead is the extra time '
+        f'goals met: {met} of {len(results)}. CA/baseline is the ratio of the medians; rounds, the lowest and highest '
+        f'CA/baseline of the rounds\' own samples (taken next to each other); overhead is the extra time '
         f'(for img/s: baseline/CA - 1) or memory of CA. Memory: peak bytes torch allocates during one training '
         f'step and holds at once (parameters, optimizer state and batch, allocated before it, not counted).',
     ])
