@@ -159,7 +159,7 @@ class _CoordGate(torch.autograd.Function):
 
 class _StripMLP(torch.autograd.Function):
     """`CoordAttention._gates_of_strips` for eager float32 CPU training with the paper's layers (batch
-    norm or none, hard-swish, sigmoid): the convs, activations and their backward in the C kernels
+    norm, a frozen one, or none; hard-swish, sigmoid): the convs, activations and their backward in the C kernels
     (`native.strip_mlp_forward`, `strip_mlp_backward`), the norm in torch's batch norm ops, where
     autograd ran a dozen small ops a block forward and more backward (batched matmuls of a few
     thousand multiply-adds, copies, weight gradients per sample summed after). The gates come out in
