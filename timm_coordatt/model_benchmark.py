@@ -61,6 +61,9 @@ class BenchmarkConfig:
     train_batch_size: int = 32
     rounds: int = 5
     min_time: float = 0.5
+    # calls of each model a sample takes at least: a training step of these models runs 0.5-1.2 s, so
+    # with `min_time` alone a sample was one step, and one step's page faults moved a round by 20-85 points
+    min_calls: int = 3
     modes: Tuple[str, ...] = ('eager', 'channels_last')
     threads: int = 2
     device: str = 'cpu'
@@ -76,12 +79,14 @@ class BenchmarkConfig:
         bad_modes = [m for m in self.modes if m not in MODES]
         if not self.modes or bad_modes:
             raise ValueError(f'modes must be a non-empty subset of {MODES}, got {list(self.modes)}')
-        sizes = (self.img_size, self.train_batch_size, self.rounds, self.threads) + tuple(self.infer_batch_sizes)
+        sizes = (self.img_size, self.train_batch_size, self.rounds, self.min_calls, self.threads) + tuple(
+            self.infer_batch_sizes)
         if min(sizes) < 1 or not self.infer_batch_sizes:
             raise ValueError(
-                'img_size, batch sizes, rounds and threads must be >= 1 (and at least one inference batch size), '
-                f'got img_size={self.img_size}, infer_batch_sizes={list(self.infer_batch_sizes)}, '
-                f'train_batch_size={self.train_batch_size}, rounds={self.rounds}, threads={self.threads}')
+                'img_size, batch sizes, rounds, min_calls and threads must be >= 1 (and at least one inference batch '
+                f'size), got img_size={self.img_size}, infer_batch_sizes={list(self.infer_batch_sizes)}, '
+                f'train_batch_size={self.train_batch_size}, rounds={self.rounds}, min_calls={self.min_calls}, '
+                f'threads={self.threads}')
         if self.min_time < 0:
             raise ValueError(f'min_time must be >= 0 seconds, got {self.min_time}')
         if torch.device(self.device).type not in ('cpu', 'cuda'):
@@ -95,6 +100,7 @@ class BenchmarkConfig:
                 '--train-batch-size', str(self.train_batch_size),
                 '--rounds', str(self.rounds),
                 '--min-time', f'{self.min_time:g}',
+                '--min-calls', str(self.min_calls),
                 '--modes', *self.modes,
                 '--threads', str(self.threads),
                 '--device', self.device] + (['--store-ca-outputs'] if self.store_ca_outputs else [])
@@ -143,9 +149,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_in_turn(fns: Sequence[Callable[[], None]], device: torch.device, min_time: float) -> List[float]:
+def _time_in_turn(fns: Sequence[Callable[[], None]], device: torch.device, min_time: float,
+                  min_calls: int = 1) -> List[float]:
     """Seconds per call of each of `fns`: the median of its calls, made in turn (A, B, A, B, ...)
-    until each has run for `min_time` (at least one call each). The machine's drift, over seconds
+    until each has run for `min_time` and `min_calls` times. The machine's drift, over seconds
     here, falls on all alike rather than on whichever ran in a slow stretch, and the median leaves out
     calls that something else on the machine stalled (one stall of 50 ms moves the mean of 25 calls of
     20 ms by 10%)."""
@@ -158,7 +165,7 @@ def _time_in_turn(fns: Sequence[Callable[[], None]], device: torch.device, min_t
             _sync(device)
             times[i].append(time.perf_counter() - start)
             totals[i] += times[i][-1]
-        if min(totals) >= min_time:
+        if min(totals) >= min_time and len(times[0]) >= min_calls:
             return [statistics.median(t) for t in times]
 
 
@@ -283,7 +290,7 @@ def _pair_results(pair: Tuple[str, str], mode: str, cfg: BenchmarkConfig, device
         order = (base_name, ca_name) if rnd % 2 == 0 else (ca_name, base_name)
         for metric, unit, batch_size, training, fns in tasks:
             set_training(training)
-            for n, seconds in zip(order, _time_in_turn([fns[n] for n in order], device, cfg.min_time)):
+            for n, seconds in zip(order, _time_in_turn([fns[n] for n in order], device, cfg.min_time, cfg.min_calls)):
                 samples[metric, n].append(seconds * 1e3 if unit == 'ms' else batch_size / seconds)
     results = [
         Result(ca_name, base_name, mode, metric, unit,
@@ -456,7 +463,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help='interleaved rounds; medians are reported (default: %(default)s)')
     parser.add_argument(
         '--min-time', type=float, default=d.min_time, metavar='SECONDS',
-        help="seconds each model runs in a timed sample, at least one call; the models' calls alternate "
+        help="seconds each model runs in a timed sample; the models' calls alternate (default: %(default)s)")
+    parser.add_argument(
+        '--min-calls', type=int, default=d.min_calls, metavar='N',
+        help="calls of each model a timed sample takes at least, whatever --min-time; the sample is their median "
              '(default: %(default)s)')
     parser.add_argument(
         '--modes', nargs='+', choices=MODES, default=list(d.modes), metavar='MODE',
@@ -481,7 +491,8 @@ def run_from_args(args: argparse.Namespace, prog: str) -> int:
         cfg = BenchmarkConfig(
             pairs=tuple(args.pairs) if args.pairs else default_pairs(), img_size=args.img_size,
             infer_batch_sizes=tuple(args.infer_batch_sizes), train_batch_size=args.train_batch_size,
-            rounds=args.rounds, min_time=args.min_time, modes=tuple(args.modes), threads=args.threads,
+            rounds=args.rounds, min_time=args.min_time, min_calls=args.min_calls, modes=tuple(args.modes),
+            threads=args.threads,
             device=args.device, store_ca_outputs=args.store_ca_outputs)
         results = run_benchmark(cfg, lambda line: print(f'[{line}]', file=sys.stderr, flush=True))
     except ValueError as e:
