@@ -184,6 +184,20 @@ def test_inference_follows_parameter_changes(inference_kernel):
     check()
 
 
+def test_inference_refolds_after_to_following_data_writes(inference_kernel):
+    """Writes through `.data` (as `torch.nn.utils.vector_to_parameters` makes) bypass the version counters;
+    the documented remedy, `model.to(...)` even to where the model is, refolds."""
+    ours, authors = _pair(24)
+    x = torch.randn(2, 24, 5, 6)
+    with torch.no_grad():
+        ours.eval()(x)  # folded
+        for m in (ours, authors):
+            torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(m.parameters()) * 1.5,
+                                                m.parameters())
+        ours.to('cpu')
+        torch.testing.assert_close(ours(x), authors.eval()(x), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize('input_grad', [False, True])
 def test_inference_follows_batch_norm_statistics(memory_format, input_grad, inference_kernel):
