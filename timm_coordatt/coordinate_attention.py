@@ -219,7 +219,7 @@ class _StripMLP(torch.autograd.Function):
                 return grad_z
             ctx.grad_bn = torch.ops.aten.native_batch_norm_backward(
                 grad_z, y1, bn_weight, *ctx.running, *statistics, ctx.training, ctx.eps,
-                [True, bn_weight is not None, bn_bias is not None])
+                [True, ctx.needs_input_grad[5], ctx.needs_input_grad[6]])  # none for frozen norms' buffers
             return ctx.grad_bn[0]
 
         # (N, C, H, 1) tensors laid out channels_last are (N, H, C) already: no copies
