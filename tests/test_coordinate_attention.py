@@ -222,6 +222,45 @@ def test_inference_follows_batch_norm_statistics(memory_format, input_grad, infe
     check()
 
 
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize('folded_before', [False, True])
+def test_inference_with_norm_in_training_mode(memory_format, folded_before, inference_kernel):
+    """An eval-mode block whose batch norm alone trains (BN recalibration, test-time adaptation:
+    `model.eval()`, then `.train()` on the norms, forwards without autograd) normalises by the batch
+    and updates the running statistics, as the authors' block does; back in eval mode it folds them."""
+    torch.manual_seed(0)
+    ours, authors = _pair(24)
+    x = (torch.randn(2, 24, 5, 6) * 3 + 1).contiguous(memory_format=memory_format)
+    for m in (ours, authors):
+        m.eval()
+    with torch.no_grad():
+        if folded_before:
+            ours(x)
+        for m in (ours, authors):
+            m.bn1.train()
+        for _ in range(2):
+            torch.testing.assert_close(ours(x), authors(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.bn1.running_var, authors.bn1.running_var)
+        assert ours.bn1.num_batches_tracked == authors.bn1.num_batches_tracked == 2
+        for m in (ours, authors):
+            m.bn1.eval()
+        torch.testing.assert_close(ours(x), authors(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('norm', ['batch', 'frozen'])
+def test_inference_follows_norm_eps(norm, inference_kernel):
+    """The fold depends on the norm's eps, a float attribute with no version: changed, inference refolds."""
+    ours, authors = _pair(24)
+    if norm == 'frozen':
+        freeze_batch_norm_2d(ours)
+        freeze_batch_norm_2d(authors)
+    x = torch.randn(2, 24, 5, 6)
+    with torch.no_grad():
+        ours.eval()(x)  # folded
+        ours.bn1.eps = authors.bn1.eps = 0.5
+        torch.testing.assert_close(ours(x), authors.eval()(x), rtol=1e-5, atol=1e-6)
+
+
 class _Doubled(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return 2 * weight
@@ -686,6 +725,20 @@ def test_compiled_inference_frozen_or_pruned(transform, kernel_calls):
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), authors(x), rtol=1e-5, atol=1e-6)
     assert _kernel_op_calls(graphs) == kernel_calls
+
+
+def test_compiled_inference_with_norm_in_training_mode():
+    """A compiled eval-mode block whose norm trains calls its layers (batch statistics, updated), not the op."""
+    ours, authors = _pair(32)
+    x = torch.randn(2, 32, 9, 7)
+    for m in (ours, authors):
+        m.eval().bn1.train()
+    graphs = []
+    compiled = _compile_capturing(ours, graphs)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), authors(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.bn1.running_mean, authors.bn1.running_mean)
+    assert _kernel_op_calls(graphs) == 0
 
 
 def test_compiled_inference_follows_parameter_changes():

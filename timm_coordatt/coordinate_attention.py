@@ -388,13 +388,17 @@ class _FoldedParams(NamedTuple):
 class _FoldRecord(NamedTuple):
     """`_FoldedParams` and what they were folded from: the block's layers, each source tensor's owner
     (a layer's `_parameters` or `_buffers`) and name there, the sources (None: no bias), the tensors
-    among them and their versions."""
+    among them and their versions, and the norm (None: none) with its eps and whether its mode matters
+    (a batch norm in training mode normalises by the batch's statistics: nothing to fold)."""
     layers: Tuple[nn.Module, ...]
     owners: Tuple[dict, ...]
     names: Tuple[str, ...]
     sources: Tuple[Optional[torch.Tensor], ...]
     tensors: Tuple[torch.Tensor, ...]
     versions: Tuple[int, ...]
+    norm: Optional[nn.Module]
+    eps: float
+    batch_norm: bool
     params: _FoldedParams
 
 
@@ -748,10 +752,12 @@ class CoordAttention(nn.Module):
         if cached is not None:
             # C loops (map) over the layers and tensors: in a network's forward they are out of the
             # caches, and every step of a Python loop over them adds misses (docs/tools.md)
+            norm = cached.norm
             try:
                 current = (tuple(self._modules.values()) == cached.layers
                            and all(map(operator.is_, map(operator.getitem, cached.owners, cached.names), cached.sources))
-                           and tuple(map(_tensor_version, cached.tensors)) == cached.versions)
+                           and tuple(map(_tensor_version, cached.tensors)) == cached.versions
+                           and (norm is None or (norm.eps == cached.eps and not (cached.batch_norm and norm.training))))
             except KeyError:  # a parameter unregistered since (pruning, a parametrization)
                 current = False
             if current:
@@ -768,6 +774,7 @@ class CoordAttention(nn.Module):
         modules = self._modules
         owners = [(modules[name]._parameters, key) for name in ('conv1', 'conv_h', 'conv_w') for key in ('weight', 'bias')]
         bn = modules['bn1']
+        norm = bn if type(bn) in (*_BATCH_NORMS, FrozenBatchNorm2d) else None
         if type(bn) in _BATCH_NORMS:
             # batch norm updates its running statistics without a version bump, but counts the update in
             # num_batches_tracked with one (the strip MLP's kernels too): BN-only passes (recalibration,
@@ -783,7 +790,8 @@ class CoordAttention(nn.Module):
         except (KeyError, RuntimeError):
             return None
         return _FoldRecord(tuple(modules.values()), tuple(o for o, _ in owners), tuple(n for _, n in owners),
-                           sources, tensors, versions, params)
+                           sources, tensors, versions, norm, 0.0 if norm is None else norm.eps,
+                           type(bn) in _BATCH_NORMS, params)
 
     def _fold(self, bn: nn.Module) -> _FoldedParams:
         frozen_or_batch_norm = isinstance(bn, (*_BATCH_NORMS, FrozenBatchNorm2d))
@@ -792,11 +800,13 @@ class CoordAttention(nn.Module):
                              self.conv_w.weight, self.conv_w.bias, self._native_activations())
 
     def _foldable_norm(self) -> bool:
-        """No norm, batch norm (or SyncBatchNorm) with running statistics, or a frozen one (as
-        `timm.layers.freeze_batch_norm_2d` leaves detection and segmentation backbones)."""
+        """No norm, batch norm (or SyncBatchNorm) in eval mode with running statistics, or a frozen one (as
+        `timm.layers.freeze_batch_norm_2d` leaves detection and segmentation backbones). A batch norm in
+        training mode in an eval-mode block (BN recalibration, test-time adaptation) normalises by the
+        batch and updates its statistics: the block calls it."""
         bn = self.bn1
         return (isinstance(bn, nn.Identity) or type(bn) is FrozenBatchNorm2d
-                or (type(bn) in _BATCH_NORMS and bn.track_running_stats))
+                or (type(bn) in _BATCH_NORMS and bn.track_running_stats and not bn.training))
 
     def _native_activations(self) -> bool:
         """The C kernel is built and computes this block's activations (the paper's)."""
