@@ -13,8 +13,10 @@ benchmark's warm-up leaves them (BN statistics, and the allocator's state, which
 Prints the medians of the per-call times and the median of the per-call ratios to the baseline
 (calls taken next to each other share the machine's state). `--freeze-bn`: both models with their batch
 norms frozen after settling (`timm.layers.freeze_batch_norm_2d`), as detection backbones are fine-tuned.
+`--inference-params`: both models created under `torch.inference_mode()` (as a script decorated with it
+builds them): their parameters are inference tensors, which have no version counters.
 
-    python benchmarks/inference_split.py [--calls 150] [--threads 2] [--freeze-bn] [--pairs mobilenetv2_ca:mobilenetv2_100 ...]
+    python benchmarks/inference_split.py [--calls 150] [--threads 2] [--freeze-bn] [--inference-params] [--pairs mobilenetv2_ca:mobilenetv2_100 ...]
 """
 import argparse
 import copy
@@ -62,12 +64,15 @@ def main():
     parser.add_argument('--freeze-bn', action='store_true',
                         help='batch norms frozen (timm.layers.freeze_batch_norm_2d), as detection and '
                              'segmentation backbones are fine-tuned')
+    parser.add_argument('--inference-params', action='store_true',
+                        help='models created under torch.inference_mode(): inference-tensor parameters')
     add_pairs_argument(parser)
     args = parser.parse_args()
     pairs = model_pairs(parser, args.pairs)
     torch.set_num_threads(args.threads)
     print(f'command: python benchmarks/inference_split.py --calls {args.calls} --threads {args.threads} '
-          f'{"--freeze-bn " if args.freeze_bn else ""}--pairs {" ".join(args.pairs)}')
+          f'{"--freeze-bn " if args.freeze_bn else ""}{"--inference-params " if args.inference_params else ""}'
+          f'--pairs {" ".join(args.pairs)}')
     print(f'torch {torch.__version__}, {args.threads} threads, batch 1, 224x224, '
           f'{args.calls} calls of each variant in turn')
     variants = ['baseline', 'ca', 'kernel_only', 'identity']
@@ -78,13 +83,14 @@ def main():
             memory_format = torch.channels_last if channels_last else torch.contiguous_format
             torch.manual_seed(0)
             prepare = freeze_batch_norm_2d if args.freeze_bn else lambda model: model
-            ca = prepare(settled(timm.create_model(ca_name).to(memory_format=memory_format)))
-            models: Dict[str, nn.Module] = {
-                'baseline': prepare(settled(timm.create_model(base_name).to(memory_format=memory_format))),
-                'ca': ca,
-                'kernel_only': _replace_blocks(ca, _KernelOnly),
-                'identity': _replace_blocks(ca, lambda block: nn.Identity()),
-            }
+            with torch.inference_mode(args.inference_params):
+                ca = prepare(settled(timm.create_model(ca_name).to(memory_format=memory_format)))
+                models: Dict[str, nn.Module] = {
+                    'baseline': prepare(settled(timm.create_model(base_name).to(memory_format=memory_format))),
+                    'ca': ca,
+                    'kernel_only': _replace_blocks(ca, _KernelOnly),
+                    'identity': _replace_blocks(ca, lambda block: nn.Identity()),
+                }
             x = torch.randn(1, 3, 224, 224).contiguous(memory_format=memory_format)
             with torch.inference_mode():  # warm-up: folded weights, allocator, oneDNN primitives
                 medians, ratios = time_in_turn({v: partial(m, x) for v, m in models.items()}, args.calls, warmup=5)

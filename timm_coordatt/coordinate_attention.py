@@ -745,8 +745,9 @@ class CoordAttention(nn.Module):
         Cached while the layers and the source tensors stay the same objects at the same versions, so
         in-place updates (optimizer steps, BN statistics, EMA) and replaced or unregistered parameters
         or layers fold again; so do moving the module (`_apply`) and loading a state dict. Writes
-        through `.data`, which PyTorch leaves out of the version counters, are not seen. Inference
-        tensors (no versions) are never cached.
+        through `.data`, which PyTorch leaves out of the version counters, are not seen, nor are in-place
+        writes to inference tensors (parameters created under `torch.inference_mode()`, which can change
+        only in place inside it, and have no versions): those are checked by identity.
         """
         cached = self._inference_params
         if cached is not None:
@@ -762,6 +763,9 @@ class CoordAttention(nn.Module):
                 current = False
             if current:
                 return cached.params
+        # none kept while the layers cannot be folded: a norm back from training mode refolds, whether or
+        # not its statistics have versions
+        self._inference_params = None
         if not self._foldable_norm() or not self._plain_layers():
             return None
         params = self._fold(self.bn1)
@@ -770,7 +774,7 @@ class CoordAttention(nn.Module):
 
     def _fold_record(self, params: _FoldedParams) -> Optional[_FoldRecord]:
         """What `params` were folded from, read from the layers' own dicts; None where a statistic is not
-        registered or the tensors have no versions (built in inference mode)."""
+        registered."""
         modules = self._modules
         owners = [(modules[name]._parameters, key) for name in ('conv1', 'conv_h', 'conv_w') for key in ('weight', 'bias')]
         bn = modules['bn1']
@@ -785,9 +789,9 @@ class CoordAttention(nn.Module):
             owners += [(bn._buffers, name) for name in ('weight', 'bias', 'running_mean', 'running_var')]
         try:
             sources = tuple(owner[name] for owner, name in owners)
-            tensors = tuple(t for t in sources if t is not None)
+            tensors = tuple(t for t in sources if t is not None and not t.is_inference())
             versions = tuple(map(_tensor_version, tensors))
-        except (KeyError, RuntimeError):
+        except KeyError:
             return None
         return _FoldRecord(tuple(modules.values()), tuple(o for o, _ in owners), tuple(n for _, n in owners),
                            sources, tensors, versions, norm, 0.0 if norm is None else norm.eps,
