@@ -20,6 +20,12 @@ eval mode at batch 1 in both memory formats (`settled` first, benchmarks/in_turn
 (`--model-calls` each), where a kernel call pays for what the model around it left in the caches:
 
     python benchmarks/native_ab.py /tmp/before.so --models [--pairs CA:BASELINE ...]
+
+With `--models --train`, training steps instead (batch 32, forward, cross-entropy, backward, SGD step,
+as `timm-coordatt benchmark` takes them), `--model-calls` steps of each, where the kernels' fresh
+full-size outputs pay for their pages:
+
+    python benchmarks/native_ab.py /tmp/before.so --models --train --model-calls 25
 """
 import argparse
 import importlib.machinery
@@ -30,6 +36,9 @@ from typing import Callable, Dict
 
 import timm
 import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.optim import create_optimizer_v2
 
 from in_turn import add_pairs_argument, model_pairs, settled, time_in_turn
 from timm_coordatt import CoordAttention, native
@@ -105,8 +114,20 @@ def _calls(lib, op: str, shape, channels_last: bool, threads: int) -> Dict[str, 
     return {'call': call, 'copy': None}
 
 
-def _model_rows(libs, pairs, calls: int) -> None:
-    """Each pair's baseline and CA model with each build at batch 1, calls in turn."""
+def _training_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    optimizer = create_optimizer_v2(model.train(), 'sgd', lr=0.01, momentum=0.9)
+    target = torch.randint(0, model.num_classes, (x.shape[0],))
+
+    def step():
+        F.cross_entropy(model(x), target).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def _model_rows(libs, pairs, calls: int, train: bool) -> None:
+    """Each pair's baseline and CA model with each build, at batch 1 in eval mode or training steps
+    at batch 32, calls in turn."""
     print(f'{"CA model":>15} | {"layout":>13} | {"baseline ms":>11} | {"before ms":>9} | {"after ms":>9} | '
           f'before/base | after/base')
     for ca_name, base_name in pairs:
@@ -114,18 +135,20 @@ def _model_rows(libs, pairs, calls: int) -> None:
             torch.manual_seed(0)
             base = settled(timm.create_model(base_name).to(memory_format=memory_format))
             ca = settled(timm.create_model(ca_name).to(memory_format=memory_format))
-            x = torch.randn(1, 3, 224, 224).contiguous(memory_format=memory_format)
+            x = torch.randn(32 if train else 1, 3, 224, 224).contiguous(memory_format=memory_format)
+            base_call, ca_call = (_training_step(base, x), _training_step(ca, x)) if train else (
+                lambda: base(x), lambda: ca(x))
 
             def with_build(lib):
                 def call():
                     native._native = lib  # what the blocks' kernel calls go through
-                    ca(x)
+                    ca_call()
                 return call
             try:
-                with torch.inference_mode():
+                with torch.inference_mode(not train):
                     (base_ms, before_ms, after_ms), (before_ratio, after_ratio) = time_in_turn(
-                        {'baseline': lambda: base(x), 'before': with_build(libs['before']),
-                         'after': with_build(libs['after'])}, calls, warmup=3)
+                        {'baseline': base_call, 'before': with_build(libs['before']),
+                         'after': with_build(libs['after'])}, calls, warmup=2 if train else 3)
             finally:
                 native._native = libs['after']
             layout = 'channels_last' if memory_format == torch.channels_last else 'contiguous'
@@ -141,6 +164,7 @@ def main():
     parser.add_argument('--min-time', type=float, default=0.02, help='seconds of calls per sample')
     parser.add_argument('--models', action='store_true', help='time the registered models instead of the kernels')
     parser.add_argument('--model-calls', type=int, default=300, help='calls of each model (--models)')
+    parser.add_argument('--train', action='store_true', help='with --models: training steps at batch 32')
     add_pairs_argument(parser)
     args = parser.parse_args()
     pairs = model_pairs(parser, args.pairs)
@@ -149,11 +173,12 @@ def main():
     torch.set_num_threads(args.threads)
     libs = {'before': _load(args.before), 'after': native._native}
     if args.models:
-        print(f'command: python benchmarks/native_ab.py {args.before} --models --model-calls {args.model_calls} '
-              f'--threads {args.threads} --pairs {" ".join(args.pairs)}')
-        print(f'torch {torch.__version__}, {args.threads} threads, batch 1, 224x224, eval, medians of '
+        print(f'command: python benchmarks/native_ab.py {args.before} --models {"--train " if args.train else ""}'
+              f'--model-calls {args.model_calls} --threads {args.threads} --pairs {" ".join(args.pairs)}')
+        what = 'training steps at batch 32' if args.train else 'batch 1, eval'
+        print(f'torch {torch.__version__}, {args.threads} threads, {what}, 224x224, medians of '
               f'{args.model_calls} calls in turn; after = the installed build; ratios: medians of each round\'s')
-        _model_rows(libs, pairs, args.model_calls)
+        _model_rows(libs, pairs, args.model_calls, args.train)
         return
     print(f'command: python benchmarks/native_ab.py {args.before} --rounds {args.rounds} --threads {args.threads} '
           f'--min-time {args.min_time}')

@@ -545,23 +545,21 @@ def _vm_flags(address: int) -> list:
 
 
 @pytest.mark.skipif(not os.path.exists('/proc/self/smaps'), reason='needs Linux /proc/self/smaps')
-@pytest.mark.parametrize('touched', [False, True])
-def test_fresh_large_outputs_ask_for_huge_pages(touched):
-    """A fresh output of 16+ MB is advised into transparent huge pages (VmFlags 'hg') before the kernel's
-    first write; memory already in use is left as it is."""
+def test_fresh_large_outputs_keep_the_default_pages():
+    """A fresh output is left to the system's paging, as PyTorch's own ops leave theirs: advised into
+    transparent huge pages, its first writes stalled on the kernel's compaction of memory (a 154 MB
+    training product 10-164 ms against 41-48 ms in 4 kB pages, the models' training steps 1-7 points
+    slower in 12 of 13 in-process A/Bs)."""
     import mmap
     block = CoordAttention(64).eval()
     x = torch.randn(4, 64, 128, 128)  # 16 MiB
-    nbytes = x.numel() * 4
-    mapping = mmap.mmap(-1, nbytes + (2 << 20))  # a mapping of its own, untouched
+    mapping = mmap.mmap(-1, x.numel() * 4 + (2 << 20))  # a mapping of its own, untouched
     try:
         out = torch.frombuffer(mapping, dtype=torch.float32, count=x.numel()).view(x.shape)
-        if touched:
-            out.zero_()
         native.coord_attention_inference(x, out, block._folded_params().native)
         with torch.no_grad():
             torch.testing.assert_close(out, block(x))
-        assert ('hg' in _vm_flags(out.data_ptr() + (4 << 20))) != touched
+        assert 'hg' not in _vm_flags(out.data_ptr() + (4 << 20))
         del out
     finally:
         mapping.close()

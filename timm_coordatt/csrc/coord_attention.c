@@ -19,8 +19,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <unistd.h>
 
 #define CA_MAX_THREADS 64
 
@@ -1165,32 +1163,9 @@ static int ca_split(struct ca_job base, int64_t n, int threads) {
     return p.status;
 }
 
-/* A fresh output of many megabytes (a new mapping: under glibc's malloc, every allocation over
- * 32 MiB) is faulted in as the kernel first writes it, 4 kB at a time, and those faults cost several
- * times the kernel's own pass (41 against 8 ms for a 58 MB training product). Transparent huge
- * pages, asked for before the first write, make them 512 times fewer. Only for memory not yet
- * touched (its first whole huge page not resident): memory in use keeps the pages it has. */
-#define CA_HUGE_PAGE ((uintptr_t)2 << 20)
-
-static void ca_prefer_huge_pages(float *out, int64_t floats) {
-#if defined(MADV_HUGEPAGE)
-    const uintptr_t start = ((uintptr_t)out + CA_HUGE_PAGE - 1) & ~(CA_HUGE_PAGE - 1);
-    const uintptr_t end = ((uintptr_t)out + (uintptr_t)floats * sizeof(float)) & ~(CA_HUGE_PAGE - 1);
-    unsigned char resident = 1;
-    if (end >= start + 4 * CA_HUGE_PAGE && mincore((void *)start, (size_t)sysconf(_SC_PAGESIZE), &resident) == 0
-        && !(resident & 1))
-        madvise((void *)start, end - start, MADV_HUGEPAGE);
-#else
-    (void)out;
-    (void)floats;
-#endif
-}
-
 static PyObject *ca_call(struct ca_job job, int64_t n, int threads) {
     int status;
     ca_resolve_omp(); /* with the GIL held: once */
-    if (job.op <= CA_STRIPS_BACKWARD && job.op != CA_STRIPS && job.out != NULL && job.out != job.x) /* a full-size output */
-        ca_prefer_huge_pages(job.out, n * job.c * job.h * job.w);
     Py_BEGIN_ALLOW_THREADS
     status = ca_split(job, n, threads);
     Py_END_ALLOW_THREADS
