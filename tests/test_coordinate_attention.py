@@ -752,18 +752,25 @@ def test_compiled_inference_frozen_or_pruned(transform, kernel_calls):
     assert _kernel_op_calls(graphs) == kernel_calls
 
 
-def test_compiled_inference_with_norm_in_training_mode():
-    """A compiled eval-mode block whose norm trains calls its layers (batch statistics, updated), not the op."""
+@pytest.mark.parametrize('compiled_in_eval_first', [False, True])
+def test_compiled_inference_with_norm_in_training_mode(compiled_in_eval_first):
+    """A compiled eval-mode block whose norm trains calls its layers (batch statistics, updated), not the op;
+    a graph compiled with the norm in eval mode is not reused for it."""
     ours, authors = _pair(32)
     x = torch.randn(2, 32, 9, 7)
     for m in (ours, authors):
-        m.eval().bn1.train()
+        m.eval()
     graphs = []
     compiled = _compile_capturing(ours, graphs)
     with torch.no_grad():
+        if compiled_in_eval_first:
+            torch.testing.assert_close(compiled(x), authors(x), rtol=1e-5, atol=1e-6)
+            graphs.clear()
+        for m in (ours, authors):
+            m.bn1.train()
         torch.testing.assert_close(compiled(x), authors(x), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours.bn1.running_mean, authors.bn1.running_mean)
-    assert _kernel_op_calls(graphs) == 0
+    assert graphs and _kernel_op_calls(graphs) == 0
 
 
 def test_compiled_inference_follows_parameter_changes():
