@@ -16,7 +16,8 @@ norms frozen after settling (`timm.layers.freeze_batch_norm_2d`), as detection b
 `--inference-params`: both models created under `torch.inference_mode()` (as a script decorated with it
 builds them): their parameters are inference tensors, which have no version counters.
 
-    python benchmarks/inference_split.py [--calls 150] [--threads 2] [--freeze-bn] [--inference-params] [--pairs mobilenetv2_ca:mobilenetv2_100 ...]
+    python benchmarks/inference_split.py [--calls 150] [--threads 2] [--freeze-bn] [--inference-params]
+        [--pairs mobilenetv2_ca:mobilenetv2_100 ...]
 """
 import argparse
 import copy

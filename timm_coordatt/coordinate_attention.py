@@ -742,12 +742,13 @@ class CoordAttention(nn.Module):
         """conv1 with bn1 folded in and conv_h, conv_w stacked; None for a norm that cannot be folded
         or layers whose weights are not plain parameters (`_plain_layers`).
 
-        Cached while the layers and the source tensors stay the same objects at the same versions, so
-        in-place updates (optimizer steps, BN statistics, EMA) and replaced or unregistered parameters
-        or layers fold again; so do moving the module (`_apply`) and loading a state dict. Writes
-        through `.data`, which PyTorch leaves out of the version counters, are not seen, nor are in-place
-        writes to inference tensors (parameters created under `torch.inference_mode()`, which can change
-        only in place inside it, and have no versions): those are checked by identity.
+        Cached while the layers and the source tensors stay the same objects at the same versions and the
+        norm keeps its eps and eval mode, so in-place updates (optimizer steps, BN statistics, EMA) and
+        replaced or unregistered parameters or layers fold again; so do moving the module (`_apply`) and
+        loading a state dict. Writes through `.data`, which PyTorch leaves out of the version counters,
+        are not seen, nor are in-place writes to inference tensors (parameters created under
+        `torch.inference_mode()`, which can change only in place inside it, and have no versions): those
+        are checked by identity.
         """
         cached = self._inference_params
         if cached is not None:
