@@ -407,6 +407,8 @@ _tensor_version = operator.attrgetter('_version')
 # the batch norms inference folds (in eval mode the same map of the running statistics; SyncBatchNorm's
 # training, which reduces across processes, runs as a layer)
 _BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+# and with the frozen one (running statistics only), the norms whose statistics fold into conv1
+_FOLDED_NORMS = (*_BATCH_NORMS, FrozenBatchNorm2d)
 
 
 BatchNormStats = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], float]
@@ -779,7 +781,7 @@ class CoordAttention(nn.Module):
         modules = self._modules
         owners = [(modules[name]._parameters, key) for name in ('conv1', 'conv_h', 'conv_w') for key in ('weight', 'bias')]
         bn = modules['bn1']
-        norm = bn if type(bn) in (*_BATCH_NORMS, FrozenBatchNorm2d) else None
+        norm = bn if type(bn) in _FOLDED_NORMS else None
         if type(bn) in _BATCH_NORMS:
             # batch norm updates its running statistics without a version bump, but counts the update in
             # num_batches_tracked with one (the strip MLP's kernels too): BN-only passes (recalibration,
@@ -799,8 +801,7 @@ class CoordAttention(nn.Module):
                            type(bn) in _BATCH_NORMS, params)
 
     def _fold(self, bn: nn.Module) -> _FoldedParams:
-        frozen_or_batch_norm = isinstance(bn, (*_BATCH_NORMS, FrozenBatchNorm2d))
-        stats = (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps) if frozen_or_batch_norm else None
+        stats = (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps) if type(bn) in _FOLDED_NORMS else None
         return _fold_weights(self.conv1.weight, self.conv1.bias, stats, self.conv_h.weight, self.conv_h.bias,
                              self.conv_w.weight, self.conv_w.bias, self._native_activations())
 
