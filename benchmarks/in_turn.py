@@ -3,7 +3,7 @@ benchmark has them, and calls timed in turn. """
 import argparse
 import statistics
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -36,18 +36,28 @@ def settled(model: nn.Module, batch_size: int = 32) -> nn.Module:
     return model.eval()
 
 
-def time_in_turn(calls: Dict[str, Callable[[], object]], rounds: int, warmup: int) -> Tuple[List[float], List[float]]:
+def time_in_turn(calls: Dict[str, Callable[[], object]], rounds: int, warmup: int,
+                 orders: Optional[Sequence[Sequence[str]]] = None) -> Tuple[List[float], List[float]]:
     """Median ms of each call over `rounds` rounds in which every call runs once, each going first in
-    turn, after `warmup` calls each; and the median of each call's per-round ratio to the first one's
-    (calls taken next to each other share the machine's state)."""
+    turn (or in `orders`, one after the other), after `warmup` calls each; and the median of each call's
+    per-round ratio to the first one's (calls taken next to each other share the machine's state).
+
+    Calls of one model (the same weights) that differ in something else (a build of the kernels) take
+    `orders` in which each follows the other equally often: the one that runs right after the other may
+    find the model's weights in the caches, and with the rotation the same one would follow in two rounds
+    of three.
+    """
     names = list(calls)
+    if orders is None:
+        orders = [names[first:] + names[:first] for first in range(len(names))]
+    elif any(sorted(order) != sorted(names) for order in orders):
+        raise ValueError(f'time_in_turn expected orders of the calls {names}, got {orders}')
     for call in calls.values():
         for _ in range(warmup):
             call()
     seconds = {name: [] for name in names}
     for i in range(rounds):
-        first = i % len(names)
-        for name in names[first:] + names[:first]:
+        for name in orders[i % len(orders)]:
             start = time.perf_counter()
             calls[name]()
             seconds[name].append(time.perf_counter() - start)

@@ -17,7 +17,8 @@ both builds' outputs are bit for bit the same.
 
 With `--models`, the registered models instead: each pair's baseline and its CA model with each build,
 eval mode at batch 1 in both memory formats (`settled` first, benchmarks/in_turn.py), calls in turn
-(`--model-calls` each), where a kernel call pays for what the model around it left in the caches:
+(`--model-calls` each; each build right after the other in half the rounds, the baseline first), where a
+kernel call pays for what the model around it left in the caches:
 
     python benchmarks/native_ab.py /tmp/before.so --models [--pairs CA:BASELINE ...]
 
@@ -146,9 +147,11 @@ def _model_rows(libs, pairs, calls: int, train: bool) -> None:
                 return call
             try:
                 with torch.inference_mode(not train):
+                    # one model with either build: each build right after the other in half the rounds
                     (base_ms, before_ms, after_ms), (before_ratio, after_ratio) = time_in_turn(
                         {'baseline': base_call, 'before': with_build(libs['before']),
-                         'after': with_build(libs['after'])}, calls, warmup=2 if train else 3)
+                         'after': with_build(libs['after'])}, calls, warmup=2 if train else 3,
+                        orders=[('baseline', 'before', 'after'), ('baseline', 'after', 'before')])
             finally:
                 native._native = libs['after']
             layout = 'channels_last' if memory_format == torch.channels_last else 'contiguous'
