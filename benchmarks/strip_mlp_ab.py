@@ -78,7 +78,8 @@ def main():
     parser.add_argument('--rounds', type=int, default=12)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--channels-last', action='store_true')
-    parser.add_argument('--freeze-bn', action='store_true', help='batch norms frozen (timm.layers.freeze_batch_norm_2d)')
+    parser.add_argument('--freeze-bn', action='store_true',
+                        help='batch norms frozen (timm.layers.freeze_batch_norm_2d)')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -107,8 +108,8 @@ def main():
         for block, (_, c, h, w) in shapes:
             (kernels, ops), _ = time_in_turn(_mlp_calls(block, (32, c, h, w), args.channels_last), args.rounds, 2)
             totals = [totals[0] + kernels, totals[1] + ops]
-            print(f'    {c:4d}x{h:3d}x{w:<3d} rd {block.conv1.out_channels:3d}  kernels {kernels:6.3f}  ops {ops:6.3f}  '
-                  f'{ops / kernels:5.2f}x')
+            print(f'    {c:4d}x{h:3d}x{w:<3d} rd {block.conv1.out_channels:3d}  kernels {kernels:6.3f}  '
+                  f'ops {ops:6.3f}  {ops / kernels:5.2f}x')
         print(f'    all blocks          kernels {totals[0]:6.2f}  ops {totals[1]:6.2f}  {totals[1] / totals[0]:5.2f}x')
 
 

@@ -202,7 +202,8 @@ def _fallbacks():
         'relu': (_randomised(CoordAttention(32, act_layer='relu')), x),
         'hard_sigmoid gate': (_randomised(CoordAttention(32, gate_layer='hard_sigmoid')), x),
         'group norm': (_randomised(CoordAttention(32, norm_layer=GroupNorm1)), x),
-        'batch statistics': (_randomised(CoordAttention(32, norm_layer=partial(nn.BatchNorm2d, track_running_stats=False))), x),
+        'batch statistics': (
+            _randomised(CoordAttention(32, norm_layer=partial(nn.BatchNorm2d, track_running_stats=False))), x),
         'strided input': (plain, x.transpose(2, 3)),
         'empty batch': (plain, x[:0]),
     }
@@ -242,7 +243,8 @@ def test_kernel_checks_its_arguments():
     weights = native.InferenceWeights(w1, b1, wg, bg)
     x = torch.randn(2, 8, 4, 5)
     call = native.coord_attention_inference
-    with pytest.raises(ValueError, match=r'float32 CPU \(N, 8, H, W\) x, contiguous or channels_last, got torch.float64'):
+    with pytest.raises(ValueError,
+                       match=r'float32 CPU \(N, 8, H, W\) x, contiguous or channels_last, got torch.float64'):
         call(x.double(), x.double(), weights)
     with pytest.raises(ValueError, match=r'shape \(2, 9, 4, 5\)'):
         call(torch.randn(2, 9, 4, 5), torch.randn(2, 9, 4, 5), weights)
@@ -361,7 +363,8 @@ def test_strip_kernels_check_their_arguments():
     x, a_h, a_w = _gates((2, 8, 4, 5), channels_last=False)
     with pytest.raises(ValueError, match='contiguous or channels_last, got torch.float32 on cpu, shape'):
         native.strips(x.transpose(2, 3))
-    with pytest.raises(ValueError, match=r'grad_strips of shape \(2, 8, 9\), got torch.float32 on cpu, shape \(2, 8, 8\)'):
+    with pytest.raises(ValueError,
+                       match=r'grad_strips of shape \(2, 8, 9\), got torch.float32 on cpu, shape \(2, 8, 8\)'):
         native.strips_backward(torch.randn(2, 8, 8), x.shape, False)
     with pytest.raises(ValueError, match='a_h and a_w in the layout of the input'):
         native.strips_backward(torch.randn(2, 8, 9), x.shape, True, (x, a_h, a_w))
@@ -392,11 +395,12 @@ def test_training_step_uses_gate_kernels(channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     ops = {}
     for use_native in (True, False):
-        m = _randomised(CoordAttention(48)).train().to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        m = _randomised(CoordAttention(48)).train().to(memory_format=memory_format)
         m.use_native_kernel = use_native
         xr = x.clone().requires_grad_()
         with _FullSizeOps(x.shape) as mode:
-            m(xr).backward(torch.randn_like(x).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format))
+            m(xr).backward(torch.randn_like(x).contiguous(memory_format=memory_format))
         ops[use_native] = mode.ops
     # PyTorch ops: x * a_h, the product's gradient products, the sum of x's two gradients; the
     # kernels: no full-size op but the output's and x's gradient's allocations

@@ -1,8 +1,8 @@
 """ Parameter and multiply-accumulate counts, as the paper tables count them.
 
 MACs are those of every Conv2d and Linear in a forward pass (one multiply-accumulate per weight
-use, CoordAttention's strip convs included); `ca_muls` adds the element-wise products `x * a_h * a_w` of each CoordAttention block
-(2·C·H·W), which the paper's M-Adds appear to include.
+use, CoordAttention's strip convs included); `ca_muls` adds the element-wise products `x * a_h * a_w`
+of each CoordAttention block (2·C·H·W), which the paper's M-Adds appear to include.
 """
 from dataclasses import dataclass
 from typing import Tuple

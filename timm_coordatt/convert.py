@@ -88,8 +88,8 @@ def _module_names(model: torch.nn.Module) -> Dict[str, str]:
         elif isinstance(block, InvertedResidual):
             layout = _IR_LAYOUT
         else:
-            raise ConversionError(
-                f"{name} of the target model is a {type(block).__name__}, which has no counterpart in the authors' model.")
+            raise ConversionError(f"{name} of the target model is a {type(block).__name__}, which has no "
+                                  "counterpart in the authors' model.")
         names.update({f'features.{index}.{a}': f'{name}.{b}' for a, b in layout.items()})
     return names
 

@@ -190,9 +190,11 @@ class _StripMLP(torch.autograd.Function):
                     bn.num_batches_tracked.add_(1)
                     factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
                 ctx.training = bn.training or (bn.running_mean is None and bn.running_var is None)
-                ctx.running = (bn.running_mean, bn.running_var) if not bn.training or bn.track_running_stats else (None, None)
+                with_running_stats = not bn.training or bn.track_running_stats
+                ctx.running = (bn.running_mean, bn.running_var) if with_running_stats else (None, None)
             ctx.eps = bn.eps
-            z, mean, invstd = torch.native_batch_norm(y1, bn_weight, bn_bias, *ctx.running, ctx.training, factor, bn.eps)
+            z, mean, invstd = torch.native_batch_norm(
+                y1, bn_weight, bn_bias, *ctx.running, ctx.training, factor, bn.eps)
             statistics.extend((mean, invstd))
             return z
 
@@ -652,7 +654,8 @@ class CoordAttention(nn.Module):
                 and _compiling_for_inductor()
                 and self.use_native_kernel and native.available()
                 and self._foldable_norm() and self._native_activations() and self._plain_layers()
-                and x.dim() == 4 and x.shape[1] == self.channels and x.dtype == torch.float32 and x.device.type == 'cpu')
+                and x.dim() == 4 and x.shape[1] == self.channels and x.dtype == torch.float32
+                and x.device.type == 'cpu')
 
     @torch.jit.unused
     def _gates_by_layers(self, y: torch.Tensor, h: int, w: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -759,7 +762,8 @@ class CoordAttention(nn.Module):
             norm = cached.norm
             try:
                 current = (tuple(self._modules.values()) == cached.layers
-                           and all(map(operator.is_, map(operator.getitem, cached.owners, cached.names), cached.sources))
+                           and all(map(operator.is_, map(operator.getitem, cached.owners, cached.names),
+                                       cached.sources))
                            and tuple(map(_tensor_version, cached.tensors)) == cached.versions
                            and (norm is None or (norm.eps == cached.eps and not (cached.batch_norm and norm.training))))
             except KeyError:  # a parameter unregistered since (pruning, a parametrization)
@@ -779,7 +783,8 @@ class CoordAttention(nn.Module):
         """What `params` were folded from, read from the layers' own dicts; None where a statistic is not
         registered."""
         modules = self._modules
-        owners = [(modules[name]._parameters, key) for name in ('conv1', 'conv_h', 'conv_w') for key in ('weight', 'bias')]
+        owners = [(modules[name]._parameters, key)
+                  for name in ('conv1', 'conv_h', 'conv_w') for key in ('weight', 'bias')]
         bn = modules['bn1']
         norm = bn if type(bn) in _FOLDED_NORMS else None
         if type(bn) in _BATCH_NORMS:

@@ -24,7 +24,8 @@ except ImportError:  # built without a C compiler
     _native = None
 
 __all__ = [
-    'built', 'enabled', 'available', 'layout', 'InferenceWeights', 'coord_attention_inference', 'run_inference', 'gate_supported', 'gate', 'gate_backward',
+    'built', 'enabled', 'available', 'layout', 'InferenceWeights', 'coord_attention_inference', 'run_inference',
+    'gate_supported', 'gate', 'gate_backward',
     'strips_supported', 'strips', 'strips_backward', 'strip_mlp_forward', 'strip_mlp_backward',
 ]
 
@@ -222,7 +223,8 @@ def _partial_rows(n: int) -> int:
 
 
 def strip_mlp_forward(
-        s: torch.Tensor, h: int, w1: torch.Tensor, b1: Optional[torch.Tensor], norm: Callable[[torch.Tensor], torch.Tensor],
+        s: torch.Tensor, h: int, w1: torch.Tensor, b1: Optional[torch.Tensor],
+        norm: Callable[[torch.Tensor], torch.Tensor],
         w_gates_t: torch.Tensor, b_gates: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The MLP on the (N, L, C) strips `s` (the first `h` of the L positions the H-strip's) in training:
@@ -280,5 +282,6 @@ def _check_mlp(shapes: Sequence[Sequence[int]], **tensors: Optional[torch.Tensor
     for (name, t), shape in zip(tensors.items(), shapes):
         if t is not None and (t.dtype != _float32 or not t.is_cpu or tuple(t.shape) != tuple(shape)
                               or not t.is_contiguous()):
-            raise ValueError(f'native strip MLP expected {name} a contiguous float32 CPU tensor of shape {tuple(shape)}, '
-                             f'got {t.dtype} on {t.device}, shape {tuple(t.shape)}, strides {t.stride()}')
+            raise ValueError(f'native strip MLP expected {name} a contiguous float32 CPU tensor of shape '
+                             f'{tuple(shape)}, got {t.dtype} on {t.device}, shape {tuple(t.shape)}, '
+                             f'strides {t.stride()}')
