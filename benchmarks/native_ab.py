@@ -27,6 +27,14 @@ as `timm-coordatt benchmark` takes them), `--model-calls` steps of each, where t
 full-size outputs pay for their pages:
 
     python benchmarks/native_ab.py /tmp/before.so --models --train --model-calls 25
+
+With `--models --train --ops`, the CA model's own ops in such steps instead: each build in turn for
+`--model-calls` steps, each profiled (`torch.profiler`) after an unprofiled one, and the medians of their
+self time in the CA blocks' autograd Functions and in `ConvolutionBackward0` (which recomputes the CA
+outputs for the next conv's backward). A kernel's share of a step is a few milliseconds, well inside the
+steps' spread from one to the next; the ops' own times move far less:
+
+    python benchmarks/native_ab.py /tmp/before.so --models --train --ops --model-calls 6
 """
 import argparse
 import importlib.machinery
@@ -39,6 +47,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 from timm.optim import create_optimizer_v2
 
 from in_turn import add_pairs_argument, model_pairs, settled, time_in_turn
@@ -159,6 +168,40 @@ def _model_rows(libs, pairs, calls: int, train: bool) -> None:
                   f'{before_ratio:11.3f} | {after_ratio:10.3f}', flush=True)
 
 
+# the CA blocks' autograd Functions, and the node whose saved input, a CA output, is recomputed
+CA_OPS = ('_StripPool', '_StripMLP', '_CoordGate', '_CoordGateBackward', '_StripMLPBackward', '_StripPoolBackward',
+          'ConvolutionBackward0')
+
+
+def _op_rows(libs, pairs, steps: int) -> None:
+    """Each pair's CA model with each build in turn: the median self time (ms) of its ops in a training step."""
+    print(f'{"CA model":>15} | {"layout":>13} | {"op":>20} | {"before ms":>9} | {"after ms":>9} | before/after')
+    for ca_name, _ in pairs:
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            torch.manual_seed(0)
+            model = timm.create_model(ca_name).to(memory_format=memory_format)
+            step = _training_step(model, torch.randn(32, 3, 224, 224).contiguous(memory_format=memory_format))
+            times = {name: {op: [] for op in CA_OPS + ('step',)} for name in libs}
+            try:
+                for r in range(steps):
+                    for name in (('before', 'after') if r % 2 == 0 else ('after', 'before')):
+                        native._native = libs[name]
+                        step()
+                        with profile(activities=[ProfilerActivity.CPU]) as prof:
+                            step()
+                        self_ms = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+                        for op in CA_OPS:
+                            times[name][op].append(self_ms.get(op, 0.0))
+                        times[name]['step'].append(sum(self_ms.values()))
+            finally:
+                native._native = libs['after']
+            layout = 'channels_last' if memory_format == torch.channels_last else 'contiguous'
+            for op in CA_OPS + ('step',):
+                before, after = (statistics.median(times[name][op]) for name in ('before', 'after'))
+                print(f'{ca_name:>15} | {layout:>13} | {op:>20} | {before:9.2f} | {after:9.2f} | '
+                      f'{before / after if after else float("nan"):12.2f}', flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('before', help='path of the other build of timm_coordatt/_native (a .so or .pyd)')
@@ -168,6 +211,8 @@ def main():
     parser.add_argument('--models', action='store_true', help='time the registered models instead of the kernels')
     parser.add_argument('--model-calls', type=int, default=300, help='calls of each model (--models)')
     parser.add_argument('--train', action='store_true', help='with --models: training steps at batch 32')
+    parser.add_argument('--ops', action='store_true',
+                        help='with --models --train: the CA model\'s ops\' self time in its steps with each build')
     add_pairs_argument(parser)
     args = parser.parse_args()
     pairs = model_pairs(parser, args.pairs)
@@ -175,9 +220,18 @@ def main():
         raise SystemExit('the installed package has no C kernels to compare')
     torch.set_num_threads(args.threads)
     libs = {'before': _load(args.before), 'after': native._native}
+    if args.ops and not (args.models and args.train):
+        parser.error('--ops goes with --models --train')
     if args.models:
         print(f'command: python benchmarks/native_ab.py {args.before} --models {"--train " if args.train else ""}'
-              f'--model-calls {args.model_calls} --threads {args.threads} --pairs {" ".join(args.pairs)}')
+              f'{"--ops " if args.ops else ""}--model-calls {args.model_calls} --threads {args.threads} '
+              f'--pairs {" ".join(args.pairs)}')
+        if args.ops:
+            print(f'torch {torch.__version__}, {args.threads} threads, training steps at batch 32, 224x224, '
+                  f'medians of {args.model_calls} profiled steps of each build in turn (self time); after = the '
+                  'installed build')
+            _op_rows(libs, pairs, args.model_calls)
+            return
         what = 'training steps at batch 32' if args.train else 'batch 1, eval'
         print(f'torch {torch.__version__}, {args.threads} threads, {what}, 224x224, medians of '
               f'{args.model_calls} calls in turn; after = the installed build; ratios: medians of each round\'s')

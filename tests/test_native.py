@@ -85,6 +85,9 @@ def test_environment_at_import_turns_it_off(value, expected):
 SHAPES = [(1, 320, 14, 14), (1, 320, 7, 6), (3, 24, 1, 13), (2, 16, 9, 1), (5, 40, 1, 1), (1, 24, 3, 50),
           (3, 96, 7, 11), (2, 24, 5, 7), (1, 8, 37, 6), (1, 16, 19, 12), (1, 16, 19, 28), (1, 8, 20, 17),
           (2, 8, 17, 56), (1, 8, 3, 64), (1, 8, 4, 65)]
+# 16 MiB and more (CA_AHEAD_MIN_BYTES): the channels_last training kernels also ask for lines ahead, up to
+# each sample's end
+LARGE_SHAPE = (2, 48, 210, 210)
 
 
 @pytest.mark.parametrize('shape', SHAPES)
@@ -268,7 +271,7 @@ def _gates(shape, channels_last: bool):
     return x, a_h, a_w
 
 
-@pytest.mark.parametrize('shape', SHAPES)
+@pytest.mark.parametrize('shape', SHAPES + [LARGE_SHAPE])
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_gate_kernels_match_autograd(shape, channels_last):
     x, a_h, a_w = _gates(shape, channels_last)
@@ -302,7 +305,7 @@ def _strips_reference(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x.mean(3), x.mean(2)], dim=2)
 
 
-@pytest.mark.parametrize('shape', SHAPES)
+@pytest.mark.parametrize('shape', SHAPES + [LARGE_SHAPE])
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_strip_kernels_match_autograd(shape, channels_last):
     x, a_h, a_w = _gates(shape, channels_last)

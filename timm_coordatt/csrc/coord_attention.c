@@ -85,6 +85,27 @@ CA_INLINE float ca_hardswish(float v) {
  * end for that take plain loops. */
 #define CA_SHORT_ROW 64
 
+/* The training kernels' passes over a batch's channels_last tensors, a position's C channels at a time,
+ * read them from memory, where the hardware's prefetchers fell behind: `ahead`, each position also asks
+ * for the lines CA_AHEAD floats further on, within the sample's `size` floats. Only for tensors of
+ * CA_AHEAD_MIN_BYTES or more, which cannot be in the caches (smaller ones may, where the asking costs more
+ * than it saves), and not in inference, on maps the layer before has just written. */
+#define CA_AHEAD 1024
+#define CA_AHEAD_MIN_BYTES (16 << 20)
+
+CA_INLINE void ca_prefetch_ahead(const float *p, int64_t at, int64_t c, int64_t size, int ahead) {
+#if defined(__GNUC__)
+    if (ahead && at + CA_AHEAD + c <= size)
+        for (int64_t k = 0; k < c; k += 16) __builtin_prefetch(p + at + CA_AHEAD + k, 0, 3);
+#else
+    (void)p;
+    (void)at;
+    (void)c;
+    (void)size;
+    (void)ahead;
+#endif
+}
+
 /* rows [i0, h) of a channel plane (H, W) in plain loops: their means over W into sc, their elements
  * added to the column sums `cols` */
 CA_INLINE void ca_plane_rows(const float *xc, float *sc, float *cols, int64_t i0, int64_t h, int64_t w) {
@@ -212,13 +233,15 @@ CA_INLINE void ca_scale_planes(const float *x, float *out, const float *ah, cons
 
 /* pooling of rows [i0, i1) of one sample (H, W, C) contiguous (a channels_last tensor): their
  * means over W into rows [i0, i1) of s (L, C), their sums over H into sw (W, C) */
-CA_INLINE void ca_pool_nhwc(const float *x, float *s, float *sw, int64_t c, int64_t w, int64_t i0, int64_t i1) {
+CA_INLINE void ca_pool_nhwc(const float *x, float *s, float *sw, int64_t c, int64_t w, int64_t i0, int64_t i1,
+                             int64_t size, int ahead) {
     const float inv_w = 1.0f / (float)w;
     memset(sw, 0, (size_t)(w * c) * sizeof(float));
     for (int64_t i = i0; i < i1; i++) {
         float *sh = s + i * c;
         memset(sh, 0, (size_t)c * sizeof(float));
         for (int64_t j = 0; j < w; j++) {
+            ca_prefetch_ahead(x, (i * w + j) * c, c, size, ahead);
             const float *px = x + (i * w + j) * c;
             float *swj = sw + j * c;
             for (int64_t ch = 0; ch < c; ch++) {
@@ -597,7 +620,7 @@ CA_INLINE void ca_gate_backward_nchw(const float *x, const float *ah, const floa
 
 CA_INLINE void ca_gate_backward_nhwc(const float *x, const float *ah, const float *aw, const float *grad,
                                      float *gx, float *gah, float *gaw, int64_t c, int64_t h, int64_t w,
-                                     const int with_gx) {
+                                     const int with_gx, int ahead) {
     /* x and grad in their order, a position's C channels at a time (streams the prefetchers follow;
      * in blocks of 64 channels, each a strided pass over the sample, 1.1-1.7x slower at batch 32);
      * the sums in the outputs, a_h's row and a_w's W rows, which stay in the core's caches */
@@ -610,6 +633,8 @@ CA_INLINE void ca_gate_backward_nhwc(const float *x, const float *ah, const floa
             const int64_t at = (i * w + j) * c;
             const float *gw = aw + j * c;
             float *gaw_j = gaw + j * c;
+            ca_prefetch_ahead(x, at, c, h * w * c, ahead);
+            ca_prefetch_ahead(grad, at, c, h * w * c, ahead);
             for (int64_t k = 0; k < c; k++) {
                 const float p = x[at + k] * grad[at + k];
                 gah_i[k] += p * gw[k];
@@ -679,7 +704,7 @@ CA_INLINE void ca_strips_backward_nchw(const float *gs, const float *grad, const
 }
 
 CA_INLINE void ca_strips_backward_nhwc(const float *gs, const float *grad, const float *ah, const float *aw,
-                                       float *gx, int64_t c, int64_t h, int64_t w, const int gated) {
+                                       float *gx, int64_t c, int64_t h, int64_t w, const int gated, int ahead) {
     const float inv_h = 1.0f / (float)h, inv_w = 1.0f / (float)w;
     for (int64_t i = 0; i < h; i++) {
         const float *gsh = gs + i * c;
@@ -687,6 +712,7 @@ CA_INLINE void ca_strips_backward_nhwc(const float *gs, const float *grad, const
             const int64_t at = (i * w + j) * c;
             const float *gsw = gs + (h + j) * c;
             if (gated) {
+                ca_prefetch_ahead(grad, at, c, h * w * c, ahead);
                 const float *gh = ah + i * c, *gw = aw + j * c;
                 for (int64_t k = 0; k < c; k++)
                     gx[at + k] = grad[at + k] * gh[k] * gw[k] + (gsh[k] * inv_w + gsw[k] * inv_h);
@@ -716,6 +742,7 @@ struct ca_job {
     int64_t partial_stride;
     int64_t first, last, c, h, w, rd;   /* samples [first, last) */
     int channels_last, status;
+    int ahead; /* training passes over a tensor out of the caches: ca_prefetch_ahead */
     /* CA_BLOCK with fewer samples than threads: a team shares each sample, thread `rank` of `size`
      * taking a range of every step, with a barrier between steps and one workspace for all */
     int rank, size;
@@ -823,11 +850,11 @@ CA_INLINE void ca_block(struct ca_job *job, const int channels_last) {
         float *ob = job->out + b * size;
         if (channels_last) {
             if (job->barrier) {
-                ca_pool_nhwc(xb, s, partial + job->rank * w * c, c, w, i0, i1);
+                ca_pool_nhwc(xb, s, partial + job->rank * w * c, c, w, i0, i1, size, 0);
                 job->barrier();
                 ca_sum_parts(partial, s + h * c, job->size, c, h, w, c0, c1);
             } else {
-                ca_pool_nhwc(xb, s, s + h * c, c, w, 0, h);
+                ca_pool_nhwc(xb, s, s + h * c, c, w, 0, h, size, 0);
                 ca_sum_parts(s + h * c, s + h * c, 1, c, h, w, 0, c);
             }
         } else {
@@ -892,11 +919,11 @@ CA_INLINE void ca_gate_backward_job(struct ca_job *job, const int channels_last)
         /* constant with_gx in each call: two specialised copies of the loops */
         if (job->out == NULL) {
             if (channels_last)
-                ca_gate_backward_nhwc(xb, ah, aw, grad, NULL, gah, gaw, c, h, w, 0);
+                ca_gate_backward_nhwc(xb, ah, aw, grad, NULL, gah, gaw, c, h, w, 0, job->ahead);
             else
                 ca_gate_backward_nchw(xb, ah, aw, grad, NULL, gah, gaw, c, h, w, 0);
         } else if (channels_last) {
-            ca_gate_backward_nhwc(xb, ah, aw, grad, job->out + b * size, gah, gaw, c, h, w, 1);
+            ca_gate_backward_nhwc(xb, ah, aw, grad, job->out + b * size, gah, gaw, c, h, w, 1, job->ahead);
         } else {
             ca_gate_backward_nchw(xb, ah, aw, grad, job->out + b * size, gah, gaw, c, h, w, 1);
         }
@@ -921,7 +948,7 @@ static void ca_run_strips_nhwc(struct ca_job *job) {
     const int64_t c = job->c, h = job->h, w = job->w, size = c * h * w, len = h + w;
     for (int64_t b = job->first; b < job->last; b++) { /* (L, C): the inference kernel's pooling */
         float *sb = job->out + b * c * len;
-        ca_pool_nhwc(job->x + b * size, sb, sb + h * c, c, w, 0, h);
+        ca_pool_nhwc(job->x + b * size, sb, sb + h * c, c, w, 0, h, size, job->ahead);
         ca_sum_parts(sb + h * c, sb + h * c, 1, c, h, w, 0, c);
     }
 }
@@ -933,13 +960,13 @@ CA_INLINE void ca_strips_backward_job(struct ca_job *job, const int channels_las
         float *gx = job->out + b * size;
         if (job->grad == NULL) {
             if (channels_last)
-                ca_strips_backward_nhwc(gsb, NULL, NULL, NULL, gx, c, h, w, 0);
+                ca_strips_backward_nhwc(gsb, NULL, NULL, NULL, gx, c, h, w, 0, 0);
             else
                 ca_strips_backward_nchw(gsb, NULL, NULL, NULL, gx, c, h, w, 0);
         } else {
             const float *grad = job->grad + b * size, *ah = job->ah + b * c * h, *aw = job->aw + b * c * w;
             if (channels_last)
-                ca_strips_backward_nhwc(gsb, grad, ah, aw, gx, c, h, w, 1);
+                ca_strips_backward_nhwc(gsb, grad, ah, aw, gx, c, h, w, 1, job->ahead);
             else
                 ca_strips_backward_nchw(gsb, grad, ah, aw, gx, c, h, w, 1);
         }
@@ -1165,6 +1192,7 @@ static int ca_split(struct ca_job base, int64_t n, int threads) {
 
 static PyObject *ca_call(struct ca_job job, int64_t n, int threads) {
     int status;
+    job.ahead = n * job.c * job.h * job.w * (int64_t)sizeof(float) >= CA_AHEAD_MIN_BYTES;
     ca_resolve_omp(); /* with the GIL held: once */
     Py_BEGIN_ALLOW_THREADS
     status = ca_split(job, n, threads);
