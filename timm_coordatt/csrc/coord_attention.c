@@ -742,7 +742,7 @@ struct ca_job {
     int64_t partial_stride;
     int64_t first, last, c, h, w, rd;   /* samples [first, last) */
     int channels_last, status;
-    int ahead; /* training passes over a tensor out of the caches: ca_prefetch_ahead */
+    int ahead; /* x (N, C, H, W) of CA_AHEAD_MIN_BYTES or more: the channels_last training passes ask ahead */
     /* CA_BLOCK with fewer samples than threads: a team shares each sample, thread `rank` of `size`
      * taking a range of every step, with a barrier between steps and one workspace for all */
     int rank, size;
