@@ -736,6 +736,15 @@ def test_compiled_inference_calls_the_kernel(channels_last, inplace):
     assert graphs and _kernel_op_calls(graphs) == 0
 
 
+def _compiled_eval_pair():
+    """A block and the authors' in eval mode, an input, and the block compiled, capturing its graphs."""
+    ours, authors = _pair(32)
+    for m in (ours, authors):
+        m.eval()
+    graphs = []
+    return ours, authors, torch.randn(2, 32, 9, 7), graphs, _compile_capturing(ours, graphs)
+
+
 @pytest.mark.parametrize('transform, kernel_calls', [(freeze_batch_norm_2d, 1), (_prune, 0)])
 def test_compiled_inference_frozen_or_pruned(transform, kernel_calls):
     """Compiled inference folds a frozen norm into the kernel op as eager does, and calls a pruned
@@ -759,12 +768,7 @@ def test_compiled_inference_guards_no_block_parameter(transform, graphs_after):
     guards cost a compiled MobileNetV2 4 points at batch 1): freezing them keeps the graph. Pruned or
     parametrized after compiling, the block computes what its layers do: a parametrization (a subclass)
     compiles them, pruning (a pre-hook, which dynamo does not guard) keeps the graph and the op calls them."""
-    ours, authors = _pair(32)
-    x = torch.randn(2, 32, 9, 7)
-    for m in (ours, authors):
-        m.eval()
-    graphs = []
-    compiled = _compile_capturing(ours, graphs)
+    ours, authors, x, graphs, compiled = _compiled_eval_pair()
     with torch.no_grad():
         compiled(x)
         ours.requires_grad_(False)
@@ -780,12 +784,7 @@ def test_compiled_inference_guards_no_block_parameter(transform, graphs_after):
 def test_compiled_inference_with_norm_in_training_mode(compiled_in_eval_first):
     """A compiled eval-mode block whose norm trains calls its layers (batch statistics, updated), not the op;
     a graph compiled with the norm in eval mode is not reused for it."""
-    ours, authors = _pair(32)
-    x = torch.randn(2, 32, 9, 7)
-    for m in (ours, authors):
-        m.eval()
-    graphs = []
-    compiled = _compile_capturing(ours, graphs)
+    ours, authors, x, graphs, compiled = _compiled_eval_pair()
     with torch.no_grad():
         if compiled_in_eval_first:
             torch.testing.assert_close(compiled(x), authors(x), rtol=1e-5, atol=1e-6)
