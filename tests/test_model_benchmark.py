@@ -2,6 +2,7 @@
 command line, the memory measurement on a known allocation pattern. No timing assertions. """
 import argparse
 import dataclasses
+import inspect
 import json
 import shlex
 import statistics
@@ -14,8 +15,8 @@ import torch
 import timm_coordatt  # noqa: F401  (registers the models)
 from timm_coordatt.cli import main
 from timm_coordatt.model_benchmark import (
-    PROFILE_WARMUP_STEPS, BenchmarkConfig, _time_in_turn, add_arguments, format_profile, format_results, peak_memory,
-    profile_mode, profile_overhead, run_benchmark)
+    PROFILE_WARMUP_STEPS, BenchmarkConfig, _compiled_alone, _time_in_turn, add_arguments, format_profile, format_results,
+    peak_memory, profile_mode, profile_overhead, run_benchmark)
 
 PAIR = ('mobilenetv2_050_ca', 'mobilenetv2_050')
 TINY = BenchmarkConfig(
@@ -222,3 +223,19 @@ def test_profile_steps_in_the_first_eager_layout(monkeypatch):
     assert rows[-1][0] == 'total' and rows[-1][1] > 0 and rows[-1][2] > 0
     assert any(base == 0 and ca > 0 for _, base, ca in rows[:-1])
     assert 'channels_last training step after' in format_profile(PAIR, rows, mode=profile_mode(cfg))
+
+
+def test_compiled_models_keep_graphs_of_their_own():
+    """Compile mode: two models of one class each get a cache of compiled graphs of their own, as each
+    would compiled alone (sharing `forward`'s code, a call would first check the other model's guards)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    torch._dynamo.reset()
+    models = [timm.create_model(PAIR[1]).eval() for _ in range(2)]
+    compiled = [_compiled_alone(m) for m in models]
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        for model, fn in zip(models, compiled):
+            torch.testing.assert_close(fn(x), model(x), rtol=1e-4, atol=1e-5)
+    codes = [inspect.unwrap(fn).__code__ for fn in compiled]
+    assert codes[0] is not codes[1]
+    assert [len(_debug_get_cache_entry_list(code)) for code in codes] == [1, 1]
