@@ -1,8 +1,9 @@
 """ torch.compile inference of the CA models: the C kernel as one op against the compiled PyTorch formulation.
 
 For each pair (CA model / baseline), in one process, compiled with the default inductor backend
-(`dynamic=False`), inference at each batch size (eval, `torch.inference_mode`), calls in turn (each
-variant first in turn):
+(`dynamic=False`), each through a function of its own as the benchmark compiles them (before 2026-12-05's
+session 21 they shared their class's dynamo cache), inference at each batch size (eval,
+`torch.inference_mode`), calls in turn (each variant first in turn):
 - `baseline`: the baseline model;
 - `kernel_op`: the CA model as it compiles by default, each CA block one call of the C kernel
   (`timm_coordatt::coord_attention_block_inference_`);
@@ -24,6 +25,7 @@ import timm
 import torch
 
 from timm_coordatt import CoordAttention
+from timm_coordatt.model_benchmark import _compiled_alone
 
 from in_turn import add_pairs_argument, model_pairs, settled, time_in_turn
 
@@ -36,7 +38,7 @@ def _compiled(name: str, memory_format: torch.memory_format, native: bool) -> Ca
     for block in model.modules():
         if isinstance(block, CoordAttention):
             block.use_native_kernel = native
-    return torch.compile(model, dynamic=False)
+    return _compiled_alone(model)
 
 
 def main():

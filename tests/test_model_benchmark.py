@@ -15,8 +15,8 @@ import torch
 import timm_coordatt  # noqa: F401  (registers the models)
 from timm_coordatt.cli import main
 from timm_coordatt.model_benchmark import (
-    PROFILE_WARMUP_STEPS, BenchmarkConfig, _compiled_alone, _time_in_turn, add_arguments, format_profile, format_results,
-    peak_memory, profile_mode, profile_overhead, run_benchmark)
+    PROFILE_WARMUP_STEPS, BenchmarkConfig, _compiled_alone, _time_in_turn, add_arguments, format_profile,
+    format_results, peak_memory, profile_mode, profile_overhead, run_benchmark)
 
 PAIR = ('mobilenetv2_050_ca', 'mobilenetv2_050')
 TINY = BenchmarkConfig(
