@@ -346,6 +346,20 @@ def test_gate_gradients_keep_each_row_to_itself(shape):
     torch.testing.assert_close(grad_a_w, gates[1].grad, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
+@pytest.mark.parametrize('shape', [(2, 8, 7, 7), (1, 8, 37, 6), (2, 16, 9, 1), (1, 8, 5, 14)])
+def test_pooling_keeps_each_row_to_itself(shape):
+    # short rows are pooled in whole vectors running on into the next row (and, up to 8 elements, eight
+    # rows summed at once): infinities at the start of odd rows must reach only their rows' means and
+    # column 0's
+    x = torch.randn(shape)
+    x[:, :, 1::2, 0] = float('inf')
+    strips = native.strips(x)
+    h = shape[2]
+    assert strips[:, :, 1:h:2].isinf().all() and strips[:, :, 0:h:2].isfinite().all()
+    assert strips[:, :, h].isinf().all() and strips[:, :, h + 1:].isfinite().all()
+    torch.testing.assert_close(strips, _strips_reference(x), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize('shape', [(2, 8, 6, 7), (1, 16, 5, 14)])
 def test_input_gradient_keeps_each_row_to_itself(shape):
     # x's gradient on short rows is stored in whole vectors running on into the next row, which then
@@ -575,11 +589,13 @@ def test_fresh_large_outputs_keep_the_default_pages():
 def test_model_gradients_as_close_to_float64_with_the_kernels():
     """One training step of a registered CA model (the main job's, at its 48 px): with all the C kernels each
     parameter's gradient is about as close to a float64 model's as with PyTorch's ops only: rounding, not
-    another function. Float32 alone is 0.2-1% off here, so this catches errors of a few percent (10% in a
-    weight's gradient fails it); the block tests above check agreement to rounding. (The convs' biases
-    before a norm, whose exact gradients are 0, are left out.)"""
+    another function. The host blocks take SiLU: with ReLU6, an activation within rounding of a clip point
+    takes the other branch in float32 than in float64 for one set of kernels and not the other, moving
+    gradients by up to 1% (seen with PyTorch's ops too, at other seeds). Float32 alone is 1e-5 to 3e-4 off
+    here, the kernels within a third of that bound, so this catches errors of a few hundredths of a percent.
+    (The convs' biases before a norm, whose exact gradients are 0, are left out.)"""
     torch.manual_seed(0)
-    model = timm.create_model('mobilenetv2_050_ca', num_classes=9).train()
+    model = timm.create_model('mobilenetv2_050_ca', num_classes=9, act_layer='silu').train()
     x, y = torch.randn(8, 3, 48, 48), torch.randint(0, 9, (8,))
 
     def gradients(dtype: torch.dtype, kernels: bool) -> Dict[str, torch.Tensor]:
@@ -598,4 +614,4 @@ def test_model_gradients_as_close_to_float64_with_the_kernels():
         if g.norm() < 1e-6 * largest:
             continue
         error_kernels, error_ops = ((grads[name] - g).norm() / g.norm() for grads in (with_kernels, with_ops))
-        assert error_kernels <= 3 * max(error_ops, 1e-3), (name, float(error_kernels), float(error_ops))
+        assert error_kernels <= 3 * max(error_ops, 1e-4), (name, float(error_kernels), float(error_ops))
