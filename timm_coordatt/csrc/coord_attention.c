@@ -133,17 +133,18 @@ typedef int32_t ca_v8i __attribute__((vector_size(32)));
 #define CA_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (ca_v8i){__VA_ARGS__})
 #endif
 
-/* sums of neighbouring lanes: a's pairs in lanes 0-1 and 4-5, b's in 2-3 and 6-7 */
-CA_INLINE ca_v8 ca_hadd(ca_v8 a, ca_v8 b) {
-    return CA_SHUFFLE(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + CA_SHUFFLE(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
-}
+/* sums of neighbouring lanes: a's pairs in lanes 0-1 and 4-5, b's in 2-3 and 6-7 (macros here: vectors
+ * passed by value change the ABI of the clones without AVX, which GCC warns of) */
+#define CA_HADD(a, b) (CA_SHUFFLE(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + CA_SHUFFLE(a, b, 1, 3, 9, 11, 5, 7, 13, 15))
 
-/* the sums of the lanes of v[0], ..., v[7], in lanes 0-7: seven pairwise sums of vectors where eight
+/* out[k] = scale * the sum of the lanes of v[k], k < 8: seven pairwise sums of vectors where eight
  * reductions of one vector each take three */
-CA_INLINE ca_v8 ca_lane_sums8(const ca_v8 v[8]) {
-    const ca_v8 u0 = ca_hadd(ca_hadd(v[0], v[1]), ca_hadd(v[2], v[3]));
-    const ca_v8 u1 = ca_hadd(ca_hadd(v[4], v[5]), ca_hadd(v[6], v[7]));
-    return CA_SHUFFLE(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) + CA_SHUFFLE(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
+CA_INLINE void ca_lane_sums8(const ca_v8 v[8], float scale, float out[8]) {
+    const ca_v8 u0 = CA_HADD(CA_HADD(v[0], v[1]), CA_HADD(v[2], v[3]));
+    const ca_v8 u1 = CA_HADD(CA_HADD(v[4], v[5]), CA_HADD(v[6], v[7]));
+    const ca_v8 sums = CA_SHUFFLE(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) + CA_SHUFFLE(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
+    const ca_v8 scaled = sums * scale;
+    memcpy(out, &scaled, sizeof(scaled));
 }
 
 /* both strips of a plane of rows of at most 8 elements: each row one vector, the lanes past the row
@@ -166,9 +167,8 @@ CA_INLINE void ca_strips_plane8(const float *xc, float *sc, float *col, int64_t 
             cols += v;
             rows[n] = v;
         }
-        const ca_v8 means = ca_lane_sums8(rows) * inv_w;
         float m[8];
-        memcpy(m, &means, sizeof(m));
+        ca_lane_sums8(rows, inv_w, m);
         for (int64_t n = 0; n < 8 && i0 + n < whole; n++) sc[i0 + n] = m[n];
     }
     float sums[8];
