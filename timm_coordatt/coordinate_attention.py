@@ -816,7 +816,7 @@ class CoordAttention(nn.Module):
             owners += [(bn._buffers, name) for name in ('weight', 'bias', 'running_mean', 'running_var')]
         try:
             sources = tuple(owner[name] for owner, name in owners)
-            tensors = tuple(t.detach() for t in sources if t is not None and not t.is_inference())
+            tensors = tuple(t for t in sources if t is not None and not t.is_inference())
             versions = tuple(map(_tensor_version, tensors))
         except KeyError:
             return None
