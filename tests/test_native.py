@@ -376,6 +376,27 @@ def test_input_gradient_keeps_each_row_to_itself(shape):
     torch.testing.assert_close(grad_x, leaf.grad, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
+@pytest.mark.parametrize('shape', [(2, 8, 6, 7), (1, 16, 5, 14), (1, 8, 4, 28), (2, 8, 3, 3)])
+def test_gate_rows_keep_each_channel_to_itself(shape):
+    # a_w's rows and the strips' gradient's are read in whole vectors running on into the next
+    # channel's: infinities at the start of odd channels' must reach only those channels' results
+    x, a_h, a_w = _gates(shape, channels_last=False)
+    n, c, h, w = shape
+    a_w[:, 1::2, :, 0] = float('inf')
+    grad, grad_strips = torch.randn_like(x), torch.randn(n, c, h + w)
+    grad_strips[:, 1::2, 0] = float('inf')
+    out = native.gate(x, a_h, a_w)
+    _, grad_a_h, grad_a_w = native.gate_backward(x, a_h, a_w, grad, with_grad_x=False)
+    grad_x = native.strips_backward(grad_strips, x.shape, False, (grad, a_h, a_w))
+    leaf, gates = x.clone().requires_grad_(), [t.clone().requires_grad_() for t in (a_h, a_w)]
+    expected_out = leaf * gates[0] * gates[1]
+    torch.autograd.backward([_strips_reference(leaf), expected_out], [grad_strips, grad])
+    for name, got, expected in [('out', out, expected_out), ('grad_a_h', grad_a_h, gates[0].grad),
+                                ('grad_a_w', grad_a_w, gates[1].grad), ('grad_x', grad_x, leaf.grad)]:
+        assert got[:, 0::2].isfinite().all(), name
+        torch.testing.assert_close(got[:, 0::2], expected[:, 0::2].detach(), rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_strip_kernels_check_their_arguments():
     x, a_h, a_w = _gates((2, 8, 4, 5), channels_last=False)
     with pytest.raises(ValueError, match='contiguous or channels_last, got torch.float32 on cpu, shape'):

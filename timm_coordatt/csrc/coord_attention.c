@@ -223,20 +223,37 @@ CA_INLINE void ca_strips_plane(const float *xc, float *sc, float *col, int64_t h
 }
 
 /* rows of a short-row plane's product staged in a buffer at a time, in place */
+/* row[k] = src[k] * scale for k < w, `fill` for the lanes after, k < lanes; by whole vectors where
+ * `readable` floats from src may be loaded: stored element by element, the row's first load as a vector
+ * would stall (a load spanning two stores is not forwarded), once a plane */
+CA_INLINE void ca_row_of_lanes(float *row, const float *src, float scale, int64_t w, const int64_t lanes,
+                               int64_t readable, float fill) {
+    if (readable >= lanes) {
+#pragma omp simd
+        for (int64_t k = 0; k < lanes; k++) {
+            const float v = src[k] * scale;
+            row[k] = k < w ? v : fill;
+        }
+    } else {
+        for (int64_t k = 0; k < lanes; k++) row[k] = k < w ? src[k] * scale : fill;
+    }
+}
+
 #define CA_STAGED_ROWS 16
 
 /* one channel plane of the product, out = (x * a_h) * a_w in PyTorch's rounding. Short rows: the
  * lanes past the row multiply the next row's elements by 1 and store them unchanged, which that
  * row then overwrites. In place, that store would stall the next row's load (a load overlapping
  * part of a store is not forwarded), so the rows go through a buffer, CA_STAGED_ROWS at a time,
- * copied to `oc` after; rows of whole vectors have no such lanes and need none. */
+ * copied to `oc` after; rows of whole vectors have no such lanes and need none. `aw_readable` floats
+ * from aw may be loaded. */
 CA_INLINE void ca_scale_plane(const float *xc, float *oc, const float *ah, const float *aw, int64_t h, int64_t w,
-                              const int64_t lanes) {
+                              const int64_t lanes, int64_t aw_readable) {
     int64_t i = 0;
     if (lanes > 0) {
         const int in_place = xc == oc && lanes != w;
         float aws[CA_SHORT_ROW], staged[(CA_STAGED_ROWS + 1) * CA_SHORT_ROW];
-        for (int64_t k = 0; k < lanes; k++) aws[k] = k < w ? aw[k] : 1.0f;
+        ca_row_of_lanes(aws, aw, 1.0f, w, lanes, aw_readable, 1.0f);
         while (i * w + lanes <= h * w) {
             const int64_t first = i;
             float *dst = in_place ? staged : oc + first * w;
@@ -283,12 +300,14 @@ CA_INLINE void ca_strips_nchw(const float *x, float *s, int64_t stride, int64_t 
 #undef CA_STRIPS_CHANNELS
 }
 
-/* the product of planes [c0, c1) of one sample, a_h (C, H) and a_w (C, W) rows `stride` apart */
+/* the product of planes [c0, c1) of one sample, a_h (C, H) and a_w (C, W) rows `stride` apart; a_w's
+ * memory readable up to aw_end */
 CA_INLINE void ca_scale_planes(const float *x, float *out, const float *ah, const float *aw, int64_t stride_h,
-                               int64_t stride_w, int64_t h, int64_t w, int64_t c0, int64_t c1) {
+                               int64_t stride_w, int64_t h, int64_t w, int64_t c0, int64_t c1, const float *aw_end) {
 #define CA_SCALE_CHANNELS(lanes) \
     for (int64_t ch = c0; ch < c1; ch++) \
-        ca_scale_plane(x + ch * h * w, out + ch * h * w, ah + ch * stride_h, aw + ch * stride_w, h, w, lanes)
+        ca_scale_plane(x + ch * h * w, out + ch * h * w, ah + ch * stride_h, aw + ch * stride_w, h, w, lanes, \
+                       aw_end - (aw + ch * stride_w))
     if (w > 16 && w % 8 == 0)
         CA_SCALE_CHANNELS(0); /* whole vectors and no reduction: plain loops are as fast, faster in place */
     else
@@ -584,7 +603,7 @@ CA_INLINE void ca_product_nhwc(const float *x, float *out, const float *a, int64
  * One sample; NCHW: a_h (C, H), a_w (C, W); NHWC: a_h (H, C), a_w (W, C). */
 CA_INLINE void ca_gate_nchw(const float *x, const float *ah, const float *aw, float *out,
                             int64_t c, int64_t h, int64_t w) {
-    ca_scale_planes(x, out, ah, aw, h, w, h, w, 0, c);
+    ca_scale_planes(x, out, ah, aw, h, w, h, w, 0, c, aw + c * w);
 }
 
 CA_INLINE void ca_gate_nhwc(const float *x, const float *ah, const float *aw, float *out,
@@ -601,14 +620,15 @@ CA_INLINE void ca_gate_nhwc(const float *x, const float *ah, const float *aw, fl
 /* the gate gradients of one channel plane (H, W): grad_a_h's H sums over rows, grad_a_w's W sums over
  * columns of x * grad weighted by the other gate. Short rows (lanes > 0) by whole vectors from each
  * row's start, as ca_strips_plane pools them, the lanes past the row selected out (not multiplied by
- * 0: the next row may hold infinities); the rest, and long rows, a row at a time */
+ * 0: the next row may hold infinities); the rest, and long rows, a row at a time. `aw_readable` floats
+ * from aw may be loaded. */
 CA_INLINE void ca_gate_grads_plane(const float *xc, const float *gc, const float *ah, const float *aw, float *gah,
-                                   float *gaw, int64_t h, int64_t w, const int64_t lanes) {
+                                   float *gaw, int64_t h, int64_t w, const int64_t lanes, int64_t aw_readable) {
     int64_t i = 0;
     if (lanes > 0 && lanes <= h * w) {
         /* the column sums start as the first row's terms (see ca_strips_plane) */
         float aws[CA_SHORT_ROW], cols[CA_SHORT_ROW], first = 0.0f;
-        for (int64_t k = 0; k < lanes; k++) aws[k] = k < w ? aw[k] : 0.0f;
+        ca_row_of_lanes(aws, aw, 1.0f, w, lanes, aw_readable, 0.0f);
 #pragma omp simd reduction(+ : first)
         for (int64_t k = 0; k < lanes; k++) {
             const float xv = xc[k], gv = gc[k], p = k < w ? xv * gv : 0.0f; /* loads of whole vectors */
@@ -654,7 +674,7 @@ CA_INLINE void ca_gate_backward_nchw(const float *x, const float *ah, const floa
 #define CA_GATE_GRADS_CHANNELS(lanes) \
         for (int64_t ch = 0; ch < c; ch++) \
             ca_gate_grads_plane(x + ch * h * w, grad + ch * h * w, ah + ch * h, aw + ch * w, gah + ch * h, \
-                                gaw + ch * w, h, w, lanes)
+                                gaw + ch * w, h, w, lanes, (c - ch) * w)
         /* rows of 33-64 elements went 0.9x this way (from memory, at batch 32) */
         if (w <= 8) CA_GATE_GRADS_CHANNELS(8);
         else if (w <= 16) CA_GATE_GRADS_CHANNELS(16);
@@ -716,18 +736,18 @@ CA_INLINE void ca_gate_backward_nhwc(const float *x, const float *ah, const floa
  * `grad` is given. */
 /* one channel plane of x's whole gradient (gated): short rows (lanes > 0) in whole vectors from each
  * row's start, the lanes past the row writing the next row's elements, which that row then
- * overwrites (stores over stores: no load waits on them); the rest, and long rows, a row at a time */
+ * overwrites (stores over stores: no load waits on them); the rest, and long rows, a row at a time.
+ * `aw_readable` and `gs_readable` floats from aw and gsc may be loaded. */
 CA_INLINE void ca_strips_backward_plane(const float *gsc, const float *gc, const float *ah, const float *aw,
-                                        float *gxc, int64_t h, int64_t w, const int64_t lanes) {
+                                        float *gxc, int64_t h, int64_t w, const int64_t lanes, int64_t aw_readable,
+                                        int64_t gs_readable) {
     const float inv_h = 1.0f / (float)h, inv_w = 1.0f / (float)w;
     const float *gsw = gsc + h;
     int64_t i = 0;
     if (lanes > 0) {
         float aws[CA_SHORT_ROW], cols[CA_SHORT_ROW];
-        for (int64_t k = 0; k < lanes; k++) {
-            aws[k] = k < w ? aw[k] : 0.0f;
-            cols[k] = k < w ? gsw[k] * inv_h : 0.0f;
-        }
+        ca_row_of_lanes(aws, aw, 1.0f, w, lanes, aw_readable, 0.0f);
+        ca_row_of_lanes(cols, gsw, inv_h, w, lanes, gs_readable - h, 0.0f);
         for (; i * w + lanes <= h * w; i++) {
             const float g = ah[i], bh = gsc[i] * inv_w, *gr = gc + i * w;
             float *gxr = gxc + i * w;
@@ -749,7 +769,7 @@ CA_INLINE void ca_strips_backward_nchw(const float *gs, const float *grad, const
 #define CA_STRIPS_BACKWARD_CHANNELS(lanes) \
         for (int64_t ch = 0; ch < c; ch++) \
             ca_strips_backward_plane(gs + ch * len, grad + ch * h * w, ah + ch * h, aw + ch * w, gx + ch * h * w, \
-                                     h, w, lanes)
+                                     h, w, lanes, (c - ch) * w, (c - ch) * len)
         /* rows of 17-32 elements gained nothing this way */
         if (w <= 8) CA_STRIPS_BACKWARD_CHANNELS(8);
         else if (w <= 16) CA_STRIPS_BACKWARD_CHANNELS(16);
@@ -946,7 +966,7 @@ CA_INLINE void ca_block(struct ca_job *job, const int channels_last) {
             if (job->barrier) job->barrier();
             ca_product_nhwc(xb, ob, a, c, h, w, i0, i1);
         } else {
-            ca_scale_planes(xb, ob, t, t + hp, lp, lp, h, w, c0, c1);
+            ca_scale_planes(xb, ob, t, t + hp, lp, lp, h, w, c0, c1, t + c * lp);
         }
     }
     job->status = 0;
