@@ -222,7 +222,6 @@ CA_INLINE void ca_strips_plane(const float *xc, float *sc, float *col, int64_t h
     for (int64_t j = 0; j < w; j++) col[j] *= inv_h;
 }
 
-/* rows of a short-row plane's product staged in a buffer at a time, in place */
 /* row[k] = src[k] * scale for k < w, `fill` for the lanes after, k < lanes; by whole vectors where
  * `readable` floats from src may be loaded: stored element by element, the row's first load as a vector
  * would stall (a load spanning two stores is not forwarded), once a plane */
@@ -239,6 +238,7 @@ CA_INLINE void ca_row_of_lanes(float *row, const float *src, float scale, int64_
     }
 }
 
+/* rows of a short-row plane's product staged in a buffer at a time, in place */
 #define CA_STAGED_ROWS 16
 
 /* one channel plane of the product, out = (x * a_h) * a_w in PyTorch's rounding. Short rows: the
@@ -300,14 +300,14 @@ CA_INLINE void ca_strips_nchw(const float *x, float *s, int64_t stride, int64_t 
 #undef CA_STRIPS_CHANNELS
 }
 
-/* the product of planes [c0, c1) of one sample, a_h (C, H) and a_w (C, W) rows `stride` apart; a_w's
- * memory readable up to aw_end */
+/* the product of planes [c0, c1) of one sample, a_h (C, H) and a_w (C, W) rows `stride` apart;
+ * `aw_readable` floats from aw (channel 0's row) may be loaded */
 CA_INLINE void ca_scale_planes(const float *x, float *out, const float *ah, const float *aw, int64_t stride_h,
-                               int64_t stride_w, int64_t h, int64_t w, int64_t c0, int64_t c1, const float *aw_end) {
+                               int64_t stride_w, int64_t h, int64_t w, int64_t c0, int64_t c1, int64_t aw_readable) {
 #define CA_SCALE_CHANNELS(lanes) \
     for (int64_t ch = c0; ch < c1; ch++) \
         ca_scale_plane(x + ch * h * w, out + ch * h * w, ah + ch * stride_h, aw + ch * stride_w, h, w, lanes, \
-                       aw_end - (aw + ch * stride_w))
+                       aw_readable - ch * stride_w)
     if (w > 16 && w % 8 == 0)
         CA_SCALE_CHANNELS(0); /* whole vectors and no reduction: plain loops are as fast, faster in place */
     else
@@ -603,7 +603,7 @@ CA_INLINE void ca_product_nhwc(const float *x, float *out, const float *a, int64
  * One sample; NCHW: a_h (C, H), a_w (C, W); NHWC: a_h (H, C), a_w (W, C). */
 CA_INLINE void ca_gate_nchw(const float *x, const float *ah, const float *aw, float *out,
                             int64_t c, int64_t h, int64_t w) {
-    ca_scale_planes(x, out, ah, aw, h, w, h, w, 0, c, aw + c * w);
+    ca_scale_planes(x, out, ah, aw, h, w, h, w, 0, c, c * w);
 }
 
 CA_INLINE void ca_gate_nhwc(const float *x, const float *ah, const float *aw, float *out,
@@ -966,7 +966,7 @@ CA_INLINE void ca_block(struct ca_job *job, const int channels_last) {
             if (job->barrier) job->barrier();
             ca_product_nhwc(xb, ob, a, c, h, w, i0, i1);
         } else {
-            ca_scale_planes(xb, ob, t, t + hp, lp, lp, h, w, c0, c1, t + c * lp);
+            ca_scale_planes(xb, ob, t, t + hp, lp, lp, h, w, c0, c1, c * lp - hp);
         }
     }
     job->status = 0;
