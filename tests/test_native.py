@@ -387,6 +387,110 @@ def test_input_gradient_keeps_each_row_to_itself(shape):
     torch.testing.assert_close(grad_x, leaf.grad, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
+@pytest.mark.parametrize('shape', SHAPES + [LARGE_SHAPE])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_input_gradient_written_over_the_gradient(shape, channels_last):
+    # x's gradient written over the product's gradient, as training does where autograd owns it: the
+    # same bits as into a new tensor (short rows' whole-vector stores would overwrite the next row's
+    # gradient before it is read)
+    x, a_h, a_w = _gates(shape, channels_last)
+    n, c, h, w = shape
+    grad, grad_strips = torch.randn_like(x), torch.randn(n, c, h + w)
+    grad[:, :, 1::2, 0] = float('inf')
+    expected = native.strips_backward(grad_strips, x.shape, channels_last, (grad, a_h, a_w))
+    buffer = grad.clone()
+    grad_x = native.strips_backward(grad_strips, x.shape, channels_last, (buffer, a_h, a_w), over_grad=True)
+    assert grad_x.data_ptr() == buffer.data_ptr()
+    assert torch.equal(grad_x, expected)
+    with pytest.raises(ValueError, match=r'expected gated = \(grad, a_h, a_w\) to write over, got None'):
+        native.strips_backward(grad_strips, x.shape, channels_last, over_grad=True)
+
+
+def _block_and_reference(channels: int = 16):
+    ours = _randomised(CoordAttention(channels)).train()
+    authors = _randomised(AuthorsCoordAtt(channels, channels)).train()
+    authors.load_state_dict(ours.state_dict())
+    return ours, authors
+
+
+@pytest.mark.skipif(not hasattr(torch.Tensor, '_use_count'), reason='this torch cannot tell who holds a tensor')
+@pytest.mark.parametrize('shape', [(2, 16, 7, 7), (2, 16, 12, 20)])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_input_gradient_takes_the_gradient_autograd_owns(shape, channels_last):
+    # the block's output feeds one layer, whose backward makes a gradient no one else holds: x's
+    # gradient is written over it (and autograd then hands that tensor on as x.grad)
+    ours, authors = _block_and_reference(shape[1])
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    seen = []
+    y = ours(x1)
+    y.register_hook(lambda g: seen.append(g.data_ptr()))  # the address only: a reference would share it
+    y.tanh().sum().backward()
+    authors(x2).tanh().sum().backward()
+    assert x1.grad.data_ptr() == seen[0]
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_input_gradient_new_where_torch_cannot_tell_who_holds_the_gradient(monkeypatch):
+    from timm_coordatt import coordinate_attention
+    monkeypatch.setattr(coordinate_attention, '_owned_gradient_references', lambda: None)
+    ours, authors = _block_and_reference()
+    x = torch.randn(2, 16, 7, 9)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    seen = []
+    y = ours(x1)
+    y.register_hook(lambda g: seen.append(g.data_ptr()))
+    y.tanh().sum().backward()
+    authors(x2).tanh().sum().backward()
+    assert x1.grad.data_ptr() != seen[0]
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
+
+
+def _shared_gradient_cases():
+    """Ways the gradient of a block's output is held elsewhere too: functions of the block, x and another
+    input z returning what backward starts from, its gradient (None: a scalar's) and the tensors that must
+    come out of backward as they do with the authors' block. z's layers come first, so that autograd runs
+    theirs after the block's."""
+    def add(block, x, z):  # an add hands its two inputs the same gradient tensor
+        t = z.tanh()
+        return (block(x) + t).tanh().sum(), None, []
+
+    def cat(block, x, z):  # cat's backward hands out views of one tensor (in x's layout: the kernels')
+        t = z.tanh()
+        return torch.cat([t, block(x)]).tanh().sum(), None, []
+
+    def kept_by_hook(block, x, z):
+        y, kept = block(x), []
+        y.register_hook(kept.append)
+        return y.tanh().sum(), None, kept
+
+    def users(block, x, z):  # a user's gradient for the output itself, in its layout
+        y = block(x)
+        grad = torch.empty_like(y).copy_(torch.linspace(-1, 1, y.numel()).view(y.shape))
+        return y, grad, [grad]
+    return [add, cat, kept_by_hook, users]
+
+
+@pytest.mark.parametrize('case', _shared_gradient_cases(), ids=lambda f: f.__name__)
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_input_gradient_leaves_gradients_held_elsewhere(case, channels_last):
+    ours, authors = _block_and_reference()
+    x, z = torch.randn(2, 16, 7, 9), torch.randn(2, 16, 7, 9)
+    if channels_last:
+        x, z = (t.contiguous(memory_format=torch.channels_last) for t in (x, z))
+    results = []
+    for block in (ours, authors):
+        leaves = [t.clone().requires_grad_() for t in (x, z)]
+        out, grad, held = case(block, *leaves)
+        out.backward(grad)
+        results.append([t.grad for t in leaves] + held)
+    for got, expected in zip(*results):
+        if expected is not None:
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize('shape', [(2, 8, 6, 7), (1, 16, 5, 14), (1, 8, 4, 28), (2, 8, 3, 3)])
 def test_gate_rows_keep_each_channel_to_itself(shape):
     # a_w's rows and the strips' gradient's are read in whole vectors running on into the next

@@ -11,6 +11,7 @@ The block pools the input along each spatial axis, encodes both strips with one 
 import functools
 import itertools
 import operator
+import sys
 import weakref
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -59,18 +60,56 @@ def _is_eager(x: torch.Tensor) -> bool:
     return not (_is_compiling() or _is_tracing() or isinstance(x, Proxy) or _is_functorch_wrapped(x))
 
 
+def _references(t: torch.Tensor) -> Tuple[int, int, int]:
+    """What holds `t`: references to its Python object (this call's included), to the tensor, and to
+    its memory (a Python storage object's included)."""
+    return sys.getrefcount(t), t._use_count(), torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+class _ReferencesProbe(torch.autograd.Function):
+    """Records `_references` of the gradient a backward receives (`_owned_gradient_references`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, record: List[Tuple[int, int, int]]) -> torch.Tensor:
+        ctx.record = record
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.record.append(_references(grad))
+        return None, None
+
+
+@functools.lru_cache(maxsize=None)
+def _owned_gradient_references() -> Optional[Tuple[int, int, int]]:
+    """`_references` of a gradient that only autograd held, as a backward that calls it first receives
+    it (None: this torch cannot tell). More references are someone else's: a gradient autograd also
+    hands another function (an add's two inputs get the same tensor), a user's `grad_outputs`, one a
+    hook kept, a view sharing its memory."""
+    if not hasattr(torch.Tensor, '_use_count'):
+        return None
+    record = []
+    with torch.enable_grad():
+        # mul's backward makes the probe's gradient, as the next layer's backward makes a block's
+        _ReferencesProbe.apply(torch.zeros(2, requires_grad=True), record).mul(2).sum().backward()
+    return record[0]
+
+
 class _GateGradient:
     """The gate product's gradient for x, handed from `_CoordGate`'s backward to `_StripPool`'s.
 
     x feeds both the product and the pooling, so autograd would add two full-size gradients for it
     (and the pooling's is a full-size broadcast already). `_CoordGate` instead passes on what its
     part is made of, and `_StripPool`, whose backward autograd runs later (the gates depend on the
-    strips), writes x's whole gradient in one pass.
+    strips), writes x's whole gradient in one pass: over the product's gradient where nothing else
+    holds that, which saves a full-size allocation a block (and the page faults of its first writes).
     """
-    __slots__ = ('pending',)
+    __slots__ = ('pending', 'owned_references')
 
     def __init__(self):
-        self.pending: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # grad, a_h, a_w
+        # the product's gradient, a_h, a_w, and whether autograd alone held that gradient
+        self.pending: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = None
+        self.owned_references = _owned_gradient_references()
 
 
 class _StripPool(torch.autograd.Function):
@@ -90,7 +129,8 @@ class _StripPool(torch.autograd.Function):
             h, w = ctx.shape[2], ctx.shape[3]
             grad_x = grad_strips[:, :, :h].unsqueeze(3) / w + grad_strips[:, :, h:].unsqueeze(2) / h
             return grad_x, None
-        return native.strips_backward(grad_strips, ctx.shape, ctx.channels_last, pending), None
+        gated, owned = (None, False) if pending is None else (pending[:3], pending[3])
+        return native.strips_backward(grad_strips, ctx.shape, ctx.channels_last, gated, owned), None
 
 
 class _CoordGate(torch.autograd.Function):
@@ -119,12 +159,16 @@ class _CoordGate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        gate_gradient = ctx.gate_gradient
+        # first, as `_owned_gradient_references` measured them
+        owned = (gate_gradient is not None and gate_gradient.owned_references is not None
+                 and _references(grad_out) == gate_gradient.owned_references)
         x, a_h, a_w = ctx.saved_tensors
         if (ctx.use_native and not torch.is_grad_enabled()  # double backward needs differentiable ops
                 and grad_out.dtype == x.dtype and grad_out.stride() == x.stride()):
-            if ctx.gate_gradient is not None:
+            if gate_gradient is not None:
                 _, grad_a_h, grad_a_w = native.gate_backward(x, a_h, a_w, grad_out, with_grad_x=False)
-                ctx.gate_gradient.pending = (grad_out, a_h, a_w)
+                gate_gradient.pending = (grad_out, a_h, a_w, owned)
                 return None, grad_a_h, grad_a_w, None, None
             return (*native.gate_backward(x, a_h, a_w, grad_out), None, None)
         gx = grad_a_h = grad_a_w = None

@@ -188,11 +188,13 @@ def strips_backward(
         shape: Sequence[int],
         channels_last: bool,
         gated: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+        over_grad: bool = False,
 ) -> torch.Tensor:
     """The gradient of `strips` for an input of `shape` and layout, for `grad_strips` (N, C, H + W).
 
     With `gated = (grad, a_h, a_w)` it adds the gradient of the gate product `x * a_h * a_w` for
-    `grad`, `(grad * a_h) * a_w`, in the same pass: the input's whole gradient, written once.
+    `grad`, `(grad * a_h) * a_w`, in the same pass: the input's whole gradient, written once, and with
+    `over_grad` written over `grad` (which the caller must own) instead of into a new tensor.
     """
     n, c, h, w = shape
     if tuple(grad_strips.shape) != (n, c, h + w) or grad_strips.dtype != torch.float32 or not grad_strips.is_cpu:
@@ -202,13 +204,15 @@ def strips_backward(
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     pointers = (0, 0, 0)
     if gated is None:
+        if over_grad:
+            raise ValueError('native strips_backward expected gated = (grad, a_h, a_w) to write over, got None')
         grad_x = torch.empty(shape, memory_format=memory_format)
     else:
         grad, a_h, a_w = gated
         if tuple(grad.shape) != (n, c, h, w) or _check_gate(grad, a_h, a_w) != channels_last:
             raise ValueError(f'native strips_backward expected grad {(n, c, h, w)}, a_h and a_w in the layout of the '
                              f'input ({memory_format}), got {[(tuple(t.shape), t.stride()) for t in gated]}')
-        grad_x = torch.empty_like(grad)
+        grad_x = grad if over_grad else torch.empty_like(grad)
         pointers = (grad.data_ptr(), a_h.data_ptr(), a_w.data_ptr())
     # the kernel's layout: (N, C, L) rows, channels_last (N, L, C); a copy only if the gradient differs
     grad_strips = grad_strips.transpose(1, 2).contiguous() if channels_last else grad_strips.contiguous()

@@ -737,6 +737,8 @@ CA_INLINE void ca_gate_backward_nhwc(const float *x, const float *ah, const floa
 /* one channel plane of x's whole gradient (gated): short rows (lanes > 0) in whole vectors from each
  * row's start, the lanes past the row writing the next row's elements, which that row then
  * overwrites (stores over stores: no load waits on them); the rest, and long rows, a row at a time.
+ * Written over the gradient (gxc == gc), those lanes would overwrite the next row's gradient before it
+ * is read: the rows go through a buffer, CA_STAGED_ROWS at a time, as the product's do in place.
  * `aw_readable` and `gs_readable` floats from aw and gsc may be loaded. */
 CA_INLINE void ca_strips_backward_plane(const float *gsc, const float *gc, const float *ah, const float *aw,
                                         float *gxc, int64_t h, int64_t w, const int64_t lanes, int64_t aw_readable,
@@ -745,14 +747,20 @@ CA_INLINE void ca_strips_backward_plane(const float *gsc, const float *gc, const
     const float *gsw = gsc + h;
     int64_t i = 0;
     if (lanes > 0) {
-        float aws[CA_SHORT_ROW], cols[CA_SHORT_ROW];
+        const int in_place = gc == gxc && lanes != w;
+        float aws[CA_SHORT_ROW], cols[CA_SHORT_ROW], staged[(CA_STAGED_ROWS + 1) * CA_SHORT_ROW];
         ca_row_of_lanes(aws, aw, 1.0f, w, lanes, aw_readable, 0.0f);
         ca_row_of_lanes(cols, gsw, inv_h, w, lanes, gs_readable - h, 0.0f);
-        for (; i * w + lanes <= h * w; i++) {
-            const float g = ah[i], bh = gsc[i] * inv_w, *gr = gc + i * w;
-            float *gxr = gxc + i * w;
+        while (i * w + lanes <= h * w) {
+            const int64_t first = i;
+            float *dst = in_place ? staged : gxc + first * w;
+            for (; (!in_place || i - first < CA_STAGED_ROWS) && i * w + lanes <= h * w; i++) {
+                const float g = ah[i], bh = gsc[i] * inv_w, *gr = gc + i * w;
+                float *gxr = dst + (i - first) * w;
 #pragma omp simd
-            for (int64_t k = 0; k < lanes; k++) gxr[k] = gr[k] * g * aws[k] + (bh + cols[k]);
+                for (int64_t k = 0; k < lanes; k++) gxr[k] = gr[k] * g * aws[k] + (bh + cols[k]);
+            }
+            if (in_place) memcpy(gxc + first * w, staged, (size_t)((i - first) * w) * sizeof(float));
         }
     }
     for (; i < h; i++) {
@@ -1445,7 +1453,7 @@ static PyMethodDef methods[] = {
      "(N, C, H + W), channels_last: (N, H + W, C)"},
     {"strips_backward", strips_backward, METH_VARARGS,
      "strips_backward(grad_strips, grad, a_h, a_w, grad_x, n, c, h, w, channels_last, threads): grad_x of "
-     "the strips, plus (grad * a_h) * a_w where grad is not 0"},
+     "the strips, plus (grad * a_h) * a_w where grad is not 0 (grad_x may be grad: written over it)"},
     {"mlp_conv1", mlp_conv1, METH_VARARGS,
      "mlp_conv1(s, y1, w1, b1, n, c, h, w, rd, threads): y1 (N, rd, L) = conv1 of the strips s (N, L, C)"},
     {"mlp_gates", mlp_gates, METH_VARARGS,
