@@ -21,7 +21,7 @@ from timm_coordatt.model_benchmark import (
 PAIR = ('mobilenetv2_050_ca', 'mobilenetv2_050')
 TINY = BenchmarkConfig(
     pairs=(PAIR,), img_size=32, infer_batch_sizes=(1, 2), train_batch_size=2, rounds=2, min_time=0., min_calls=2,
-    modes=('eager', 'channels_last'), threads=1)
+    modes=('eager', 'channels_last'), threads=1, fresh_process=False)
 
 
 @pytest.fixture(scope='module')
@@ -59,7 +59,8 @@ def test_text_table_ratios_come_from_the_printed_medians(results):
     assert BenchmarkConfig(
         pairs=tuple(args.pairs), img_size=args.img_size, infer_batch_sizes=tuple(args.infer_batch_sizes),
         train_batch_size=args.train_batch_size, rounds=args.rounds, min_time=args.min_time, min_calls=args.min_calls,
-        modes=tuple(args.modes), threads=args.threads, device=args.device) == TINY
+        modes=tuple(args.modes), threads=args.threads, device=args.device,
+        fresh_process=not args.one_process) == TINY
 
     header = lines[3].split('  ')
     assert [h.strip() for h in header if h.strip()] == [
@@ -87,6 +88,29 @@ def test_cli_json(capsys):
     for r in doc['results']:
         assert r['ratio'] == pytest.approx(r['ca_value'] / r['baseline_value'])
         assert r['round_ratios'] == pytest.approx([c / b for c, b in zip(r['ca_samples'], r['baseline_samples'])])
+
+
+def test_each_pair_and_mode_in_a_fresh_process():
+    # what a spawned process measures comes back whole; a model registered only here is unknown there
+    cfg = dataclasses.replace(TINY, modes=('channels_last',), infer_batch_sizes=(1,), rounds=1, fresh_process=True)
+    assert '--one-process' not in cfg.command() and '--one-process' in TINY.command()
+    fresh = run_benchmark(cfg)
+    assert [(r.metric, r.mode, r.unit) for r in fresh] == [
+        ('infer b1', 'channels_last', 'ms'), ('train b2', 'channels_last', 'img/s'),
+        ('train memory b2', 'channels_last', 'MiB')]
+    assert all(r.baseline_value > 0 and r.ca_value > 0 for r in fresh)
+    assert 'each pair and mode in a fresh process' in format_results(fresh, cfg)
+
+    @timm.models.register_model
+    def benchmark_test_only_here(pretrained=False, **kwargs):
+        return timm.create_model('mobilenetv2_050', **kwargs)
+    try:
+        only_here = dataclasses.replace(cfg, pairs=(('mobilenetv2_050_ca', 'benchmark_test_only_here'),))
+        assert run_benchmark(dataclasses.replace(only_here, fresh_process=False))
+        with pytest.raises(RuntimeError, match='benchmark_test_only_here'):
+            run_benchmark(only_here)
+    finally:
+        timm.models._registry._model_entrypoints.pop('benchmark_test_only_here', None)
 
 
 def test_peak_memory_of_a_known_allocation_pattern():

@@ -9,10 +9,12 @@ by more than the difference being measured. Used by `timm-coordatt benchmark` an
 """
 import argparse
 import json
+import multiprocessing
 import shlex
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -69,6 +71,11 @@ class BenchmarkConfig:
     device: str = 'cpu'
     # the CA models' training keeps the CA outputs for backward (`set_recompute_ca_outputs(model, False)`)
     store_ca_outputs: bool = False
+    # each (pair, mode) measured in a process of its own: the state that earlier pairs and modes leave
+    # glibc's heap in moved a training row by up to 35 points (docs/benchmark-results.md), as a user's
+    # training, one model a process, never sees. Off: all in the calling process (models registered
+    # only there, monkeypatched code)
+    fresh_process: bool = True
 
     def __post_init__(self):
         if not self.pairs:
@@ -103,7 +110,8 @@ class BenchmarkConfig:
                 '--min-calls', str(self.min_calls),
                 '--modes', *self.modes,
                 '--threads', str(self.threads),
-                '--device', self.device] + (['--store-ca-outputs'] if self.store_ca_outputs else [])
+                '--device', self.device] + (['--store-ca-outputs'] if self.store_ca_outputs else []) + (
+                    [] if self.fresh_process else ['--one-process'])
         return f'{prog} {shlex.join(args)}'
 
 
@@ -322,13 +330,23 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Optional[Callable[[str], None]
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f'device {cfg.device!r} requested but CUDA is not available')
     results = []
-    with _threads(cfg.threads):
-        for pair in cfg.pairs:
-            for mode in cfg.modes:
-                if progress:
-                    progress(f'{pair[0]} vs {pair[1]}, {mode}')
-                results += _pair_results(pair, mode, cfg, device)
+    for pair in cfg.pairs:
+        for mode in cfg.modes:
+            if progress:
+                progress(f'{pair[0]} vs {pair[1]}, {mode}')
+            if cfg.fresh_process:
+                # spawned, not forked: a fork would inherit this process's heap (and its CUDA state)
+                context = multiprocessing.get_context('spawn')
+                with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                    results += pool.submit(_measure_pair, pair, mode, cfg).result()
+            else:
+                results += _measure_pair(pair, mode, cfg)
     return results
+
+
+def _measure_pair(pair: Tuple[str, str], mode: str, cfg: BenchmarkConfig) -> List[Result]:
+    with _threads(cfg.threads):
+        return _pair_results(pair, mode, cfg, torch.device(cfg.device))
 
 
 def _op_times(fn: Callable[[], None], device: torch.device) -> Dict[str, float]:
@@ -401,6 +419,7 @@ def _environment(cfg: BenchmarkConfig) -> str:
             + (f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else '')
             + f', {cfg.threads} threads, {cfg.img_size}x{cfg.img_size}, medians of {cfg.rounds} rounds, '
             + 'calls in turn (median call per sample)'
+            + (', each pair and mode in a fresh process' if cfg.fresh_process else '')
             + (', CA outputs held for backward' if cfg.store_ca_outputs else ''))
 
 
@@ -489,6 +508,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         '--store-ca-outputs', action='store_true',
         help='the CA models hold their CA outputs for backward (timm_coordatt.set_recompute_ca_outputs(model, '
              'False)) instead of recomputing them, as they do by default')
+    parser.add_argument(
+        '--one-process', action='store_true',
+        help='measure every pair and mode in this process, not each in a fresh one (what ran before moves the '
+             "training rows: glibc's heap)")
     parser.add_argument('--format', choices=FORMATS, default='text', help='output format (default: %(default)s)')
     parser.add_argument(
         '--profile', action='store_true',
@@ -504,7 +527,7 @@ def run_from_args(args: argparse.Namespace, prog: str) -> int:
             infer_batch_sizes=tuple(args.infer_batch_sizes), train_batch_size=args.train_batch_size,
             rounds=args.rounds, min_time=args.min_time, min_calls=args.min_calls, modes=tuple(args.modes),
             threads=args.threads,
-            device=args.device, store_ca_outputs=args.store_ca_outputs)
+            device=args.device, store_ca_outputs=args.store_ca_outputs, fresh_process=not args.one_process)
         results = run_benchmark(cfg, lambda line: print(f'[{line}]', file=sys.stderr, flush=True))
     except ValueError as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
