@@ -7,7 +7,10 @@ first in turn), single images:
 - `kernel_only`: the same CA model with each CA block calling its C kernel directly, with none of
   the block's per-call Python (mode, layout and cache checks): what the kernels alone cost;
 - `identity`: the same CA model with its CA blocks replaced by identities: the rest of the network,
-  which should cost what the baseline does.
+  which should cost what the baseline does;
+- `one_pass`: the same CA model with each CA block replaced by one in-place pass of torch's own over
+  its input (`x.mul_(1.0)`): the least a block that reads and writes its tensor costs the network, its
+  own time and what it leaves the layers after it (their inputs written anew, in other caches).
 Models are `settled` first (benchmarks/in_turn.py): one training-mode forward at batch 32, as the
 benchmark's warm-up leaves them (BN statistics, and the allocator's state, which moves batch 1 most).
 Prints the medians of the per-call times and the median of the per-call ratios to the baseline
@@ -49,6 +52,13 @@ class _KernelOnly(nn.Module):
         return native.run_inference(x, x, self.weights, not x.is_contiguous())
 
 
+class _OnePass(nn.Module):
+    """One in-place elementwise pass over the input, torch's: the floor of any block that touches its tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul_(1.0)
+
+
 def _replace_blocks(model: nn.Module, make: Callable[[CoordAttention], nn.Module]) -> nn.Module:
     model = copy.deepcopy(model)
     for parent in list(model.modules()):
@@ -76,7 +86,7 @@ def main():
           f'--pairs {" ".join(args.pairs)}')
     print(f'torch {torch.__version__}, {args.threads} threads, batch 1, 224x224, '
           f'{args.calls} calls of each variant in turn')
-    variants = ['baseline', 'ca', 'kernel_only', 'identity']
+    variants = ['baseline', 'ca', 'kernel_only', 'identity', 'one_pass']
     print(f'{"CA model":>18} | {"layout":>13} | ' + ' | '.join(f'{v + " ms":>14}' for v in variants)
           + ' | ' + ' | '.join(f'{v + "/base":>16}' for v in variants[1:]))
     for ca_name, base_name in pairs:
@@ -91,6 +101,7 @@ def main():
                     'ca': ca,
                     'kernel_only': _replace_blocks(ca, _KernelOnly),
                     'identity': _replace_blocks(ca, lambda block: nn.Identity()),
+                    'one_pass': _replace_blocks(ca, lambda block: _OnePass()),
                 }
             x = torch.randn(1, 3, 224, 224).contiguous(memory_format=memory_format)
             with torch.inference_mode():  # warm-up: folded weights, allocator, oneDNN primitives
