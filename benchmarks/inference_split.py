@@ -10,7 +10,7 @@ first in turn), single images:
   which should cost what the baseline does;
 - `one_pass`: the same CA model with each CA block replaced by one in-place pass of torch's own over
   its input (`x.mul_(1.0)`): the least a block that reads and writes its tensor costs the network, its
-  own time and what it leaves the layers after it (their inputs written anew, in other caches).
+  own time and the layers after it, which then run on an input written anew.
 Models are `settled` first (benchmarks/in_turn.py): one training-mode forward at batch 32, as the
 benchmark's warm-up leaves them (BN statistics, and the allocator's state, which moves batch 1 most).
 Prints the medians of the per-call times and the median of the per-call ratios to the baseline
