@@ -448,6 +448,19 @@ def test_input_gradient_new_where_torch_cannot_tell_who_holds_the_gradient(monke
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_owned_gradient_references_none_without_the_storage_count(monkeypatch):
+    # (`Tensor._use_count` lives on a C type, whose attributes cannot be taken away to test the same)
+    from timm_coordatt.coordinate_attention import _owned_gradient_references
+    monkeypatch.delattr(torch._C, '_storage_Use_Count')
+    _owned_gradient_references.cache_clear()
+    try:
+        assert _owned_gradient_references() is None
+    finally:
+        monkeypatch.undo()
+        _owned_gradient_references.cache_clear()
+    assert _owned_gradient_references() is not None
+
+
 def _shared_gradient_cases():
     """Ways the gradient of a block's output is held elsewhere too: functions of the block, x and another
     input z returning what backward starts from, its gradient (None: a scalar's) and the tensors that must

@@ -86,7 +86,7 @@ def _owned_gradient_references() -> Optional[Tuple[int, int, int]]:
     it (None: this torch cannot tell). More references are someone else's: a gradient autograd also
     hands another function (an add's two inputs get the same tensor), a user's `grad_outputs`, one a
     hook kept, a view sharing its memory."""
-    if not hasattr(torch.Tensor, '_use_count'):
+    if not (hasattr(torch.Tensor, '_use_count') and hasattr(torch._C, '_storage_Use_Count')):
         return None
     record = []
     with torch.enable_grad():
