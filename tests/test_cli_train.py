@@ -1,4 +1,5 @@
 """ `timm-coordatt train`: run directory, exact resume, Ctrl-C, freezing, DDP. """
+import io
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import timm_coordatt  # noqa: F401  registers the models
 from timm.data import resolve_data_config
 from timm.models import register_model
 from timm.utils import random_seed
+from timm_coordatt import training
 from timm_coordatt.cli import main
 from timm_coordatt.recompute import recompute_active
 
@@ -172,6 +174,31 @@ def test_freeze_out_of_range_is_an_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert '--freeze 99' in err and 'layer groups' in err
     assert not os.path.exists(tmp_path / 'run')
+
+
+def test_progress_bars_into_a_log_are_redrawn_rarely(tmp_path, capsys):
+    # stderr captured by pytest is not a terminal, as in `timm-coordatt train > log 2>&1`: each redraw
+    # stays in the log, so the bars must not redraw at every step (16 training and 4 validation steps)
+    run = str(tmp_path / 'run')
+    assert main(['train', '--model', MODEL, '--grid-samples', '128', '--batch-size', '8', '--epochs', '1',
+                 '--output', run, *TINY]) == 0
+    err = capsys.readouterr().err
+    assert 'epoch 1/1: train loss' in err
+    # each bar: drawn when it opens, cleared when it closes (and redrawn once should a run take 30 s)
+    assert err.count('\r') <= 8, err
+
+
+def test_progress_bars_on_a_terminal_are_redrawn_often(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, 'stderr', Terminal())
+    with training._progress_bar(range(3)) as terminal_bar:
+        assert terminal_bar.mininterval == 0.1
+    monkeypatch.setattr(sys, 'stderr', io.StringIO())
+    with training._progress_bar(range(3)) as log_bar:
+        assert log_bar.mininterval == training._LOG_REFRESH_S
 
 
 def _ddp_env():

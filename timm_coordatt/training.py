@@ -88,6 +88,17 @@ def _print(*args, **kwargs) -> None:
     tqdm.write(' '.join(str(a) for a in args), file=kwargs.get('file', sys.stderr))
 
 
+# how often a progress bar is redrawn into a file or pipe (a log): each redraw stays in it
+_LOG_REFRESH_S = 30.0
+
+
+def _progress_bar(iterable: Optional[Iterable] = None, **kwargs) -> tqdm:
+    """A transient progress bar on stderr, redrawn every 0.1 s on a terminal and every `_LOG_REFRESH_S`
+    into a log. Set its postfix with `refresh=False`: the next timed redraw shows it."""
+    interval = 0.1 if sys.stderr.isatty() else _LOG_REFRESH_S
+    return tqdm(iterable, leave=False, dynamic_ncols=True, mininterval=interval, **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------
 # files
 
@@ -491,7 +502,7 @@ def evaluate(
     model.eval()
     meters = {k: AverageMeter() for k in ('loss', 'top1', 'top5')}
     show = ctx is None or ctx.primary
-    with tqdm(loader, desc=desc, disable=not show, leave=False, dynamic_ncols=True) as bar:
+    with _progress_bar(loader, desc=desc, disable=not show) as bar:
         for x, y in bar:
             x, y = x.to(device), y.to(device)
             if channels_last:
@@ -502,7 +513,7 @@ def evaluate(
             top1, top5 = accuracy(output, y, topk=(1, 5))
             for k, v in (('loss', loss), ('top1', top1), ('top5', top5)):
                 meters[k].update(v.item(), x.shape[0])
-            bar.set_postfix(loss=f'{meters["loss"].avg:.3f}', top1=f'{meters["top1"].avg:.1f}')
+            bar.set_postfix(loss=f'{meters["loss"].avg:.3f}', top1=f'{meters["top1"].avg:.1f}', refresh=False)
             if stop is not None and stop.flag:
                 break
     if stop is not None and stop.requested():
@@ -859,8 +870,7 @@ def _train_epoch(
     # compiled graphs recompute on their own terms
     recompute_ca = bool(args.recompute_ca) and not args.compile
     desc = f'epoch {epoch + 1}/{num_epochs} train'
-    with tqdm(total=steps, initial=progress.step, desc=desc, disable=not ctx.primary, leave=False,
-              dynamic_ncols=True) as bar:
+    with _progress_bar(total=steps, initial=progress.step, desc=desc, disable=not ctx.primary) as bar:
         rate = AverageMeter()
         for step in range(progress.step, steps):
             start = time.perf_counter()
@@ -901,9 +911,9 @@ def _train_epoch(
             progress.step = step + 1
             progress.train_sums = (loss_sum, top1_sum, count)
             rate.update(global_batch / (time.perf_counter() - start))
-            bar.update(1)
             bar.set_postfix(loss=f'{loss_sum / count:.3f}', top1=f'{top1_sum / count:.1f}',
-                            img_s=f'{rate.avg:.0f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}')
+                            img_s=f'{rate.avg:.0f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}', refresh=False)
+            bar.update(1)
             if stats[3] > 0:
                 return True
     return False
