@@ -188,7 +188,7 @@ def test_progress_bars_into_a_log_are_redrawn_rarely(tmp_path, capsys):
     assert err.count('\r') <= 8, err
 
 
-def test_progress_bars_on_a_terminal_are_redrawn_often(monkeypatch):
+def test_progress_bars_redraw_every_tenth_of_a_second_on_a_terminal_only(monkeypatch):
     class Terminal(io.StringIO):
         def isatty(self):
             return True
