@@ -1,16 +1,20 @@
 """ Attention maps: the recorded gates are the real gates of the real blocks, Grad-CAM follows its
 definition, the figures are PNGs of the documented size, and bad input gets a clear error. """
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+import safetensors.torch
 import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from timm.data import resolve_data_config
 
 import timm_coordatt  # noqa: F401  (registers the models)
 from timm_coordatt import CoordAttention
-from timm_coordatt.attention_maps import attention_maps, default_blocks, grad_cam, record_gates
+from timm_coordatt.attention_maps import attention_maps, default_blocks, grad_cam, load_image, record_gates
 from timm_coordatt.cli import main
+from timm_coordatt.training import create_model, export_model
 
 CA_MODEL = 'mobilenetv2_050_ca'
 PLAIN_MODEL = 'mobilenetv2_050'  # timm's, no attention
@@ -174,7 +178,11 @@ def test_cli_compare_grad_cams(image_file, tmp_path):
     ('not_image', 'is not an image file'),
     ('no_ca', 'has no CoordAttention blocks'),
     ('unknown_model', "unknown model 'mobilenetv2_ca_typo'"),
-    ('missing_checkpoint', 'checkpoint not found'),
+    ('missing_checkpoint', 'nope.safetensors does not exist'),
+    ('other_architecture', 'does not fit mobilenetv2_050_ca'),
+    ('too_many_channels', 'top_channels expected 0 <= k <= '),
+    ('no_out_folder', 'no folder'),
+    ('unknown_format', 'expected a file name ending in one of'),
 ])
 def test_cli_errors(case, message, image_file, tmp_path, capsys):
     image, model, extra = image_file, CA_MODEL, []
@@ -187,12 +195,43 @@ def test_cli_errors(case, message, image_file, tmp_path, capsys):
         model = PLAIN_MODEL
     elif case == 'unknown_model':
         model = 'mobilenetv2_ca_typo'
-    else:
+    elif case == 'missing_checkpoint':
         extra = ['--checkpoint', str(tmp_path / 'nope.safetensors')]
-    out = tmp_path / 'maps.png'
+    elif case == 'other_architecture':
+        extra = ['--checkpoint', _saved_weights(timm.create_model('resnet18', num_classes=4), tmp_path)]
+    elif case == 'too_many_channels':
+        extra = ['--top-channels', '100000']  # more than any block has: refused before the figure is built
+    out = tmp_path / {'no_out_folder': 'nope/maps.png', 'unknown_format': 'maps.xyz'}.get(case, 'maps.png')
+    figures = plt.get_fignums()
     assert main(['attention', image, '--model', model, '--out', str(out)] + extra) == 2
     assert message in capsys.readouterr().err
-    assert not out.exists()
+    assert not out.exists() and plt.get_fignums() == figures  # nothing written, no figure left open
+    assert not list(tmp_path.rglob('*.tmp*'))
+
+
+def _saved_weights(model, directory) -> str:
+    path = str(directory / 'weights.safetensors')
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+def test_cli_draws_a_fine_tuned_checkpoint_and_run_directory(image_file, tmp_path, capsys):
+    # a `train` run's model: another number of classes than the architecture's default, and its run directory
+    torch.manual_seed(0)
+    tuned = timm.create_model(CA_MODEL, num_classes=9)
+    checkpoint = _saved_weights(tuned, tmp_path)
+    export_model(tuned, str(tmp_path / 'run'), [f'class{i}' for i in range(9)], resolve_data_config(model=tuned))
+    for extra in (['--model', CA_MODEL, '--checkpoint', checkpoint], ['--model', f'local-dir:{tmp_path / "run"}'],
+                  ['--compare', f'{CA_MODEL}={checkpoint}']):
+        out = tmp_path / 'maps.jpg'
+        assert main(['attention', image_file, *extra, '--out', str(out), '--dpi', str(DPI)]) == 0, capsys.readouterr()
+        with Image.open(out) as img:
+            assert img.format == 'JPEG'  # the format of the extension
+        out.unlink()
+    # the Grad-CAM explains the checkpoint's classes: its top class is the tuned model's own top class
+    model = create_model(CA_MODEL, checkpoint=checkpoint).eval()
+    x, _ = load_image(image_file, model)
+    assert model.num_classes == 9 and grad_cam(model, x).target[0] == tuned.eval()(x).argmax().item()
 
 
 def test_cli_rejects_model_options_with_compare(image_file, tmp_path):

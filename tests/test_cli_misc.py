@@ -243,6 +243,51 @@ def test_impossible_option_combinations(tmp_path, capsys):
     assert not os.path.exists(out)
 
 
+@pytest.mark.parametrize('command, option, value, message', [
+    ('train', '--grid', '1', '--grid must be >= 2, got 1'),
+    ('train', '--img-size', '10', 'needs --img-size >= 24, got 10'),
+    ('train', '--img-size', '-5', '--img-size must be >= 1, got -5'),
+    ('train', '--workers', '-1', '--workers must be >= 0, got -1'),
+    ('train', '--min-lr', '-1', '--min-lr must be >= 0, got -1.0'),
+    ('train', '--weight-decay', '-1', '--weight-decay must be >= 0, got -1.0'),
+    ('train', '--layer-decay', '-1', '--layer-decay must be > 0, got -1.0'),
+    ('train', '--clip-grad', '0', '--clip-grad must be > 0, got 0.0'),
+    ('train', '--device', 'nonsense', "cannot use device 'nonsense'"),
+    ('validate', '--batch-size', '0', '--batch-size must be >= 1, got 0'),
+    ('validate', '--workers', '-1', '--workers must be >= 0, got -1'),
+    ('validate', '--grid-val-samples', '0', '--grid-val-samples must be >= 1, got 0'),
+    ('validate', '--img-size', '0', '--img-size must be >= 1, got 0'),
+    ('predict', '--batch-size', '-1', '--batch-size must be >= 1, got -1'),
+    ('predict', '--img-size', '-4', '--img-size must be >= 1, got -4'),
+])
+def test_option_values_out_of_range(command, option, value, message, tmp_path, capsys):
+    out = tmp_path / 'run'
+    argv = {'train': ['train', '--output', str(out)], 'validate': ['validate', '--model', MODEL],
+            'predict': ['predict', '--model', MODEL, __file__]}[command]
+    assert message in _error(capsys, argv + [option, value])
+    assert not out.exists()
+
+
+def test_model_kwargs_without_a_value(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(['train', '--model-kwargs', 'drop_rate', '--output', str(tmp_path / 'run')])
+    assert e.value.code == 2
+    assert '--model-kwargs expected KEY=VALUE items, got drop_rate' in capsys.readouterr().err
+
+
+def test_results_file_that_cannot_be_written_is_refused_before_evaluating(run_dir, tmp_path, capsys):
+    run, data = run_dir
+    argv = ['validate', '--model', f'local-dir:{run}', '--data-dir', data, '--workers', '0', '--results-file']
+    assert 'is a directory' in _error(capsys, argv + [str(tmp_path)])
+    blocker = tmp_path / 'file'
+    blocker.write_text('')
+    assert 'cannot create its folder' in _error(capsys, argv + [str(blocker / 'results.json')])
+    assert capsys.readouterr().out == ''  # refused before the evaluation printed its results
+    results = tmp_path / 'new' / 'results.json'
+    assert main(argv + [str(results)]) == 0
+    assert json.loads(results.read_text())['images'] > 0
+
+
 def test_nothing_written_is_lost(run_dir, tmp_path, capsys):
     run, data = run_dir
     before = digest(run)

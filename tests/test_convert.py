@@ -252,6 +252,22 @@ def test_refuses_pickled_module(authors, tmp_path):
     _assert_refused(tmp_path, authors, 'weights_only=True')
 
 
+@pytest.mark.parametrize('content, error', [(b'', 'EOFError'), (b'hello', 'KeyError')])
+def test_refuses_files_that_are_not_checkpoints(content, error, tmp_path):
+    (tmp_path / 'bad.pth').write_bytes(content)
+    with pytest.raises(ConversionError, match=f'is not a PyTorch checkpoint .* can read .*: {error}'):
+        convert(tmp_path / 'bad.pth', tmp_path / 'out')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['bad.pth']
+
+
+def test_refuses_an_out_dir_under_a_file(authors, tmp_path):
+    torch.save(authors.state_dict(), tmp_path / 'ckpt.pth')
+    (tmp_path / 'file').write_text('')
+    with pytest.raises(ConversionError, match='cannot create .*file/out'):
+        convert(tmp_path / 'ckpt.pth', tmp_path / 'file' / 'out')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt.pth', 'file']
+
+
 def test_refuses_existing_out_dir(authors, tmp_path):
     torch.save(authors.state_dict(), tmp_path / 'ckpt.pth')
     (tmp_path / 'out').mkdir()

@@ -149,6 +149,8 @@ def test_bad_input(capsys):
         BenchmarkConfig(pairs=(PAIR,), rounds=0)
     with pytest.raises(ValueError, match='min_calls=0'):
         BenchmarkConfig(pairs=(PAIR,), min_calls=0)
+    assert main(['benchmark', '--device', 'nonsense']) == 2
+    assert "device must be cpu or cuda[:N], got 'nonsense'" in capsys.readouterr().err
 
 
 def test_store_ca_outputs():

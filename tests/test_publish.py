@@ -84,3 +84,41 @@ def test_cli_reports_errors(tmp_path, capsys):
     assert args.private and args.repo_id == 'me/model'
     assert args.func(args) == 2
     assert 'lacks config.json and model.safetensors' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('repo_id', ['noslash', 'a/b/c', 'me/bad name!'])
+def test_publish_refuses_bad_repo_ids_before_writing_anything(repo_id, tmp_path):
+    save_for_hf(timm.create_model('mobilenetv2_050_ca'), tmp_path, safe_serialization=True)
+    with pytest.raises(PublishError, match='expected a Hub repository id <user or org>/<name>'):
+        publish(tmp_path, repo_id)
+    assert not (tmp_path / 'README.md').exists()  # a card naming a repository that is not there
+
+
+@pytest.mark.parametrize('damage', ['config_not_json', 'config_empty', 'weights_garbage', 'weights_truncated'])
+def test_publish_reports_broken_folders(damage, tmp_path):
+    save_for_hf(timm.create_model('mobilenetv2_050_ca'), tmp_path, safe_serialization=True)
+    config, weights = tmp_path / 'config.json', tmp_path / 'model.safetensors'
+    if damage == 'config_not_json':
+        config.write_text('{oops')
+    elif damage == 'config_empty':
+        config.write_text('{}')
+    elif damage == 'weights_garbage':
+        weights.write_bytes(b'\xff' * 3000)
+    else:
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    with pytest.raises(PublishError, match=f'{tmp_path} does not load with timm: '):
+        publish(tmp_path, 'me/model')
+    assert not (tmp_path / 'README.md').exists()
+
+
+def test_publish_reports_an_unreachable_server(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'ENDPOINT', 'http://127.0.0.1:9')  # the discard port: nothing listens
+    save_for_hf(timm.create_model('mobilenetv2_050_ca'), tmp_path, safe_serialization=True)
+    parser = argparse.ArgumentParser(prog='timm-coordatt')
+    publish_cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(['publish', str(tmp_path), 'me/model', '--token', 'hf_test'])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert 'cannot publish to http://127.0.0.1:9' in err and 'Traceback' not in err
+    assert not (tmp_path / 'README.md').exists()

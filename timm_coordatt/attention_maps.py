@@ -14,7 +14,6 @@ no-attention models can be compared on the same image as the CA paper does.
     save_figure(fig, 'maps.png')
 """
 import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -31,6 +30,7 @@ from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, res
 from timm.models._manipulate import group_with_matcher  # noqa: E402
 
 from .coordinate_attention import CoordAttention  # noqa: E402
+from .training import atomic_write  # noqa: E402
 
 __all__ = [
     'GateMaps', 'GradCam', 'ca_blocks', 'default_blocks', 'record_gates', 'attention_maps', 'grad_cam',
@@ -295,6 +295,10 @@ def plot_attention_maps(
     """
     if not maps:
         raise ValueError('plot_attention_maps expected at least one block of gate maps, got none')
+    channels = min(m.a_h.shape[1] for m in maps.values())
+    if not 0 <= top_channels <= channels:  # before a figure of 3 + top_channels columns is built
+        raise ValueError(f'top_channels expected 0 <= k <= {channels} (the fewest channels of the blocks drawn), '
+                         f'got {top_channels}')
     image = _display_image(x[0], config)
     ncols, nrows = 3 + top_channels, 1 + len(maps)
     fig, axes = plt.subplots(
@@ -341,16 +345,18 @@ def plot_grad_cam_comparison(
 
 
 def save_figure(fig: plt.Figure, path: Union[str, os.PathLike], dpi: int = 100) -> None:
-    """Write `fig` as PNG (figure size x dpi pixels) atomically, and close it."""
+    """Write `fig` (figure size x dpi pixels) atomically, in the format `path`'s extension names (PNG without
+    one), and close it."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.png', dir=directory)
     try:
-        with os.fdopen(fd, 'wb') as f:
-            fig.savefig(f, format='png', dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        ext = os.path.splitext(path)[1][1:].lower() or 'png'
+        formats = fig.canvas.get_supported_filetypes()
+        if ext not in formats:
+            raise ValueError(f'cannot write {path}: expected a file name ending in one of '
+                             f'{", ".join("." + f for f in sorted(formats))}, got .{ext}')
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f'cannot write {path}: no folder {directory}')
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=ext, dpi=dpi))
     finally:
         plt.close(fig)

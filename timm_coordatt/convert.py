@@ -12,7 +12,6 @@ a forward pass written directly on the checkpoint in the authors' layout, and wr
 `local-dir:`) and a model card into a new folder with a single rename.
 """
 import os
-import pickle
 import shutil
 import uuid
 from pathlib import Path
@@ -62,10 +61,10 @@ def load_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
         raise ConversionError(f'Checkpoint {path} does not exist or is not a file.')
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+    except Exception as e:  # what a file that is not a checkpoint raises varies (KeyError, EOFError, ...)
         raise ConversionError(
             f'{path} is not a PyTorch checkpoint that torch.load(weights_only=True) can read '
-            f'(a state dict of tensors, possibly wrapped in a dict): {e}') from e
+            f'(a state dict of tensors, possibly wrapped in a dict): {type(e).__name__}: {e}') from e
     if isinstance(checkpoint, dict):
         for key in ('state_dict', 'model'):
             if isinstance(checkpoint.get(key), dict):
@@ -218,7 +217,10 @@ def convert(
             f"(reported 74.3% ImageNet-1k top-1 for width 1.0), converted from their checkpoint to timm's "
             f"`{model_name}` with `timm-coordatt convert`, which checks that both give the same logits."))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConversionError(f'cannot create {out_dir}: {e}') from e
     tmp = out_dir.parent / f'.{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp'
     tmp.mkdir()  # not mkdtemp: the folder keeps the user's umask once renamed into place
     try:

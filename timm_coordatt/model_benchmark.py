@@ -96,7 +96,11 @@ class BenchmarkConfig:
                 f'threads={self.threads}')
         if self.min_time < 0:
             raise ValueError(f'min_time must be >= 0 seconds, got {self.min_time}')
-        if torch.device(self.device).type not in ('cpu', 'cuda'):
+        try:
+            device_type = torch.device(self.device).type
+        except RuntimeError:  # not a device name torch knows
+            device_type = None
+        if device_type not in ('cpu', 'cuda'):
             raise ValueError(f'device must be cpu or cuda[:N], got {self.device!r}')
 
     def command(self, prog: str = 'timm-coordatt benchmark') -> str:

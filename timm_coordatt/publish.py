@@ -6,18 +6,19 @@ safe_serialization=True)` writes: `config.json` + `model.safetensors`, optionall
 there is none (parameters, MACs, the paper's results, licence, citation, usage with
 `import timm_coordatt`), then creates the repository and uploads the folder with huggingface_hub.
 """
-import os
-import uuid
 from pathlib import Path
 from typing import Optional, Union
 
 import timm
-from huggingface_hub import CommitInfo, HfApi
+from huggingface_hub import CommitInfo, HfApi, constants as hf_constants
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from timm.models._hub import HF_SAFE_WEIGHTS_NAME, generate_readme
 from torch import nn
 
 from .complexity import count_complexity
 from .pretrained import list_package_models
+from .training import write_text
 
 __all__ = ['PublishError', 'model_card', 'publish']
 
@@ -122,15 +123,6 @@ def model_card(
     return generate_readme(card, repo_id.split('/')[-1])
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex[:8]}.tmp')
-    try:
-        tmp.write_text(text, encoding='utf-8')
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def publish(
         folder: Union[str, Path],
         repo_id: str,
@@ -148,6 +140,12 @@ def publish(
     server is huggingface_hub's (`HF_ENDPOINT`), the token `token` or the saved/`HF_TOKEN` one.
     """
     folder = Path(folder)
+    try:  # before anything is written or sent: the model card names the repository
+        validate_repo_id(repo_id)
+        if repo_id.count('/') != 1:
+            raise HFValidationError('expected <user or org>/<name>')
+    except HFValidationError as e:
+        raise PublishError(f'expected a Hub repository id <user or org>/<name>, got {repo_id!r} ({e})') from None
     missing = [name for name in UPLOAD_FILES[:2] if not (folder / name).is_file()]
     if missing:
         raise PublishError(
@@ -156,23 +154,28 @@ def publish(
     # load it as a user will, which proves the files fit an architecture of this package
     try:
         model = timm.create_model(f'local-dir:{folder}', pretrained=True)
-    except RuntimeError as e:  # unknown architecture, weights that do not fit it
-        raise PublishError(f'{folder} does not load with timm: {e}') from e
+    except Exception as e:  # a broken config.json or weights file, an unknown architecture, weights that do not fit
+        raise PublishError(f'{folder} does not load with timm: {type(e).__name__}: {e}') from e
     arch = model.pretrained_cfg['architecture']
     if arch not in list_package_models():
         raise PublishError(
             f"{folder} holds a '{arch}', not a model of timm_coordatt; publish it with timm's push_to_hf_hub.")
-    readme = folder / 'README.md'
-    if not readme.exists():
-        _write_text(readme, model_card(model, repo_id, dataset=dataset))
 
     api = HfApi(token=token, library_name='timm_coordatt')
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    return api.upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        allow_patterns=list(UPLOAD_FILES),
-        revision=revision,
-        commit_message=commit_message,
-        create_pr=create_pr,
-    )
+    try:
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        readme = folder / 'README.md'
+        if not readme.exists():  # once the repository exists, under the id the Hub gave it
+            write_text(str(readme), model_card(model, repo_id, dataset=dataset))
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            allow_patterns=list(UPLOAD_FILES),
+            revision=revision,
+            commit_message=commit_message,
+            create_pr=create_pr,
+        )
+    except HfHubHTTPError:
+        raise  # the server's answer, which says what went wrong
+    except Exception as e:  # the server not reached (the HTTP client's own errors, which vary by version)
+        raise PublishError(f'cannot publish to {hf_constants.ENDPOINT}: {type(e).__name__}: {e}') from e

@@ -118,7 +118,7 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
 
 def write_text(path: str, text: str) -> None:
     """`text` into `path`, atomically."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding='utf-8'))
 
 
 def save_weights(model: nn.Module, path: str) -> None:
@@ -233,11 +233,19 @@ class DataSplits:
     description: str
 
 
+def _grid_task(split: str, num_samples: int, img_size: int, grid: int) -> GridShapes:
+    """The embedded task's `split`; UsageError for a size it cannot draw."""
+    if img_size < 8 * grid:
+        raise UsageError(f'the embedded task draws a {grid}x{grid} grid of shapes at 8 px or more a cell: it needs '
+                         f'--img-size >= {8 * grid}, got {img_size}')
+    return GridShapes(split, num_samples, img_size=img_size, grid=grid)
+
+
 def find_data(args: argparse.Namespace) -> DataSplits:
     """The train / validation datasets (no transforms yet) and class names that `args` asks for."""
     if args.data_dir is None:
-        train = GridShapes('train', args.grid_samples, img_size=args.img_size, grid=args.grid)
-        val = GridShapes('validation', args.grid_val_samples, img_size=args.img_size, grid=args.grid)
+        train = _grid_task('train', args.grid_samples, args.img_size, args.grid)
+        val = _grid_task('validation', args.grid_val_samples, args.img_size, args.grid)
         return DataSplits(train, val, train.classes, f'embedded GridShapes task ({args.grid}x{args.grid} grid)')
 
     root = args.data_dir
@@ -398,9 +406,10 @@ class _Dist:
 def _init_distributed(device: str) -> _Dist:
     try:
         info = init_distributed_device_so(device=device)
+        device = torch.device(info['device'])
     except (AssertionError, RuntimeError) as e:
         raise UsageError(f'cannot use device {device!r}: {e}') from None
-    return _Dist(torch.device(info['device']), info['global_rank'], info['world_size'], info['distributed'])
+    return _Dist(device, info['global_rank'], info['world_size'], info['distributed'])
 
 
 def _autocast(device: torch.device, amp: Optional[str]):
@@ -537,15 +546,29 @@ def _default_output(args: argparse.Namespace) -> str:
     return os.path.join('output', 'train', f'{time.strftime("%Y%m%d-%H%M%S")}-{name}')
 
 
+def _check_minimums(args: argparse.Namespace, minimums: Dict[str, float]) -> None:
+    """UsageError for the first option below its minimum (options not given, None, are not checked)."""
+    for name, minimum in minimums.items():
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise UsageError(f'--{name.replace("_", "-")} must be >= {minimum}, got {value}')
+
+
+# the options `validate` and `predict` share (`cli.validate.add_model_arguments`), and their least values
+_EVAL_MINIMUMS = {'batch_size': 1, 'img_size': 1}
+
+
 def _check_options(args: argparse.Namespace, ctx: _Dist) -> None:
     """UsageError for option values and combinations that cannot work."""
-    positive = {'epochs': args.epochs, 'batch_size': args.batch_size, 'grid_samples': args.grid_samples,
-                'grid_val_samples': args.grid_val_samples}
-    for name, value in positive.items():
-        if value < 1:
-            raise UsageError(f'--{name.replace("_", "-")} must be >= 1, got {value}')
+    _check_minimums(args, {
+        'epochs': 1, 'batch_size': 1, 'grid': 2, 'grid_samples': 1, 'grid_val_samples': 1, 'img_size': 1,
+        'workers': 0, 'weight_decay': 0, 'momentum': 0, 'warmup_lr': 0, 'min_lr': 0})
     if args.lr <= 0:
         raise UsageError(f'--lr must be > 0, got {args.lr}')
+    for name in ('layer_decay', 'clip_grad'):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UsageError(f'--{name.replace("_", "-")} must be > 0, got {value}')
     if not 0. <= args.smoothing < 1.:
         raise UsageError(f'--smoothing must be in [0, 1), got {args.smoothing}')
     if args.warmup_epochs is None:
@@ -707,7 +730,7 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
             optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
             warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=False, updates_per_epoch=steps)
     except (ValueError, AssertionError) as e:
-        raise UsageError(f'cannot create scheduler {args.sched!r}: {e}') from None
+        raise UsageError(f'cannot create scheduler {args.sched!r}: {str(e) or type(e).__name__}') from None
     train_loss_fn = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss()
 
     # -- restore an interrupted run
@@ -955,6 +978,7 @@ def _class_map(model: nn.Module, classes: Sequence[str], root: str) -> Dict[str,
 
 def validate(args: argparse.Namespace) -> Dict[str, Any]:
     """Loss, top-1 and top-5 of a model on an ImageFolder (or the embedded task), as `validate` reports them."""
+    _check_minimums(args, {**_EVAL_MINIMUMS, 'grid': 2, 'grid_val_samples': 1, 'workers': 0})
     root = classes = None
     if args.data_dir is not None:  # the data first: checking it is cheaper than building the model
         root = _split_dir(args.data_dir, _VAL_DIRS) if os.path.isdir(args.data_dir) else None
@@ -968,7 +992,7 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
             raise UsageError(
                 f'the embedded {args.grid}x{args.grid} grid task has {args.grid ** 2} classes but the model has '
                 f'{model.num_classes} outputs; pass --data-dir or a model trained on the task')
-        dataset = GridShapes('validation', args.grid_val_samples, img_size=img_size, grid=args.grid)
+        dataset = _grid_task('validation', args.grid_val_samples, img_size, args.grid)
         data_config['crop_pct'] = 1.0  # the label is where the target is in the full image
     else:
         dataset = create_dataset('', root=root, split='', search_split=False,
@@ -1002,9 +1026,8 @@ def _image_files(paths: Sequence[str]) -> List[str]:
 
 def predict(args: argparse.Namespace) -> List[Dict[str, Any]]:
     """Top-k (label, probability) for each image file (or each image in a directory) of `args.images`."""
+    _check_minimums(args, {**_EVAL_MINIMUMS, 'topk': 1})
     files = _image_files(args.images)
-    if args.topk < 1:
-        raise UsageError(f'--topk must be >= 1, got {args.topk}')
     model, device = _eval_model(args)
     data_config = resolve_data_config({'img_size': args.img_size}, model=model)
     transform = create_transform(**data_config, is_training=False)

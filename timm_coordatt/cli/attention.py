@@ -5,48 +5,34 @@
         --pretrained --out compare.png
 """
 import argparse
-import os
 import sys
-from typing import Optional
-
-import timm
-from torch import nn
 
 from ..attention_maps import (
     ALL_BLOCKS, attention_maps, grad_cam, load_image, plot_attention_maps, plot_grad_cam_comparison, save_figure)
-from ..pretrained import PretrainedWeightsError, list_package_models
-
-
-def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None) -> nn.Module:
-    """Build a registered model, with its published weights or a local checkpoint (timm's loader)."""
-    if not timm.is_model(name):
-        raise ValueError(
-            f'unknown model {name!r}; expected a timm model name, e.g. one of this package\'s: '
-            f'{", ".join(list_package_models())}')
-    if checkpoint and not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
-    return timm.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint)
+from ..pretrained import PretrainedWeightsError
 
 
 def run(args: argparse.Namespace) -> int:
+    # timm names, local-dir: and hf-hub: sources; a checkpoint's head (a fine-tuned model's classes) kept
+    from ..training import UsageError, create_model
     try:
         if args.compare:
             views = {}
             for spec in args.compare:
                 name, _, checkpoint = spec.partition('=')
-                model = create_model(name, args.pretrained, checkpoint or None)
+                model = create_model(name, pretrained=args.pretrained, checkpoint=checkpoint or None)
                 x, config = load_image(args.image, model)
                 views[spec] = (x, config, grad_cam(model, x, target=args.target))  # the same model may come twice
             fig = plot_grad_cam_comparison(views)
         else:
-            model = create_model(args.model, args.pretrained, args.checkpoint)
+            model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
             x, config = load_image(args.image, model)
             maps = attention_maps(model, x, args.blocks)
             fig = plot_attention_maps(
                 x, config, maps, grad_cam(model, x, target=args.target),
                 top_channels=args.top_channels, title=args.model)
         save_figure(fig, args.out, dpi=args.dpi)
-    except (OSError, ValueError, PretrainedWeightsError) as e:  # missing files, network, bad input
+    except (OSError, ValueError, PretrainedWeightsError, UsageError) as e:  # missing files, network, bad input
         print(f'timm-coordatt attention: error: {e}', file=sys.stderr)
         return 2
     print(f'wrote {args.out}')
@@ -64,13 +50,14 @@ def add_parser(subparsers) -> None:
                     "model's own data config.")
     parser.add_argument('image', help='image file')
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument('--model', help='model with CoordAttention blocks, e.g. mobilenetv2_ca')
+    which.add_argument('--model', help='model with CoordAttention blocks, e.g. mobilenetv2_ca, local-dir:RUN_DIR or '
+                       'hf-hub:ID')
     which.add_argument(
         '--compare', nargs='+', metavar='NAME[=CHECKPOINT]',
         help='models whose Grad-CAMs to put side by side, each optionally with a checkpoint file')
     parser.add_argument('--checkpoint', help='checkpoint file for --model (timm loader: .safetensors or .pth)')
     parser.add_argument('--pretrained', action='store_true', help='load the published weights')
-    parser.add_argument('--out', required=True, help='PNG file to write')
+    parser.add_argument('--out', required=True, help='image file to write: PNG, or the format its extension names')
     parser.add_argument(
         '--blocks', nargs='+', metavar='NAME',
         help=f'CA module names (e.g. blocks.3.3.se) or "{ALL_BLOCKS}"; default: the last CA block of each stage')

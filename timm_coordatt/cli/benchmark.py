@@ -17,7 +17,8 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         'benchmark', help='inference/training speed and training memory of CA models against their baselines',
-        description='Each CA model against its baseline, side by side in one process: inference latency at '
+        description='Each CA model against its baseline, side by side in one process (a fresh one for each pair '
+                    'and mode, unless --one-process): inference latency at '
                     'batch 1, throughput at larger batches, training-step throughput and peak training memory, '
                     "in eager, channels_last and torch.compile modes. The models' calls alternate, over several "
                     'rounds and medians reported, with ratios CA/baseline and the command line.')

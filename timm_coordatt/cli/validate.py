@@ -40,6 +40,8 @@ def add_model_arguments(p: argparse.ArgumentParser, batch_size: int) -> None:
 def _main(args: argparse.Namespace) -> int:
     from ..training import UsageError, validate
     try:
+        if args.results_file:  # before the evaluation, which may take long
+            _prepare_results_file(args.results_file)
         results = validate(args)
     except UsageError as e:
         print(f'timm-coordatt validate: error: {e}', file=sys.stderr)
@@ -47,7 +49,17 @@ def _main(args: argparse.Namespace) -> int:
     print(f'{results["model"]}: top-1 {results["top1"]:.3f}%  top-5 {results["top5"]:.3f}%  '
           f'loss {results["loss"]:.4f}  ({results["images"]} images, {results["img_size"]}px)')
     if args.results_file:
-        from ..training import atomic_write
-        os.makedirs(os.path.dirname(os.path.abspath(args.results_file)), exist_ok=True)
-        atomic_write(args.results_file, lambda tmp: open(tmp, 'w').write(json.dumps(results, indent=2) + '\n'))
+        from ..training import write_text
+        write_text(args.results_file, json.dumps(results, indent=2) + '\n')
     return 0
+
+
+def _prepare_results_file(path: str) -> None:
+    """The folder of `path` created; UsageError where the file cannot go."""
+    from ..training import UsageError
+    if os.path.isdir(path):
+        raise UsageError(f'--results-file {path} is a directory; expected a file name')
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as e:
+        raise UsageError(f'--results-file {path}: cannot create its folder ({e})') from None
