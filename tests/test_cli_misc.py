@@ -288,6 +288,16 @@ def test_results_file_that_cannot_be_written_is_refused_before_evaluating(run_di
     assert json.loads(results.read_text())['images'] > 0
 
 
+def test_run_files_follow_the_umask(run_dir):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    run, _ = run_dir
+    modes = {os.path.relpath(os.path.join(d, f), run): oct(os.stat(os.path.join(d, f)).st_mode & 0o777)
+             for d, _, files in os.walk(run) for f in files}
+    assert 'model.safetensors' in modes and 'best/model.safetensors' in modes
+    assert modes == dict.fromkeys(modes, oct(0o666 & ~umask))
+
+
 def test_nothing_written_is_lost(run_dir, tmp_path, capsys):
     run, data = run_dir
     before = digest(run)

@@ -8,6 +8,7 @@ published key/shape/dtype listing before it is used.
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -209,6 +210,13 @@ def test_converted_folder_is_a_timm_hub_folder(converted):
     card = (converted / 'README.md').read_text()
     assert 'import timm_coordatt' in card and 'transformers' not in card
     assert 'license: mit' in card and '@inproceedings{hou2021coordinate' in card
+
+
+def test_converted_files_follow_the_umask(converted):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in converted.iterdir()}
+    assert modes == dict.fromkeys(['README.md', 'config.json', 'model.safetensors'], oct(0o666 & ~umask))
 
 
 def test_convert_other_num_classes(tmp_path):

@@ -27,6 +27,7 @@ from timm.models._helpers import clean_state_dict
 from .hub import hub_id
 from .pretrained import list_package_models
 from .publish import model_card
+from .training import use_default_mode
 
 __all__ = ['ConversionError', 'load_checkpoint', 'authors_to_timm', 'convert']
 
@@ -226,6 +227,8 @@ def convert(
     try:
         save_for_hf(model, tmp, safe_serialization=True)
         (tmp / 'README.md').write_text(card, encoding='utf-8')
+        for path in tmp.iterdir():
+            use_default_mode(path)
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

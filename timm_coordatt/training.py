@@ -30,7 +30,7 @@ import threading
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import safetensors.torch
@@ -60,7 +60,7 @@ from .datasets import DEFAULT_IMG_SIZE as GRID_IMG_SIZE, GridShapes
 from .recompute import recompute_ca_outputs, set_recompute_ca_outputs
 
 __all__ = [
-    'UsageError', 'atomic_write', 'save_weights', 'export_model', 'check_image_folder', 'create_model',
+    'UsageError', 'atomic_write', 'write_text', 'use_default_mode', 'save_weights', 'export_model', 'check_image_folder', 'create_model',
     'label_names', 'evaluate', 'fit', 'STATE_FILE', 'METRICS_FILE', 'WEIGHTS_FILE', 'CONFIG_FILE',
 ]
 
@@ -102,13 +102,30 @@ def _progress_bar(iterable: Optional[Iterable] = None, **kwargs) -> tqdm:
 # ---------------------------------------------------------------------------------------------
 # files
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # read by setting it: there is no other way
+    os.umask(mask)
+    return mask
+
+
+# the permissions of a new file under the user's umask; safetensors writes its files readable by their owner only
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def use_default_mode(path: Union[str, os.PathLike]) -> None:
+    """Give the file at `path` the permissions of a new file under the user's umask."""
+    os.chmod(path, _FILE_MODE)
+
+
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)`, then move the finished file onto `path` in one step."""
+    """Call `write(tmp_path)`, then move the finished file onto `path` in one step, with the permissions of
+    a new file under the user's umask."""
     tmp = f'{path}.tmp-{os.getpid()}'
     try:
         write(tmp)
         with open(tmp, 'rb') as f:
             os.fsync(f.fileno())
+        use_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
