@@ -298,6 +298,15 @@ def test_run_files_follow_the_umask(run_dir):
     assert modes == dict.fromkeys(modes, oct(0o666 & ~umask))
 
 
+@pytest.mark.parametrize('argv, message', [
+    (['run', str(os.path.join('no', 'such', 'script.py'))], 'no such script'),
+    (['run', '-m', 'no_such_module_of_timm_coordatt'], 'no module named no_such_module_of_timm_coordatt'),
+    (['run', '-m', 'no_such_package.module'], 'no module named no_such_package.module'),
+])
+def test_run_without_its_script(argv, message, capsys):
+    assert message in _error(capsys, argv)
+
+
 def test_nothing_written_is_lost(run_dir, tmp_path, capsys):
     run, data = run_dir
     before = digest(run)

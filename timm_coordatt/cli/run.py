@@ -7,6 +7,7 @@ then executes the script as `python SCRIPT ARGS` would (as `__main__`, with its 
 `torchrun --nproc_per_node=N -m timm_coordatt run train.py ...`.
 """
 import argparse
+import importlib.util
 import os
 import runpy
 import sys
@@ -34,6 +35,9 @@ def _main(args: argparse.Namespace) -> int:
     try:
         if args.module:
             sys.path.insert(0, os.getcwd())
+            if not _module_exists(args.script):
+                print(f'timm-coordatt run: error: no module named {args.script}', file=sys.stderr)
+                return 2
             runpy.run_module(args.script, run_name='__main__', alter_sys=True)
         else:
             sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))
@@ -47,3 +51,10 @@ def _main(args: argparse.Namespace) -> int:
     finally:
         sys.argv, sys.path = saved_argv, saved_path
     return 0
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package missing, an empty or relative name
+        return False
