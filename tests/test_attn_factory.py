@@ -104,6 +104,22 @@ def test_nfnet_route():
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
 
 
+@pytest.mark.parametrize('module, name', [(nfnet, 'nf_regnet_b0'), (byobnet, 'regnetz_b16')])
+def test_hosts_sized_for_se_get_the_papers_reduction(module, name):
+    # these configs pass squeeze-and-excitation widths (attn_kwargs=dict(rd_ratio=...)) to their attention
+    base = module.model_cfgs[name]
+    assert 'rd_ratio' in base.attn_kwargs
+    se = (nfnet.NormFreeNet if module is nfnet else byobnet.ByobNet)(base, num_classes=10)
+    model = (nfnet.NormFreeNet if module is nfnet else byobnet.ByobNet)(
+        dataclasses.replace(base, attn_layer='ca'), num_classes=10)
+    se_widths = [m.fc1.in_channels for m in se.modules() if isinstance(m, SEModule)]
+    blocks = _ca_blocks(model)
+    assert blocks and [ca.channels for ca in blocks] == se_widths  # CA where the host had SE
+    for ca in blocks:
+        assert ca.conv1.out_channels == max(8, ca.channels // 32)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+
 def test_cspnet_route():
     base = cspnet.model_cfgs['cspresnet50']
     cfg = dataclasses.replace(base, stages=dataclasses.replace(base.stages, attn_layer=('ca',) * 4))

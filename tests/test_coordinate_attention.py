@@ -486,11 +486,13 @@ def test_bad_widths():
         CoordAttention(32, rd_channels=0)
 
 
-@pytest.mark.parametrize('shape', [(32, 8, 8), (1, 16, 8, 8), (1, 32, 8, 8, 2)])
-def test_bad_input(shape):
-    m = CoordAttention(32)
-    with pytest.raises(ValueError, match=r'C=32, got shape \[' + ', '.join(map(str, shape))):
-        m(torch.randn(shape))
+@pytest.mark.parametrize('shape', [(32, 8, 8), (1, 16, 8, 8), (1, 32, 8, 8, 2), (2, 32, 0, 5), (2, 32, 5, 0)])
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_bad_input(shape, mode):
+    m = CoordAttention(32).train(mode == 'train')
+    with torch.set_grad_enabled(mode == 'train'), pytest.raises(
+            ValueError, match=r'C=32 and H, W >= 1, got shape \[' + ', '.join(map(str, shape))):
+        m(torch.randn(shape, requires_grad=mode == 'train'))
 
 
 def test_batch_one_training():

@@ -413,9 +413,9 @@ def _compiling_for_inductor() -> bool:
 
 @register_notrace_function
 def _check_input(x: torch.Tensor, channels: int) -> None:
-    if x.dim() != 4 or x.shape[1] != channels:
+    if x.dim() != 4 or x.shape[1] != channels or x.shape[2] == 0 or x.shape[3] == 0:
         raise ValueError(
-            'CoordAttention expected a 4-D (N, C, H, W) input with C={}, got shape {}'.format(
+            'CoordAttention expected a 4-D (N, C, H, W) input with C={} and H, W >= 1, got shape {}'.format(
                 channels, list(x.shape)))
 
 
@@ -900,7 +900,9 @@ class CoordAttentionFactory:
 
     Host blocks pass their own `act_layer` (timm's EfficientNet blocks pass swish or ReLU6); the
     paper keeps hard-swish inside the block whatever the host uses, so the host's activation is
-    ignored. Keyword arguments given here win over those the host passes, e.g.
+    ignored. So is the squeeze-and-excitation width the host is configured with, `rd_ratio` and
+    `rd_divisor` (NFNet's and RegNetZ's `attn_kwargs`, EfficientNet's `se_ratio`): the block keeps the
+    paper's reduction. Keyword arguments given here win over those the host passes, e.g.
     `se_layer=CoordAttentionFactory(reduction=16, act_layer='relu')`. Pass the `CoordAttention`
     class itself to let the host choose the activation.
     """
@@ -908,7 +910,14 @@ class CoordAttentionFactory:
     def __init__(self, **kwargs):
         self.kwargs = kwargs
 
-    def __call__(self, channels: int, act_layer: Optional[LayerType] = None, **host_kwargs) -> CoordAttention:
+    def __call__(
+            self,
+            channels: int,
+            act_layer: Optional[LayerType] = None,
+            rd_ratio: Optional[float] = None,
+            rd_divisor: Optional[int] = None,
+            **host_kwargs,
+    ) -> CoordAttention:
         return CoordAttention(channels, **{**host_kwargs, **self.kwargs})
 
     def __repr__(self) -> str:
