@@ -188,6 +188,20 @@ def test_progress_bars_into_a_log_are_redrawn_rarely(tmp_path, capsys):
     assert err.count('\r') <= 8, err
 
 
+def test_every_run_file_is_moved_into_place(tmp_path, monkeypatch):
+    # written under a temporary name and renamed (os.replace), so an interruption never leaves half a file
+    placed = []
+    replace = os.replace
+    monkeypatch.setattr(os, 'replace', lambda src, dst: (placed.append(os.path.abspath(dst)), replace(src, dst)))
+    run = tmp_path / 'run'
+    assert main(['train', '--model', MODEL, '--grid-samples', '32', '--batch-size', '8', '--epochs', '2',
+                 '--model-ema', '--output', str(run), *TINY]) == 0
+    files = {str(p) for p in run.rglob('*') if p.is_file()}
+    assert str(run / 'metrics.jsonl') in files and str(run / 'ema' / 'model.safetensors') in files
+    assert files <= set(placed), sorted(files - set(placed))
+    assert [r['epoch'] for r in read_metrics(str(run))] == [1, 2]
+
+
 def test_progress_bars_redraw_every_tenth_of_a_second_on_a_terminal_only(monkeypatch):
     class Terminal(io.StringIO):
         def isatty(self):

@@ -854,8 +854,7 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
                 if improved:
                     export_model(model_ema.module if ema_metrics else model, os.path.join(out_dir, BEST_DIR),
                                  splits.class_names, data_config)
-                with open(metrics_path, 'a') as f:
-                    f.write(json.dumps(record) + '\n')
+                _append_line(metrics_path, json.dumps(record))
                 summary = (f'epoch {epoch + 1}/{num_epochs}: train loss {record["train_loss"]:.4f} '
                            f'top-1 {record["train_top1"]:.2f}% | val loss {metrics["loss"]:.4f} '
                            f'top-1 {metrics["top1"]:.2f}% top-5 {metrics["top5"]:.2f}%')
@@ -876,6 +875,12 @@ def _interrupted(out_dir: str, epoch: int, progress: _Progress, steps: int, ctx:
         _print(f'interrupted in epoch {epoch + 1} after {progress.step}/{steps} steps; checkpoint saved in {out_dir}; '
                f'continue with: timm-coordatt train --resume {out_dir}')
     return 130
+
+
+def _append_line(path: str, line: str) -> None:
+    """`line` added to the text file `path`, atomically: the file is written anew (one line an epoch)."""
+    existing = Path(path).read_text(encoding='utf-8') if os.path.isfile(path) else ''
+    write_text(path, existing + line + '\n')
 
 
 def _truncate_metrics(path: str, epochs_done: int) -> None:
