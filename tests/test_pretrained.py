@@ -33,6 +33,7 @@ ORG = 'timm-coordatt'  # the package's default Hub organisation (TIMM_COORDATT_H
 REPO = f'{ORG}/mobilenetv2_ca.in1k'
 MIRROR = 'mirror-org/mobilenetv2_ca.in1k'  # the same weights where TIMM_COORDATT_HUB_ORG=mirror-org points
 WEIGHTS = 'model.safetensors'
+BIN_ONLY = 'me/bin-only'  # a repository with pytorch_model.bin only
 
 
 def _digest(state_dict: Dict[str, torch.Tensor]) -> str:
@@ -118,6 +119,7 @@ def _client_online(root: Path, work: Path, out: Path) -> None:
     run('num_classes', load(num_classes=10))
     run('in_chans', load(in_chans=1))
 
+    run('bin_only', hub(BIN_ONLY))  # timm's fallback, when the server says there is no model.safetensors
     run('missing_repo', hub('nobody/missing'))
     run('missing_file', hub('me/no-weights'))
     fix('me/no-weights')
@@ -145,6 +147,7 @@ def _client_online(root: Path, work: Path, out: Path) -> None:
     server.stop()
     run('server_stopped', load())
     run('server_stopped_hf_hub_prefix', load(f'hf-hub:{REPO}'))
+    run('server_stopped_bin_only', hub(BIN_ONLY))
     out.write_text(json.dumps(results, indent=1))
 
 
@@ -164,6 +167,7 @@ def _client_offline(work: Path, out: Path) -> None:
     run('warm', load())
     run('warm_hf_hub_prefix', load(f'hf-hub:{REPO}'))
     run('cold', load(cache_dir=work / 'cache-cold'), work / 'cache-cold')
+    run('warm_bin_only', load(pretrained_cfg_overlay=dict(hf_hub_id=BIN_ONLY)))
     out.write_text(json.dumps(results, indent=1))
 
 
@@ -194,6 +198,9 @@ def hub(tmp_path_factory, timm):
     data = (repo / WEIGHTS).read_bytes()
     (work / 'root' / 'me/broken' / WEIGHTS).write_bytes(data[:len(data) // 3])  # broken on the server itself
     save_file(timm.create_model('mobilenetv2_050_ca').state_dict(), work / 'root' / 'me/wrong-shape' / WEIGHTS)
+    (work / 'root' / BIN_ONLY).mkdir(parents=True)
+    shutil.copyfile(repo / 'config.json', work / 'root' / BIN_ONLY / 'config.json')
+    torch.save(good.state_dict(), work / 'root' / BIN_ONLY / 'pytorch_model.bin')
     # a fine-tuned model of an architecture without published weights, for publishing
     save_for_hf(timm.create_model('mobilenetv2_050_ca', num_classes=5), work / 'publish', safe_serialization=True)
     return work
@@ -285,6 +292,14 @@ def test_offline_warm_cache(offline, expected):
     for scenario in ('warm', 'warm_hf_hub_prefix'):
         assert offline[scenario]['ok'], offline[scenario]
         assert offline[scenario]['digest'] == _digest(expected)
+
+
+def test_a_repository_of_pytorch_model_bin_only_loads_from_the_cache_too(online, offline, expected):
+    # online through the fallback; then, with the server gone or offline, from the cache, which remembers
+    # that the server has no model.safetensors
+    for record in (online['bin_only'], online['server_stopped_bin_only'], offline['warm_bin_only']):
+        assert record['ok'], record
+        assert record['digest'] == _digest(expected)
 
 
 def test_hub_org_variable_points_the_package_elsewhere(online, offline):

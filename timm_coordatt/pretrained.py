@@ -23,7 +23,7 @@ import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
-from huggingface_hub import constants as hf_constants, hf_hub_download
+from huggingface_hub import _CACHED_NO_EXIST, constants as hf_constants, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -154,7 +154,7 @@ def download_weights(
     """Download a weight file of Hub repository `repo_id` into the Hub cache, verify it, return its local path.
 
     `filenames` (a name or a sequence) are tried in order, moving on only when the server says a
-    file does not exist. Everything else (offline without a cached copy, unknown repository or
+    file does not exist (or, offline or out of reach, the Hub cache remembers it saying so). Everything else (offline without a cached copy, unknown repository or
     revision, server errors, incomplete or corrupt downloads) raises `PretrainedWeightsError` naming
     the cause. A cached file that fails verification is removed, so the next call downloads it again.
     """
@@ -166,6 +166,10 @@ def download_weights(
         except RemoteEntryNotFoundError:
             continue
         except OSError as e:  # every huggingface_hub download error is one (HTTP, offline, size check)
+            # offline or unreachable: the cache remembers whether the server said earlier that the file
+            # does not exist (then a cached later one, e.g. pytorch_model.bin, loads as it did online)
+            if try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision) is _CACHED_NO_EXIST:
+                continue
             raise _download_error(e, repo_id, filename, revision, cache_dir) from e
         _verify_cached(path, _describe(repo_id, filename, revision), cache_dir)
         return path
