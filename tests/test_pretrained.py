@@ -410,6 +410,28 @@ def test_wrong_shaped_file_names_tensors_and_shapes(timm, tmp_path):
     assert len(message) < 1000  # a summary, not one line per tensor
 
 
+def test_weights_of_other_names_are_summarised(timm, tmp_path):
+    from timm_coordatt.pretrained import PretrainedWeightsError
+
+    # the authors' checkpoint layout (features.N..., classifier.1), loaded without converting it first
+    authors = {'features.0.0.weight': torch.zeros(32, 3, 3, 3), 'features.0.1.weight': torch.zeros(32),
+               'classifier.1.weight': torch.zeros(1000, 1280), 'classifier.1.bias': torch.zeros(1000)}
+    save_file(authors, tmp_path / 'authors.safetensors')
+    own = len(timm.create_model('mobilenetv2_ca').state_dict())
+    with pytest.raises(PretrainedWeightsError) as info:
+        timm.create_model(
+            'mobilenetv2_ca', pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'authors.safetensors')))
+    message = str(info.value)
+    # every tensor but the classifier's (left to timm) is missing; the authors' four are not the model's
+    assert f"{own - 2} of the model's {own} tensors are missing: conv_stem.weight, bn1.weight" in message
+    assert "4 tensors are not the model's: classifier.1.bias, classifier.1.weight, features.0.0.weight" in message
+    assert 'timm-coordatt convert' in message and len(message) < 1200
+    # a non-strict load asks for what the checkpoint has, no more: nothing to report
+    model = timm.create_model('mobilenetv2_ca', pretrained=True, pretrained_strict=False,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'authors.safetensors')))
+    assert model.num_classes == 1000
+
+
 def test_hubconf_lists_every_model_of_the_package(timm):
     spec = importlib.util.spec_from_file_location('hubconf', REPO_ROOT / 'hubconf.py')
     hubconf = importlib.util.module_from_spec(spec)

@@ -13,7 +13,7 @@ Every builder of this package therefore calls `prepare_pretrained` first. It rai
 without weights and fetches Hub weights itself, with huggingface_hub's own download into the
 normal Hub cache. The downloaded file is checked (sha256 against the server's ETag, safetensors
 structure), bad copies are evicted from the cache, and timm gets the verified local file through
-its `file` source; a filter reports weights of the wrong shapes in a few lines. Failures raise
+its `file` source; a filter reports weights of the wrong shapes or names in a few lines. Failures raise
 `PretrainedWeightsError` naming the cause.
 """
 import contextlib
@@ -45,7 +45,7 @@ __all__ = ['PretrainedWeightsError', 'list_package_models', 'prepare_pretrained'
 
 _PACKAGE = __name__.rpartition('.')[0]
 _SHA256 = re.compile(r'[0-9a-f]{64}')
-_SHOW = 5  # tensors listed in a shape error
+_SHOW = 5  # tensors listed per kind of problem in an error
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -106,7 +106,8 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -
         kwargs['pretrained_cfg_overlay'] = dict(kwargs.get('pretrained_cfg_overlay') or {}, file=path, source=None)
     else:
         source = 'the given state_dict' if load_from == 'state_dict' else f'{load_from} {location}'
-    kwargs['pretrained_filter_fn'] = _shape_check(source, kwargs.get('pretrained_filter_fn'))
+    kwargs['pretrained_filter_fn'] = _shape_check(
+        source, kwargs.get('pretrained_filter_fn'), strict=kwargs.get('pretrained_strict', True))
     return kwargs
 
 
@@ -114,8 +115,14 @@ def _names(value: Union[None, str, Sequence[str]]) -> Tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value or ())
 
 
-def _shape_check(source: str, filter_fn: Optional[Callable] = None) -> Callable:
-    """A `pretrained_filter_fn` (after `filter_fn`, if given) raising if tensors do not fit the model's shapes.
+def _listing(items: Sequence[str]) -> str:
+    more = len(items) - _SHOW
+    return ', '.join(items[:_SHOW]) + (f' and {more} more' if more > 0 else '')
+
+
+def _shape_check(source: str, filter_fn: Optional[Callable] = None, strict: bool = True) -> Callable:
+    """A `pretrained_filter_fn` (after `filter_fn`, if given) raising if tensors do not fit the model's shapes
+    or, for a strict load, its names.
 
     The classifier (dropped by timm when `num_classes` differs) and the input channels of the first
     conv (adapted by timm to `in_chans`) are left to timm.
@@ -134,13 +141,23 @@ def _shape_check(source: str, filter_fn: Optional[Callable] = None) -> Callable:
             theirs, ours = tuple(state_dict[key].shape), tuple(value.shape)
             if theirs != ours and not (key in stems and theirs[:1] + theirs[2:] == ours[:1] + ours[2:]):
                 mismatched.append(f'{key} {theirs} (model {ours})')
-        if mismatched:
-            more = len(mismatched) - _SHOW
-            shown = ', '.join(mismatched[:_SHOW]) + (f' and {more} more' if more > 0 else '')
+        problems = [f'{len(mismatched)} tensors have other shapes: {_listing(mismatched)}'] if mismatched else []
+        if strict:  # timm's strict load would list every name, one per line
+            missing = [k for k in own if k not in heads and k not in state_dict]
+            unexpected = [k for k in state_dict if k not in heads and k not in own]
+            if missing:
+                problems.append(f"{len(missing)} of the model's {len(own)} tensors are missing: {_listing(missing)}")
+            if unexpected:
+                problems.append(f'{len(unexpected)} tensors are not the model\'s: {_listing(unexpected)}')
+        if problems:
+            hint = ''
+            if any(k.startswith('features.') for k in state_dict) and not any(k.startswith('features.') for k in own):
+                hint = (" If this is the authors' MobileNetV2 + CA checkpoint, convert it first: "
+                        "`timm-coordatt convert mbv2_ca.pth OUT_DIR`, then load OUT_DIR/model.safetensors.")
             raise PretrainedWeightsError(
-                f"The pretrained weights from {source} do not fit {cfg.get('architecture')}: {len(mismatched)} "
-                f"tensors have other shapes: {shown}. They were saved from another model or width; load them into "
-                f"that model, or use pretrained=False.")
+                f"The pretrained weights from {source} do not fit {cfg.get('architecture')}: {'; '.join(problems)}. "
+                f"They were saved from another model or width; load them into that model, or use "
+                f"pretrained=False.{hint}")
         return state_dict
     return check
 
