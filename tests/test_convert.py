@@ -9,6 +9,9 @@ import argparse
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -274,6 +277,25 @@ def test_refuses_an_out_dir_under_a_file(authors, tmp_path):
     with pytest.raises(ConversionError, match='cannot create .*file/out'):
         convert(tmp_path / 'ckpt.pth', tmp_path / 'file' / 'out')
     assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt.pth', 'file']
+
+
+def test_cli_stopped_by_sigterm_leaves_nothing(authors, tmp_path):
+    # SIGTERM (kill, timeout, a scheduler) while the files are being written: the process sends it to itself
+    torch.save(authors.state_dict(), tmp_path / 'ckpt.pth')
+    script = (
+        'import os, signal, sys\n'
+        'import timm_coordatt.convert as c\n'
+        'save_for_hf = c.save_for_hf\n'
+        'def save_then_stop(model, folder, **kwargs):\n'
+        '    save_for_hf(model, folder, **kwargs)\n'
+        '    os.kill(os.getpid(), signal.SIGTERM)\n'
+        'c.save_for_hf = save_then_stop\n'
+        'from timm_coordatt.cli import main\n'
+        'sys.exit(main(sys.argv[1:]))\n')
+    proc = subprocess.run([sys.executable, '-c', script, 'convert', str(tmp_path / 'ckpt.pth'), str(tmp_path / 'out')],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt.pth']  # no output, no temporary folder
 
 
 def test_refuses_existing_out_dir(authors, tmp_path):
