@@ -410,6 +410,18 @@ def test_wrong_shaped_file_names_tensors_and_shapes(timm, tmp_path):
     assert len(message) < 1000  # a summary, not one line per tensor
 
 
+@pytest.mark.parametrize('damage', ['truncated', 'garbage', 'empty'])
+def test_broken_local_safetensors_file_is_named(timm, tmp_path, damage):
+    from timm_coordatt.pretrained import PretrainedWeightsError
+
+    path = tmp_path / 'weights.safetensors'
+    save_file(timm.create_model('mobilenetv2_ca').state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes({'truncated': data[:len(data) // 2], 'garbage': b'\xff' * 3000, 'empty': b''}[damage])
+    with pytest.raises(PretrainedWeightsError, match=f'{path} is not a valid safetensors file'):
+        timm.create_model('mobilenetv2_ca', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
 def test_weights_of_other_names_are_summarised(timm, tmp_path):
     from timm_coordatt.pretrained import PretrainedWeightsError
 

@@ -106,6 +106,12 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -
         kwargs['pretrained_cfg_overlay'] = dict(kwargs.get('pretrained_cfg_overlay') or {}, file=path, source=None)
     else:
         source = 'the given state_dict' if load_from == 'state_dict' else f'{load_from} {location}'
+        if load_from == 'file' and str(location).endswith('.safetensors') and os.path.isfile(location):
+            try:  # timm's own error would not name the file
+                with safe_open(location, framework='pt'):
+                    pass
+            except SafetensorError as e:
+                raise PretrainedWeightsError(f'{location} is not a valid safetensors file ({e})') from None
     kwargs['pretrained_filter_fn'] = _shape_check(
         source, kwargs.get('pretrained_filter_fn'), strict=kwargs.get('pretrained_strict', True))
     return kwargs
