@@ -438,10 +438,21 @@ def test_weights_of_other_names_are_summarised(timm, tmp_path):
     assert f"{own - 2} of the model's {own} tensors are missing: conv_stem.weight, bn1.weight" in message
     assert "4 tensors are not the model's: classifier.1.bias, classifier.1.weight, features.0.0.weight" in message
     assert 'timm-coordatt convert' in message and len(message) < 1200
-    # a non-strict load asks for what the checkpoint has, no more: nothing to report
-    model = timm.create_model('mobilenetv2_ca', pretrained=True, pretrained_strict=False,
+    # a non-strict load asks for what the checkpoint has, no more: nothing to report (MobileNeXt: timm <= 1.0.21's
+    # EfficientNet builder sets pretrained_strict itself)
+    model = timm.create_model('mobilenext_ca', pretrained=True, pretrained_strict=False,
                               pretrained_cfg_overlay=dict(file=str(tmp_path / 'authors.safetensors')))
     assert model.num_classes == 1000
+
+
+def test_feature_extractor_loads_weights_with_a_head(timm, tmp_path):
+    # timm builds MobileNetV2's features_only model without the head and loads the full weights non-strictly
+    torch.manual_seed(0)
+    full = timm.create_model('mobilenetv2_ca')
+    save_file(full.state_dict(), tmp_path / 'full.safetensors')
+    backbone = timm.create_model('mobilenetv2_ca', pretrained=True, features_only=True,
+                                 pretrained_cfg_overlay=dict(file=str(tmp_path / 'full.safetensors')))
+    assert torch.equal(backbone.state_dict()['conv_stem.weight'], full.state_dict()['conv_stem.weight'])
 
 
 def test_hubconf_lists_every_model_of_the_package(timm):

@@ -128,7 +128,7 @@ def _listing(items: Sequence[str]) -> str:
 
 def _shape_check(source: str, filter_fn: Optional[Callable] = None, strict: bool = True) -> Callable:
     """A `pretrained_filter_fn` (after `filter_fn`, if given) raising if tensors do not fit the model's shapes
-    or, for a strict load, its names.
+    or, for a strict load, the model has tensors the weights lack.
 
     The classifier (dropped by timm when `num_classes` differs) and the input channels of the first
     conv (adapted by timm to `in_chans`) are left to timm.
@@ -148,11 +148,11 @@ def _shape_check(source: str, filter_fn: Optional[Callable] = None, strict: bool
             if theirs != ours and not (key in stems and theirs[:1] + theirs[2:] == ours[:1] + ours[2:]):
                 mismatched.append(f'{key} {theirs} (model {ours})')
         problems = [f'{len(mismatched)} tensors have other shapes: {_listing(mismatched)}'] if mismatched else []
-        if strict:  # timm's strict load would list every name, one per line
-            missing = [k for k in own if k not in heads and k not in state_dict]
+        missing = [k for k in own if k not in heads and k not in state_dict]
+        if strict and missing:  # timm's strict load would list every name, one per line
+            # tensors the model lacks alone are no error: timm loads feature extractors (no head) non-strictly
             unexpected = [k for k in state_dict if k not in heads and k not in own]
-            if missing:
-                problems.append(f"{len(missing)} of the model's {len(own)} tensors are missing: {_listing(missing)}")
+            problems.append(f"{len(missing)} of the model's {len(own)} tensors are missing: {_listing(missing)}")
             if unexpected:
                 problems.append(f'{len(unexpected)} tensors are not the model\'s: {_listing(unexpected)}')
         if problems:
