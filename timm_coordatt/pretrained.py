@@ -150,7 +150,8 @@ def _shape_check(source: str, filter_fn: Optional[Callable] = None, strict: bool
         problems = [f'{len(mismatched)} tensors have other shapes: {_listing(mismatched)}'] if mismatched else []
         missing = [k for k in own if k not in heads and k not in state_dict]
         if strict and missing:  # timm's strict load would list every name, one per line
-            # tensors the model lacks alone are no error: timm loads feature extractors (no head) non-strictly
+            # extra tensors in the weights are no error by themselves: timm loads a feature extractor (no head)
+            # non-strictly from the whole model's weights
             unexpected = [k for k in state_dict if k not in heads and k not in own]
             problems.append(f"{len(missing)} of the model's {len(own)} tensors are missing: {_listing(missing)}")
             if unexpected:
@@ -177,9 +178,10 @@ def download_weights(
     """Download a weight file of Hub repository `repo_id` into the Hub cache, verify it, return its local path.
 
     `filenames` (a name or a sequence) are tried in order, moving on only when the server says a
-    file does not exist (or, offline or out of reach, the Hub cache remembers it saying so). Everything else (offline without a cached copy, unknown repository or
-    revision, server errors, incomplete or corrupt downloads) raises `PretrainedWeightsError` naming
-    the cause. A cached file that fails verification is removed, so the next call downloads it again.
+    file does not exist (or, offline or out of reach, the Hub cache remembers it saying so). Everything
+    else (offline without a cached copy, unknown repository or revision, server errors, incomplete or
+    corrupt downloads) raises `PretrainedWeightsError` naming the cause. A cached file that fails
+    verification is removed, so the next call downloads it again.
     """
     filenames = (filenames,) if isinstance(filenames, str) else tuple(filenames)
     for filename in filenames:

@@ -60,8 +60,9 @@ from .datasets import DEFAULT_IMG_SIZE as GRID_IMG_SIZE, GridShapes
 from .recompute import recompute_ca_outputs, set_recompute_ca_outputs
 
 __all__ = [
-    'UsageError', 'atomic_write', 'write_text', 'use_default_mode', 'save_weights', 'export_model', 'check_image_folder', 'create_model',
-    'label_names', 'evaluate', 'fit', 'STATE_FILE', 'METRICS_FILE', 'WEIGHTS_FILE', 'CONFIG_FILE',
+    'UsageError', 'atomic_write', 'write_text', 'use_default_mode', 'save_weights', 'export_model',
+    'check_image_folder', 'create_model', 'label_names', 'evaluate', 'fit', 'STATE_FILE', 'METRICS_FILE',
+    'WEIGHTS_FILE', 'CONFIG_FILE',
 ]
 
 WEIGHTS_FILE = 'model.safetensors'
