@@ -199,13 +199,17 @@ def test_class_folder_without_images(tmp_path, capsys):
     assert 'empty_class' in err and 'no images' in err
 
 
-@pytest.mark.parametrize('damage', ['garbage', 'truncated'])
+@pytest.mark.parametrize('damage', ['garbage', 'truncated', 'truncated_jpeg'])
 def test_corrupt_image(tmp_path, capsys, damage):
     data = make_image_folder(tmp_path / 'data')
     bad = os.path.join(data, 'dog', '1.png')
     if damage == 'garbage':
         open(bad, 'wb').write(b'this is not a png')
     else:
+        if damage == 'truncated_jpeg':  # a JPEG's header reads fine: only decoding it finds the missing data
+            os.remove(bad)
+            bad = os.path.join(data, 'dog', '1.jpg')
+            Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(bad)
         content = open(bad, 'rb').read()
         open(bad, 'wb').write(content[:len(content) // 2])
     err = _error(capsys, ['train', '--data-dir', data, '--output', str(tmp_path / 'run')])
@@ -214,6 +218,32 @@ def test_corrupt_image(tmp_path, capsys, damage):
     assert bad in err
     err = _error(capsys, ['predict', '--model', MODEL, bad])
     assert bad in err
+
+
+def test_images_below_class_folders(tmp_path, capsys):
+    """timm labels an image by the folder it is in: images in sub-folders would be dropped or mislabelled."""
+    data = make_image_folder(tmp_path / 'data')
+    os.makedirs(os.path.join(data, 'cat', 'indoor'))
+    os.replace(os.path.join(data, 'cat', '0.png'), os.path.join(data, 'cat', 'indoor', '0.png'))
+    os.makedirs(os.path.join(data, 'dog', 'fox'))  # would count as fox
+    os.replace(os.path.join(data, 'dog', '0.png'), os.path.join(data, 'dog', 'fox', '0.png'))
+    os.makedirs(os.path.join(data, 'fox', '.thumbnails'))  # hidden: not data, as for timm
+    os.replace(os.path.join(data, 'fox', '0.png'), os.path.join(data, 'fox', '.thumbnails', '0.png'))
+    err = _error(capsys, ['train', '--data-dir', data, '--output', str(tmp_path / 'run')])
+    assert 'below its class folders (cat/indoor, dog/fox)' in err
+    assert 'below its class folders' in _error(capsys, ['validate', '--model', MODEL, '--data-dir', data])
+    assert not (tmp_path / 'run').exists()
+
+
+def test_validate_needs_folders_it_can_match(run_dir, tmp_path, capsys):
+    run, _ = run_dir  # classes cat, dog, fox
+    train_only = tmp_path / 'train_only'
+    make_image_folder(train_only / 'train')
+    err = _error(capsys, ['validate', '--model', f'local-dir:{run}', '--data-dir', str(train_only)])
+    assert 'no validation folder' in err and str(train_only / 'train') in err
+    other = make_image_folder(tmp_path / 'other', classes=('x', 'y', 'z'))
+    err = _error(capsys, ['validate', '--model', f'local-dir:{run}', '--data-dir', other])
+    assert 'none of the class folders' in err and '(x, y, z)' in err and '(cat, dog, fox)' in err
 
 
 def test_unknown_model(tmp_path, capsys):
@@ -266,6 +296,20 @@ def test_option_values_out_of_range(command, option, value, message, tmp_path, c
             'predict': ['predict', '--model', MODEL, __file__]}[command]
     assert message in _error(capsys, argv + [option, value])
     assert not out.exists()
+
+
+@pytest.mark.parametrize('item', ['num_classes=5', 'pretrained=True', 'in_chans=1'])
+def test_model_kwargs_train_sets_itself(item, tmp_path, capsys):
+    err = _error(capsys, ['train', '--model-kwargs', item, '--output', str(tmp_path / 'run')])
+    assert f'--model-kwargs {item.split("=")[0]}: train sets it itself' in err
+    assert not (tmp_path / 'run').exists()
+
+
+def test_output_that_cannot_be_created(tmp_path, capsys):
+    (tmp_path / 'afile').write_text('')
+    err = _error(capsys, ['train', '--output', str(tmp_path / 'afile' / 'run')])
+    afile = tmp_path / 'afile'
+    assert f'cannot create the run directory {afile / "run"}: {afile} is not a directory' in err
 
 
 def test_model_kwargs_without_a_value(tmp_path, capsys):

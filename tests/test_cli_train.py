@@ -152,6 +152,74 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes_exactly(tmp_path):
     assert not [f for f in os.listdir(interrupted) if '.tmp' in f]
 
 
+
+def test_ctrl_c_in_validation_resumes_exactly(tmp_path, monkeypatch):
+    # an image folder: its augmentations draw from the global RNG, which the resumed epochs must not
+    # take from the interrupted one
+    data = tmp_path / 'data'
+    make_image_folder(data / 'train', per_class=6)
+    make_image_folder(data / 'val', per_class=2, seed=1)
+    common = ['--data-dir', str(data), '--model', MODEL, '--batch-size', '6', '--epochs', '2', '--img-size', '32',
+              '--workers', '0', *EXACT]
+    straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
+    assert main(['train', *common, '--output', straight]) == 0
+    evaluate = training.evaluate
+
+    def ctrl_c_then_evaluate(*args, **kwargs):  # Ctrl-C as epoch 1's validation starts
+        monkeypatch.setattr(training, 'evaluate', evaluate)
+        os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(training, 'evaluate', ctrl_c_then_evaluate)
+    assert main(['train', *common, '--output', interrupted]) == 130
+    assert not os.path.exists(os.path.join(interrupted, 'metrics.jsonl'))  # stopped before epoch 1 was recorded
+    assert main(['train', '--resume', interrupted]) == 0
+    assert read_metrics(straight) == read_metrics(interrupted)
+    assert_same_tensors(load_weights(os.path.join(straight, 'model.safetensors')),
+                        load_weights(os.path.join(interrupted, 'model.safetensors')))
+
+
+def test_resume_refuses_options_it_cannot_honour(tmp_path, capsys):
+    run = str(tmp_path / 'run')
+    common = ['--model', MODEL, '--grid-samples', '16', '--batch-size', '8', *TINY]
+    assert main(['train', *common, '--epochs', '2', '--lr', '0.01', '--smoothing', '0', '--output', run]) == 0
+    capsys.readouterr()
+    # changed to train's own defaults, given on the command line: refused like any other change
+    for option, value, used in (('--lr', '0.003', '0.01'), ('--smoothing', '0.1', '0.0')):
+        assert main(['train', '--resume', run, '--epochs', '3', option, value]) == 2
+        assert f'{option} {float(value)} (the run used {used})' in capsys.readouterr().err
+    # the same values as the run's: fine (a finished run with fewer epochs asked for: nothing to do, said so)
+    assert main(['train', '--resume', run, '--epochs', '1', '--lr', '0.01']) == 0
+    assert 'already finished 2 epochs' in capsys.readouterr().err
+
+
+def test_resume_refuses_changed_classes(tmp_path, capsys):
+    data = tmp_path / 'data'
+    make_image_folder(data / 'train', per_class=2)
+    make_image_folder(data / 'val', per_class=1, seed=1)
+    run = str(tmp_path / 'run')
+    assert main(['train', '--data-dir', str(data), '--model', MODEL, '--batch-size', '3', '--epochs', '1',
+                 '--img-size', '32', '--workers', '0', '--output', run]) == 0
+    for split in ('train', 'val'):  # dog -> wolf: the same number of classes, another order
+        os.rename(data / split / 'dog', data / split / 'wolf')
+    capsys.readouterr()
+    assert main(['train', '--resume', run, '--epochs', '2']) == 2
+    err = capsys.readouterr().err
+    assert 'its classes were cat, dog, fox, the data now has cat, fox, wolf' in err
+    assert read_metrics(run)[-1]['epoch'] == 1
+
+
+def test_layer_decay_without_a_schedule(tmp_path):
+    run = str(tmp_path / 'run')
+    assert main(['train', '--model', MODEL, '--epochs', '1', '--grid-samples', '16', '--batch-size', '8', '--sched',
+                 'none', '--warmup-epochs', '0', '--layer-decay', '0.5', '--output', run, *TINY]) == 0
+    groups = torch.load(os.path.join(run, 'training_state.pt'), weights_only=True)['optimizer']['param_groups']
+    scales = sorted({g['lr_scale'] for g in groups})
+    assert scales[0] < 0.01 and scales[-1] == 1.0
+    for group in groups:  # each layer group at its own rate, as timm's schedules set them
+        assert group['lr'] == pytest.approx(3e-3 * group['lr_scale'])
+    assert read_metrics(run)[0]['lr'] == pytest.approx(3e-3)  # the head's (unscaled) rate
+
 def test_freeze_keeps_the_first_groups_unchanged(tmp_path):
     run = str(tmp_path / 'run')
     groups = 3  # stem and the first two stages of blocks
@@ -248,6 +316,26 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     assert moved, 'the step did not change the weights'
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+
+@pytest.mark.slow
+def test_ddp_ema_batch_norm_statistics_agree_across_processes(tmp_path):
+    # each process validates half of the images with its own EMA: the recorded EMA metrics are those of
+    # the saved EMA (rank 0's) only if the processes' EMA batch-norm statistics were averaged too
+    run = str(tmp_path / 'run')
+    proc = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'timm_coordatt',
+         'train', '--model', MODEL, '--grid-samples', '32', '--batch-size', '4', '--epochs', '1', '--model-ema',
+         '--model-ema-decay', '0.5', '--device', 'cpu', '--output', run, *TINY],
+        capture_output=True, text=True, timeout=600, env=_ddp_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recorded = read_metrics(run)[0]
+    results = tmp_path / 'ema.json'
+    assert main(['validate', '--model', f'local-dir:{run}/ema', '--img-size', '32', '--grid-val-samples', '16',
+                 '--workers', '0', '--results-file', str(results)]) == 0
+    ema = json.loads(results.read_text())
+    assert ema['loss'] == pytest.approx(recorded['ema_val_loss'], rel=1e-5)  # 2.4e-4 apart before averaging them
 
 
 def _train_with(tmp_path, *options):

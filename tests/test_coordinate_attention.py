@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 from torch.nn.utils import parametrizations, parametrize, prune
 
 from authors_coordatt import AuthorsCoordAtt
@@ -197,6 +198,58 @@ def test_inference_refolds_after_to_following_data_writes(inference_kernel):
         ours.to('cpu')
         torch.testing.assert_close(ours(x), authors.eval()(x), rtol=1e-5, atol=1e-6)
 
+
+
+def test_inference_refolds_after_a_write_while_folding(monkeypatch, inference_kernel):
+    """An in-place update from another thread (an EMA) can land while a block folds its weights: the next
+    call must fold again, not keep what was folded from the old values."""
+    ours, authors = _pair(24)
+    ours.eval()
+    authors.eval()
+    x = torch.randn(2, 24, 5, 6)
+    fold = coordinate_attention._fold_weights
+
+    def fold_then_write(*args, **kwargs):
+        params = fold(*args, **kwargs)
+        with torch.no_grad():
+            for m in (ours, authors):
+                m.conv1.weight.mul_(1.5)
+        return params
+
+    monkeypatch.setattr(coordinate_attention, '_fold_weights', fold_then_write)
+    with torch.no_grad():
+        ours(x)
+    monkeypatch.setattr(coordinate_attention, '_fold_weights', fold)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), authors(x), rtol=1e-5, atol=1e-6)
+
+
+def test_float64_inference_matches_authors_block(inference_kernel):
+    ours, authors = _pair(32)
+    ours.double().eval()
+    authors.double().eval()
+    x = torch.randn(2, 32, 7, 9, dtype=torch.float64)
+    with torch.no_grad():  # batch norm folded in float64, not float32
+        torch.testing.assert_close(ours(x), authors(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('mode', ['eval', 'eval_inplace', 'eval_autograd', 'train'])
+def test_forward_mode_ad(mode, inference_kernel):
+    """Tangents through the block (`torch.autograd.forward_ad`) as through the authors' block."""
+    ours, authors = _pair(16)
+    ours.train(mode == 'train')
+    authors.train(mode == 'train')
+    ours.inplace = mode == 'eval_inplace'
+    x, tangent = torch.randn(2, 16, 5, 7), torch.randn(2, 16, 5, 7)
+    results = []
+    for m in (ours, authors):
+        with forward_ad.dual_level(), torch.set_grad_enabled(mode in ('eval_autograd', 'train')):
+            y, y_tangent = forward_ad.unpack_dual(m(forward_ad.make_dual(x.clone(), tangent)))
+            assert y_tangent is not None
+            results.append((y.detach().clone(), y_tangent.detach().clone()))
+    (y1, t1), (y2, t2) = results
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(t1, t2, rtol=1e-5, atol=1e-5)
 
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize('input_grad', [False, True])

@@ -10,7 +10,7 @@ from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedRes
 from torch import nn
 
 import timm_coordatt  # noqa: F401
-from timm_coordatt import CoordAttention
+from timm_coordatt import CoordAttention, CoordAttentionFactory
 
 MBV2 = {'mobilenetv2_ca': 'mobilenetv2_100', 'mobilenetv2_050_ca': 'mobilenetv2_050',
         'mobilenetv2_075_ca': 'mobilenetv2_075', 'mobilenetv2_140_ca': 'mobilenetv2_140'}
@@ -46,6 +46,42 @@ def test_efficientnet_b0_ca_replaces_every_se():
         assert isinstance(ca, CoordAttention) and ca.channels == se.conv_reduce.in_channels
     ours = {k: v.shape for k, v in model.state_dict().items() if '.se.' not in k}
     assert ours == {k: v.shape for k, v in base.state_dict().items() if '.se.' not in k}
+
+
+def _ca_blocks(model):
+    return [m for m in model.modules() if isinstance(m, CoordAttention)]
+
+
+@pytest.mark.parametrize('name', ['mobilenetv2_050_ca', 'efficientnet_b0_ca'])
+def test_se_layer_given_replaces_ca(name):
+    default = timm.create_model(name)
+    shapes = {k: v.shape for k, v in default.state_dict().items()}
+    assert default._forward_pre_hooks and all(ca.inplace for ca in _ca_blocks(default))
+    # 'ca': the same blocks, gating a new tensor in inference
+    same = timm.create_model(name, se_layer='ca')
+    assert {k: v.shape for k, v in same.state_dict().items()} == shapes
+    assert len(_ca_blocks(same)) == len(_ca_blocks(default)) and not any(ca.inplace for ca in _ca_blocks(same))
+    # an ablation of the reduction
+    for ca in _ca_blocks(timm.create_model(name, se_layer=CoordAttentionFactory(reduction=16))):
+        assert ca.conv1.out_channels == max(8, ca.channels // 16)
+    # another attention in CA's places: no CA blocks, so no recompute hooks
+    se = timm.create_model(name, se_layer='se')
+    assert not _ca_blocks(se) and not se._forward_pre_hooks
+    assert sum(type(m).__name__ == 'SEModule' for m in se.modules()) == len(_ca_blocks(default))
+
+
+@pytest.mark.parametrize('kwargs,overwritten', [({}, True), (dict(se_layer='ca'), False)])
+def test_block_inputs_kept_by_hooks(kwargs, overwritten):
+    """The registered blocks gate in place in inference, so a hook that keeps a block's input without
+    cloning it sees the block's output (as with timm's in-place activations); `se_layer='ca'` does not."""
+    model = timm.create_model('mobilenetv2_050_ca', **kwargs).eval()
+    kept = []
+    for ca in _ca_blocks(model):
+        ca.register_forward_pre_hook(lambda module, args: kept.append((args[0], args[0].clone())))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert len(kept) == 16
+    assert [not torch.equal(x, clone) for x, clone in kept] == [overwritten] * 16
 
 
 def test_pretrained_cfg():

@@ -215,6 +215,19 @@ def test_block_attention_after_first_dw():
         torch.testing.assert_close(block(x), expected)
 
 
+def test_attn_layer_given_replaces_ca():
+    default = timm.create_model('mobilenext_050_ca')
+    blocks = [m for m in default.modules() if isinstance(m, CoordAttention)]
+    assert default._forward_pre_hooks and blocks and all(ca.inplace for ca in blocks)
+    # 'ca': the same blocks, gating a new tensor in inference (hooks keeping a block's input see it unchanged)
+    same = timm.create_model('mobilenext_050_ca', attn_layer='ca')
+    assert {k: v.shape for k, v in same.state_dict().items()} == {k: v.shape for k, v in default.state_dict().items()}
+    assert not any(m.inplace for m in same.modules() if isinstance(m, CoordAttention))
+    # another attention in CA's places: no CA blocks, so no recompute hooks
+    se = timm.create_model('mobilenext_050_ca', attn_layer='se')
+    assert not se._forward_pre_hooks and not any(isinstance(m, CoordAttention) for m in se.modules())
+    assert sum(type(m).__name__ == 'SEModule' for m in se.modules()) == len(blocks)
+
 def test_identity_tensor_multiplier():
     torch.manual_seed(0)
     block = SandglassBlock(96, 96, identity_tensor_multiplier=0.5)

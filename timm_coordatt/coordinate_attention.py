@@ -34,6 +34,8 @@ __all__ = ['CoordAttention', 'CoordAttentionFactory', 'coord_gate']
 _is_compiling = torch.compiler.is_compiling
 _is_tracing = torch._C._is_tracing  # torch.jit.is_tracing() without its wrapper
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+# forward-mode AD (`torch.autograd.forward_ad.dual_level()`) is on while its level is >= 0
+_forward_ad = torch.autograd.forward_ad
 
 
 @torch.jit.unused
@@ -56,8 +58,10 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 
 def _is_eager(x: torch.Tensor) -> bool:
-    """Plain eager execution: no compiler, exporter, tracer or torch.func transform watching."""
-    return not (_is_compiling() or _is_tracing() or isinstance(x, Proxy) or _is_functorch_wrapped(x))
+    """Plain eager execution: no compiler, exporter, tracer, torch.func transform or forward-mode AD watching
+    (the C kernels and the custom autograd Functions, which have no jvp, would drop the tangents)."""
+    return not (_is_compiling() or _is_tracing() or isinstance(x, Proxy) or _is_functorch_wrapped(x)
+                or _forward_ad._current_level >= 0)
 
 
 def _references(t: torch.Tensor) -> Tuple[int, int, int]:
@@ -445,7 +449,7 @@ class _FoldRecord(NamedTuple):
     norm: Optional[nn.Module]
     eps: float
     batch_norm: bool
-    params: _FoldedParams
+    params: Optional[_FoldedParams]
 
 
 _tensor_version = operator.attrgetter('_version')
@@ -475,15 +479,16 @@ def _fold_weights(
     it computes the block's activations (`native_activations`) in float32 on the CPU."""
     w1 = w1.flatten(1)
     if bn is not None:
-        # in float32, whatever the parameters' dtype, as batch norm itself computes
+        # in float32 at least, as batch norm itself computes half precision
+        dtype = torch.promote_types(w1.dtype, torch.float32)
         mean, var, gamma, beta, eps = bn
-        scale = torch.rsqrt(var.float() + eps)
+        scale = torch.rsqrt(var.to(dtype) + eps)
         shift = 0.
         if gamma is not None:
-            scale, shift = scale * gamma.float(), beta.float()
-        bias = 0. if b1 is None else b1.float()
-        b1 = ((bias - mean.float()) * scale + shift).to(w1.dtype)
-        w1 = (w1.float() * scale[:, None]).to(w1.dtype)
+            scale, shift = scale * gamma.to(dtype), beta.to(dtype)
+        bias = 0. if b1 is None else b1.to(dtype)
+        b1 = ((bias - mean.to(dtype)) * scale + shift).to(w1.dtype)
+        w1 = (w1.to(dtype) * scale[:, None]).to(w1.dtype)
     w_hw = torch.cat([w_h, w_w]).flatten(1)
     b_hw = None if b_h is None else torch.cat([b_h, b_w])
     w1 = w1.contiguous()
@@ -838,13 +843,15 @@ class CoordAttention(nn.Module):
         self._inference_params = None
         if not self._foldable_norm() or not self._plain_layers():
             return None
+        # what is folded, read first: a write while folding (another thread's EMA update) refolds next call
+        record = self._fold_record()
         params = self._fold(self.bn1)
-        self._inference_params = self._fold_record(params)
+        self._inference_params = None if record is None else record._replace(params=params)
         return params
 
-    def _fold_record(self, params: _FoldedParams) -> Optional[_FoldRecord]:
-        """What `params` were folded from, read from the layers' own dicts; None where a statistic is not
-        registered."""
+    def _fold_record(self) -> Optional[_FoldRecord]:
+        """What the folded weights are folded from, read from the layers' own dicts (`params` left to fill
+        in); None where a statistic is not registered."""
         modules = self._modules
         owners = [(modules[name]._parameters, key)
                   for name in ('conv1', 'conv_h', 'conv_w') for key in ('weight', 'bias')]
@@ -866,7 +873,7 @@ class CoordAttention(nn.Module):
             return None
         return _FoldRecord(tuple(modules.values()), tuple(o for o, _ in owners), tuple(n for _, n in owners),
                            sources, tensors, versions, norm, 0.0 if norm is None else norm.eps,
-                           type(bn) in _BATCH_NORMS, params)
+                           type(bn) in _BATCH_NORMS, None)
 
     def _fold(self, bn: nn.Module) -> _FoldedParams:
         stats = (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps) if type(bn) in _FOLDED_NORMS else None

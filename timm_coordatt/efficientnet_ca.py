@@ -19,7 +19,7 @@ from timm.models._efficientnet_builder import decode_arch_def, resolve_act_layer
 from timm.models._registry import generate_default_cfgs
 from timm.models.efficientnet import EfficientNet, _create_effnet, _gen_efficientnet
 
-from .coordinate_attention import CoordAttentionFactory
+from .coordinate_attention import CoordAttention, CoordAttentionFactory
 from .hub import hub_id
 from .pretrained import prepare_pretrained
 from .recompute import set_recompute_ca_outputs
@@ -35,6 +35,13 @@ PAPER = dict(
 # timm's InvertedResidual and DepthwiseSeparableConv never read the attention's input again, so
 # inference can gate in place
 _CA_INPLACE = CoordAttentionFactory(inplace=True)
+
+
+def _with_recompute(model: EfficientNet) -> EfficientNet:
+    """CA outputs recomputed in backward, where a `se_layer` given to the builder left CA blocks."""
+    if any(isinstance(m, CoordAttention) for m in model.modules()):
+        set_recompute_ca_outputs(model)
+    return model
 
 
 def _gen_mobilenetv2_ca(variant: str, channel_multiplier: float = 1.0, pretrained: bool = False, **kwargs):
@@ -56,11 +63,10 @@ def _gen_mobilenetv2_ca(variant: str, channel_multiplier: float = 1.0, pretraine
         round_chs_fn=round_chs_fn,
         norm_layer=kwargs.pop('norm_layer', None) or partial(nn.BatchNorm2d, **resolve_bn_args(kwargs)),
         act_layer=resolve_act_layer(kwargs, 'relu6'),
-        se_layer=_CA_INPLACE,
+        se_layer=kwargs.pop('se_layer', _CA_INPLACE),
         **kwargs,
     )
-    model = _create_effnet(variant, pretrained, **prepare_pretrained(variant, pretrained, model_kwargs))
-    return set_recompute_ca_outputs(model)
+    return _with_recompute(_create_effnet(variant, pretrained, **prepare_pretrained(variant, pretrained, model_kwargs)))
 
 
 def _cfg(url: str = '', **kwargs):
@@ -111,8 +117,6 @@ def mobilenetv2_140_ca(pretrained: bool = False, **kwargs) -> EfficientNet:
 @register_model
 def efficientnet_b0_ca(pretrained: bool = False, **kwargs) -> EfficientNet:
     """EfficientNet-B0 with every Squeeze-and-Excitation replaced by Coordinate Attention."""
-    kwargs = prepare_pretrained('efficientnet_b0_ca', pretrained, kwargs)
-    model = _gen_efficientnet(
-        'efficientnet_b0_ca', channel_multiplier=1.0, depth_multiplier=1.0,
-        se_layer=_CA_INPLACE, pretrained=pretrained, **kwargs)
-    return set_recompute_ca_outputs(model)
+    kwargs = prepare_pretrained('efficientnet_b0_ca', pretrained, {'se_layer': _CA_INPLACE, **kwargs})
+    return _with_recompute(_gen_efficientnet(
+        'efficientnet_b0_ca', channel_multiplier=1.0, depth_multiplier=1.0, pretrained=pretrained, **kwargs))

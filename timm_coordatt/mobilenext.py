@@ -412,13 +412,13 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def mobilenext_050(pretrained: bool = False, **kwargs) -> MobileNeXt:
-    """MobileNeXt 0.5 (paper: 2.1M params, 67.7% top-1)."""
+    """MobileNeXt 0.5 (paper: 2.1M params)."""
     return _create_mobilenext('mobilenext_050', pretrained, width_multiplier=0.5, **kwargs)
 
 
 @register_model
 def mobilenext_075(pretrained: bool = False, **kwargs) -> MobileNeXt:
-    """MobileNeXt 0.75 (paper: 2.5M params, 72.0% top-1)."""
+    """MobileNeXt 0.75 (paper: 2.5M params)."""
     return _create_mobilenext('mobilenext_075', pretrained, width_multiplier=0.75, **kwargs)
 
 
@@ -430,7 +430,7 @@ def mobilenext_100(pretrained: bool = False, **kwargs) -> MobileNeXt:
 
 @register_model
 def mobilenext_140(pretrained: bool = False, **kwargs) -> MobileNeXt:
-    """MobileNeXt 1.4 (paper: 6.1M params, 76.1% top-1)."""
+    """MobileNeXt 1.4 (paper: 6.1M params)."""
     return _create_mobilenext('mobilenext_140', pretrained, width_multiplier=1.4, **kwargs)
 
 
@@ -442,25 +442,25 @@ _CA_INPLACE = CoordAttentionFactory(inplace=True)
 def mobilenext_050_ca(pretrained: bool = False, **kwargs) -> MobileNeXt:
     """MobileNeXt 0.5 + Coordinate Attention."""
     return _create_mobilenext(
-        'mobilenext_050_ca', pretrained, width_multiplier=0.5, attn_layer=_CA_INPLACE, **kwargs)
+        'mobilenext_050_ca', pretrained, width_multiplier=0.5, **{'attn_layer': _CA_INPLACE, **kwargs})
 
 
 @register_model
 def mobilenext_075_ca(pretrained: bool = False, **kwargs) -> MobileNeXt:
     """MobileNeXt 0.75 + Coordinate Attention."""
     return _create_mobilenext(
-        'mobilenext_075_ca', pretrained, width_multiplier=0.75, attn_layer=_CA_INPLACE, **kwargs)
+        'mobilenext_075_ca', pretrained, width_multiplier=0.75, **{'attn_layer': _CA_INPLACE, **kwargs})
 
 
 @register_model
 def mobilenext_ca(pretrained: bool = False, **kwargs) -> MobileNeXt:
     """MobileNeXt 1.0 + Coordinate Attention (CA paper: 4.09M params, 330M M-Adds, 75.2% top-1)."""
     return _create_mobilenext(
-        'mobilenext_ca', pretrained, width_multiplier=1.0, attn_layer=_CA_INPLACE, **kwargs)
+        'mobilenext_ca', pretrained, width_multiplier=1.0, **{'attn_layer': _CA_INPLACE, **kwargs})
 
 
 @register_model
 def mobilenext_140_ca(pretrained: bool = False, **kwargs) -> MobileNeXt:
     """MobileNeXt 1.4 + Coordinate Attention."""
     return _create_mobilenext(
-        'mobilenext_140_ca', pretrained, width_multiplier=1.4, attn_layer=_CA_INPLACE, **kwargs)
+        'mobilenext_140_ca', pretrained, width_multiplier=1.4, **{'attn_layer': _CA_INPLACE, **kwargs})

@@ -194,8 +194,10 @@ def _split_dir(root: str, names: Sequence[str]) -> Optional[str]:
 def check_image_folder(root: str) -> List[str]:
     """Class names of the ImageFolder tree `root/<class>/<image>`; UsageError naming what is wrong.
 
-    Each image's header is read and checked (PIL `verify`), so a corrupt or non-image file is reported
-    before training starts instead of failing (or being skipped) in the middle of an epoch.
+    Each image's header is read and checked (PIL `verify`; a JPEG without its end marker is decoded), so
+    a corrupt, truncated or non-image file is reported before training starts instead of failing (or
+    being skipped) in the middle of an epoch. Images in folders below a class folder are refused: timm
+    labels an image by the folder it is in.
     """
     if not os.path.exists(root):
         raise UsageError(f'data directory {root} does not exist')
@@ -207,17 +209,22 @@ def check_image_folder(root: str) -> List[str]:
         raise UsageError(
             f'data directory {root} has no class folders: expected {root}/<class name>/<image> '
             f'with images ending in {", ".join(sorted(extensions))}')
-    empty, bad, count = [], [], 0
+    empty, nested, bad, count = [], [], [], 0
     for name in classes:
-        files = [
-            os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, name), followlinks=True)
-            for f in sorted(fs) if os.path.splitext(f)[1].lower() in extensions]
+        class_dir = os.path.join(root, name)
+        files = []
+        for d, dirs, fs in os.walk(class_dir, followlinks=True):
+            # hidden folders (.ipynb_checkpoints) are no data: timm's reader drops their files (no class of that name)
+            dirs[:] = [sub for sub in dirs if not sub.startswith('.')]
+            images = [os.path.join(d, f) for f in sorted(fs) if os.path.splitext(f)[1].lower() in extensions]
+            if images and d != class_dir:
+                nested.append(os.path.relpath(d, root))
+            files += images
         if not files:
             empty.append(name)
         for path in files:
             try:
-                with Image.open(path) as img:
-                    img.verify()
+                _check_image(path)
             except Exception as e:
                 bad.append(f'{path} ({type(e).__name__}: {e})')
         count += len(files)
@@ -225,6 +232,11 @@ def check_image_folder(root: str) -> List[str]:
         raise UsageError(
             f'class folder(s) with no images in {root}: {", ".join(empty)} '
             f'(expected files ending in {", ".join(sorted(extensions))})')
+    if nested:
+        raise UsageError(
+            f'{root} has images in folders below its class folders ({", ".join(nested[:5])}'
+            f'{", ..." if len(nested) > 5 else ""}); expected {root}/<class name>/<image>: move them up into '
+            f'their class folder')
     if bad:
         shown = '\n  '.join(bad[:10])
         more = f'\n  ... and {len(bad) - 10} more' if len(bad) > 10 else ''
@@ -232,15 +244,26 @@ def check_image_folder(root: str) -> List[str]:
     return classes
 
 
+def _names(names: Sequence[str], shown: int = 10) -> str:
+    return ', '.join(names[:shown]) + (f', ... ({len(names)} in all)' if len(names) > shown else '')
+
+
+def _check_image(path: str) -> None:
+    """Raise if the image file `path` is corrupt. `verify` checks a PNG whole but decodes no JPEG data, so
+    a JPEG is also decoded where its end-of-image marker is missing (as in a truncated download)."""
+    with Image.open(path) as img:
+        if img.format == 'JPEG':
+            img.fp.seek(-min(32, os.path.getsize(path)), os.SEEK_END)
+            if b'\xff\xd9' not in img.fp.read():
+                img.fp.seek(0)
+                img.load()
+                return
+        img.verify()
+
+
 def _image_folder(root: str, class_names: Sequence[str]) -> Dataset:
-    class_map = {name: i for i, name in enumerate(class_names)}
-    dataset = create_dataset('', root=root, split='', search_split=False, class_map=class_map)
-    found = set(os.path.basename(os.path.dirname(f)) for f in dataset.filenames(absolute=True))
-    if not found <= set(class_names):
-        raise UsageError(
-            f'{root} has images in nested folders ({", ".join(sorted(found - set(class_names))[:5])}); '
-            f'expected {root}/<class name>/<image>')
-    return dataset
+    return create_dataset('', root=root, split='', search_split=False,
+                          class_map={name: i for i, name in enumerate(class_names)})
 
 
 @dataclasses.dataclass
@@ -456,6 +479,7 @@ class _GracefulStop:
         self._previous = {}
 
     def __enter__(self):
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -466,6 +490,8 @@ class _GracefulStop:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
+        if os.getpid() != self._pid:  # a forked data loader worker: the training process stops it
+            return
         if self.flag:
             raise KeyboardInterrupt
         self.flag = True
@@ -603,6 +629,11 @@ def _check_options(args: argparse.Namespace, ctx: _Dist) -> None:
         raise UsageError(f'--model-ema-decay must be in (0, 1), got {args.model_ema_decay}')
     if args.freeze < 0:
         raise UsageError(f'--freeze must be >= 0, got {args.freeze}')
+    # set by train itself: the head from the data's classes, the weights from --pretrained, RGB input
+    reserved = {'num_classes': "the data's number of classes", 'pretrained': '--pretrained', 'in_chans': '3, RGB'}
+    clash = sorted(set(args.model_kwargs) & set(reserved))
+    if clash:
+        raise UsageError(f'--model-kwargs {clash[0]}: train sets it itself ({reserved[clash[0]]})')
 
 
 def _resume_args(args: argparse.Namespace, saved: Dict[str, Any], defaults: Dict[str, Any]) -> argparse.Namespace:
@@ -673,6 +704,10 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
             raise UsageError('--resume continues in the run directory it names; drop --output or make them equal')
         resume = _load_training_state(os.path.join(out_dir, STATE_FILE))
         args = _resume_args(args, resume['args'], defaults)
+        if resume['progress']['epoch'] >= args.epochs:
+            _print(f'{out_dir} already finished {resume["progress"]["epoch"]} epochs; pass a larger --epochs to '
+                   f'train on')
+            return 0
     else:
         out_dir = args.output or _default_output(args)
         if os.path.isdir(out_dir) and os.listdir(out_dir):
@@ -680,11 +715,16 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
                              f'or choose another --output')
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise UsageError(f'--output {out_dir} exists and is not a directory')
+        _check_creatable(out_dir)
     _check_options(args, ctx)
     if args.img_size is None and args.data_dir is None:
         args.img_size = GRID_IMG_SIZE
     splits = find_data(args)
     num_classes = len(splits.class_names)
+    if resume is not None and resume.get('class_names', splits.class_names) != splits.class_names:
+        raise UsageError(
+            f'cannot resume {out_dir}: its classes were {_names(resume["class_names"])}, the data now has '
+            f'{_names(splits.class_names)} (a class added, removed or renamed changes what each output means)')
 
     random_seed(args.seed, 0)  # the same initial weights on every rank
     # a resumed run's weights come from its state: no download or checkpoint read for weights replaced anyway
@@ -749,6 +789,9 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
             warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=False, updates_per_epoch=steps)
     except (ValueError, AssertionError) as e:
         raise UsageError(f'cannot create scheduler {args.sched!r}: {str(e) or type(e).__name__}') from None
+    if scheduler is None:  # timm's schedulers apply --layer-decay's per-group scales; without one, set them once
+        for group in optimizer.param_groups:
+            group['lr'] *= group.get('lr_scale', 1.)
     train_loss_fn = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss()
 
     # -- restore an interrupted run
@@ -763,14 +806,11 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
         if model_ema is not None:
             model_ema.load_state_dict(resume['model_ema'])
         progress = _Progress(**resume['progress'])
-        if progress.step:
+        if progress.step < steps and progress.step:  # stopped mid-training (not in validation): its RNG goes on
             if len(resume['rng']) != ctx.world_size:
                 raise UsageError(
                     f'the run was interrupted mid-epoch with {len(resume["rng"])} processes; resume it with as many')
             rng_state = resume['rng'][ctx.rank]
-        if progress.epoch >= num_epochs:
-            _print(f'{out_dir} already finished its {num_epochs} epochs; pass a larger --epochs to train on')
-            return 0
 
     train_model = model
     if ctx.distributed:
@@ -782,7 +822,10 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
     if ctx.distributed:
         dist.barrier()  # every rank has checked the output directory before rank 0 fills it
     if ctx.primary:
-        os.makedirs(out_dir, exist_ok=True)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f'cannot create the run directory {out_dir}: {e.strerror or e}') from None
         metrics_path = os.path.join(out_dir, METRICS_FILE)
         if resume is not None:
             _truncate_metrics(metrics_path, progress.epoch)
@@ -810,6 +853,7 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
             'scaler': scaler.state_dict(),
             'progress': dataclasses.asdict(progress),
             'rng': rng,
+            'class_names': splits.class_names,
         }
         atomic_write(os.path.join(out_dir, STATE_FILE), lambda tmp: torch.save(state, tmp))
 
@@ -826,6 +870,8 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
 
             if ctx.distributed and not args.sync_bn:
                 distribute_bn(model, ctx.world_size, reduce=True)
+                if model_ema is not None:  # its statistics follow each rank's own batches too
+                    distribute_bn(model_ema.module, ctx.world_size, reduce=True)
             eval_kwargs = dict(device=device, autocast=autocast, channels_last=args.channels_last, ctx=ctx, stop=stop)
             metrics = evaluate(model, val_loader, desc=f'epoch {epoch + 1}/{num_epochs} validate', **eval_kwargs)
             ema_metrics = None
@@ -840,7 +886,7 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
             loss_sum, top1_sum, count = progress.train_sums
             record = {
                 'epoch': epoch + 1,
-                'lr': optimizer.param_groups[0]['lr'],
+                'lr': _lr(optimizer),
                 'train_loss': loss_sum / count,
                 'train_top1': top1_sum / count,
                 **{f'val_{k}': v for k, v in metrics.items()},
@@ -869,6 +915,22 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
         _print(f'done: best validation top-1 {progress.best_top1:.2f}% at epoch {progress.best_epoch}; '
                f'weights in {best} (use --model local-dir:{best})')
     return 0
+
+
+def _lr(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate of the unscaled groups (with --layer-decay, the head's; group 0 is the stem's)."""
+    return max(group['lr'] for group in optimizer.param_groups)
+
+
+def _check_creatable(directory: str) -> None:
+    """UsageError unless `directory`, or where it does not exist its nearest existing parent, is a writable
+    directory."""
+    parent = os.path.abspath(directory)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        problem = 'not a directory' if not os.path.isdir(parent) else 'not writable'
+        raise UsageError(f'cannot create the run directory {directory}: {parent} is {problem}')
 
 
 def _interrupted(out_dir: str, epoch: int, progress: _Progress, steps: int, ctx: _Dist) -> int:
@@ -958,7 +1020,7 @@ def _train_epoch(
             progress.train_sums = (loss_sum, top1_sum, count)
             rate.update(global_batch / (time.perf_counter() - start))
             bar.set_postfix(loss=f'{loss_sum / count:.3f}', top1=f'{top1_sum / count:.1f}',
-                            img_s=f'{rate.avg:.0f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}', refresh=False)
+                            img_s=f'{rate.avg:.0f}', lr=f'{_lr(optimizer):.2e}', refresh=False)
             bar.update(1)
             if stats[3] > 0:
                 return True
@@ -985,7 +1047,8 @@ def _eval_model(args: argparse.Namespace) -> Tuple[nn.Module, torch.device]:
 
 
 def _class_map(model: nn.Module, classes: Sequence[str], root: str) -> Dict[str, int]:
-    """Folder name -> output index: by the model's label names when they name the folders, else in order."""
+    """Folder name -> output index: by the model's label names when they name the folders, else in order (a
+    model with class names of its own must have some of the folders')."""
     names = label_names(model)
     if names and set(classes) <= set(names):
         index = {name: i for i, name in enumerate(names)}
@@ -993,6 +1056,9 @@ def _class_map(model: nn.Module, classes: Sequence[str], root: str) -> Dict[str,
     if names and set(classes) & set(names):
         unknown = sorted(set(classes) - set(names))
         raise UsageError(f'class folders of {root} that the model has no output for: {", ".join(unknown[:10])}')
+    if names and model.pretrained_cfg.get('label_names'):  # named classes of its own (a `train` run's), not ImageNet's
+        raise UsageError(f'none of the class folders of {root} ({_names(list(classes))}) is a class of the model '
+                         f'({_names(list(names))})')
     if len(classes) > model.num_classes:
         raise UsageError(
             f'{root} has {len(classes)} class folders but the model has {model.num_classes} outputs')
@@ -1005,6 +1071,10 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     root = classes = None
     if args.data_dir is not None:  # the data first: checking it is cheaper than building the model
         root = _split_dir(args.data_dir, _VAL_DIRS) if os.path.isdir(args.data_dir) else None
+        train_dir = None if root else _split_dir(args.data_dir, _TRAIN_DIRS) if os.path.isdir(args.data_dir) else None
+        if train_dir:
+            raise UsageError(f'{args.data_dir} has a training folder ({train_dir}) but no validation folder '
+                             f'({"/".join(_VAL_DIRS)}); pass --data-dir the folder of the images to validate on')
         root = root or args.data_dir
         classes = check_image_folder(root)
     model, device = _eval_model(args)

@@ -22,12 +22,21 @@ COMMANDS = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """Keeps the arguments it parsed, so that a subcommand can tell the options given on its command line
+    from those left at their defaults (`train --resume` refuses changes to the former)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.parsed_args = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='timm-coordatt',
         description='Coordinate Attention models for timm: train, validate, predict, run timm scripts, '
                     'inspect attention, list models, benchmark, convert and publish.')
-    subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+    subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True, parser_class=_Parser)
     for name in COMMANDS:
         importlib.import_module(f'{__name__}.{name}').add_parser(subparsers)
     return parser

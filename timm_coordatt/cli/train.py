@@ -1,7 +1,9 @@
 """ `timm-coordatt train`: fine-tune any timm model on an ImageFolder, or on the embedded grid task. """
 import argparse
+import copy
 import functools
 import sys
+from typing import Set
 
 import torch
 
@@ -92,9 +94,21 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=functools.partial(_main, parser=p))
 
 
+def _given_options(parser: argparse.ArgumentParser) -> Set[str]:
+    """The destinations of the options on the command line `parser` last parsed, whatever their values (none
+    known where the parser does not keep its arguments)."""
+    if not hasattr(parser, 'parsed_args'):
+        return set()
+    quiet = copy.deepcopy(parser)
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_args(parser.parsed_args))) - {'func'}  # the one default set_defaults gives
+
+
 def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ..training import UsageError, fit
-    defaults = {k: parser.get_default(k) for k in vars(args)}
+    given = _given_options(parser)
+    defaults = {k: parser.get_default(k) for k in vars(args) if k not in given}
     try:
         return fit(args, defaults)
     except UsageError as e:
