@@ -209,6 +209,21 @@ def test_resume_refuses_changed_classes(tmp_path, capsys):
     assert read_metrics(run)[-1]['epoch'] == 1
 
 
+
+def test_two_runs_started_into_one_new_directory(tmp_path, monkeypatch, capsys):
+    run = tmp_path / 'run'
+    find_data = training.find_data
+
+    def another_run_starts_meanwhile(args):
+        os.makedirs(run / 'best')
+        return find_data(args)
+
+    monkeypatch.setattr(training, 'find_data', another_run_starts_meanwhile)
+    assert main(['train', '--model', MODEL, '--epochs', '1', '--grid-samples', '16', '--batch-size', '8', '--output',
+                 str(run), *TINY]) == 2
+    assert f'output directory {run} was created by another run meanwhile' in capsys.readouterr().err
+    assert os.listdir(run) == ['best']
+
 def test_layer_decay_without_a_schedule(tmp_path):
     run = str(tmp_path / 'run')
     assert main(['train', '--model', MODEL, '--epochs', '1', '--grid-samples', '16', '--batch-size', '8', '--sched',

@@ -170,7 +170,8 @@ def export_model(model: nn.Module, directory: str, class_names: Sequence[str], d
 
 def _load_training_state(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
-        raise UsageError(f'cannot resume: {path} does not exist (expected the run directory of an earlier `train`)')
+        raise UsageError(f'cannot resume: {path} does not exist (expected the run directory of an earlier `train`; '
+                         f'a run stopped before its first checkpoint has none: start it again)')
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
@@ -699,7 +700,7 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
     # -- everything that can be wrong with the request is checked before anything is written
     resume = None
     if args.resume:
-        out_dir = args.resume
+        out_dir, out_existed = args.resume, True
         if args.output and os.path.abspath(args.output) != os.path.abspath(out_dir):
             raise UsageError('--resume continues in the run directory it names; drop --output or make them equal')
         resume = _load_training_state(os.path.join(out_dir, STATE_FILE))
@@ -716,6 +717,7 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise UsageError(f'--output {out_dir} exists and is not a directory')
         _check_creatable(out_dir)
+        out_existed = os.path.isdir(out_dir)
     _check_options(args, ctx)
     if args.img_size is None and args.data_dir is None:
         args.img_size = GRID_IMG_SIZE
@@ -823,7 +825,10 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
         dist.barrier()  # every rank has checked the output directory before rank 0 fills it
     if ctx.primary:
         try:
-            os.makedirs(out_dir, exist_ok=True)
+            # created here unless it existed at the start: of two runs started into one new directory, one stops
+            os.makedirs(out_dir, exist_ok=out_existed)
+        except FileExistsError:
+            raise UsageError(f'output directory {out_dir} was created by another run meanwhile') from None
         except OSError as e:
             raise UsageError(f'cannot create the run directory {out_dir}: {e.strerror or e}') from None
         metrics_path = os.path.join(out_dir, METRICS_FILE)
