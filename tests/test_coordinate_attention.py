@@ -754,12 +754,6 @@ def _kernel_op_calls(graphs: list) -> int:
     return sum(node.target is op for gm in graphs for node in gm.graph.nodes)
 
 
-# before torch 2.13 compiled graphs run the PyTorch formulation (see `_compiled_kernel_available`)
-needs_compiled_kernel = pytest.mark.skipif(
-    not coordinate_attention._compiled_kernel_available, reason='compiled graphs call the C kernel from torch 2.13')
-
-
-@needs_compiled_kernel
 @pytest.mark.parametrize('channels_last', [False, True])
 @pytest.mark.parametrize('inplace', [False, True])
 def test_compiled_inference_calls_the_kernel(channels_last, inplace):
@@ -816,7 +810,6 @@ def test_compiled_inference_frozen_or_pruned(transform, kernel_calls):
     assert _kernel_op_calls(graphs) == kernel_calls
 
 
-@needs_compiled_kernel
 @pytest.mark.parametrize('transform, graphs_after', [(_prune, 1), (_parametrize, 2)])
 def test_compiled_inference_guards_no_block_parameter(transform, graphs_after):
     """The compiled graph does not guard the block's parameters, which the op reads itself (their tensor
@@ -870,7 +863,6 @@ def test_compiled_inference_follows_parameter_changes():
         torch.testing.assert_close(compiled(x), authors(x), rtol=1e-5, atol=1e-6)
 
 
-@needs_compiled_kernel
 def test_compiled_inference_of_many_models():
     """One compiled graph serves every block of the same shape (no recompilation per instance, no
     limit on their number), each with its own weights, copies and unpickled ones included, and follows
@@ -894,7 +886,6 @@ def test_compiled_inference_of_many_models():
     assert len(graphs) == 1 and _kernel_op_calls(graphs) == 1
 
 
-@needs_compiled_kernel
 def test_compiled_inference_inductor_freezing():
     """Inductor's freezing folds parameters into constants and passes the op a copy of the block's key."""
     ours, authors = _pair(24)
@@ -917,7 +908,6 @@ def test_compiled_inference_inductor():
         torch.testing.assert_close(compiled(x), authors.eval()(x), rtol=1e-5, atol=1e-6)
 
 
-@needs_compiled_kernel
 def test_kernel_op_bad_input():
     op = torch.ops.timm_coordatt.coord_attention_block_inference_
     block = CoordAttention(8).eval()

@@ -45,10 +45,7 @@ def _is_functorch(x: torch.Tensor) -> bool:
 
 
 def _autocast_on_cpu() -> bool:
-    try:
-        return torch.is_autocast_enabled('cpu')
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
+    return torch.is_autocast_enabled('cpu')
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -411,8 +408,7 @@ torch.fx.wrap('_conv1x1')
 
 def _compiling_for_inductor() -> bool:
     """Under torch.compile, not torch.export (whose graphs keep the eager formulation)."""
-    return torch.compiler.is_compiling() and not (
-        hasattr(torch.compiler, 'is_exporting') and torch.compiler.is_exporting())
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
 
 
 @register_notrace_function
@@ -546,15 +542,10 @@ def _coord_attention_block_inference_(x: torch.Tensor, key: torch.Tensor) -> Non
 # formulation (torch.export and exporters, which must be self-contained, never see it). Defined with
 # `torch.library.Library`: its dispatch adds 3 us a call where `torch.library.custom_op`'s autograd
 # and view handling, needless here, add 8 (9 against 15 us at 1x32x7x7, the function alone 6).
-_library = None
-if hasattr(torch.library, 'register_fake'):  # torch >= 2.4
-    _library = torch.library.Library('timm_coordatt', 'DEF')
-    _library.define('coord_attention_block_inference_(Tensor(a!) x, Tensor key) -> ()')
-    _library.impl('coord_attention_block_inference_', _coord_attention_block_inference_, 'CPU')
-    torch.library.register_fake('timm_coordatt::coord_attention_block_inference_', lambda *args: None, lib=_library)
-# Compiled graphs call it from torch 2.13: before, dynamo read `torch.compiler.is_exporting()` as True
-# under torch.compile too (seen on 2.11), which leaves no way to keep the op out of exported graphs only.
-_compiled_kernel_available = _library is not None and torch.__version__ >= (2, 13)
+_library = torch.library.Library('timm_coordatt', 'DEF')
+_library.define('coord_attention_block_inference_(Tensor(a!) x, Tensor key) -> ()')
+_library.impl('coord_attention_block_inference_', _coord_attention_block_inference_, 'CPU')
+torch.library.register_fake('timm_coordatt::coord_attention_block_inference_', lambda *args: None, lib=_library)
 
 
 class CoordAttention(nn.Module):
@@ -706,7 +697,7 @@ class CoordAttention(nn.Module):
         """Inference under torch.compile (not export) that the C kernel computes: the compiled graph calls it.
         The parameters are not read here (each read would be a graph input and its guard): their dtype and
         device are the input's, or the convs would fail, and the op checks them."""
-        return (_compiled_kernel_available and not self.training and not torch.is_grad_enabled()
+        return (not self.training and not torch.is_grad_enabled()
                 and _compiling_for_inductor()
                 and self.use_native_kernel and native.available()
                 and self._foldable_norm() and self._native_activations() and self._plain_layer_types()

@@ -100,7 +100,7 @@ def recompute_ca_outputs() -> Iterator[None]:
 
 
 # (pack, unpack) of the innermost saved-tensor hooks, or None; what torch.utils.checkpoint asks
-_top_saved_tensors_hooks = getattr(torch._C._autograd, '_top_saved_tensors_default_hooks', None)
+_top_saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 
 
 @torch.jit.unused
@@ -113,8 +113,8 @@ def _enter_model(module: nn.Module) -> None:
     if not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return  # inference; or compiled, where the graph decides what it saves
     scope = None
-    if (not torch.jit.is_tracing() and _top_saved_tensors_hooks is not None
-            and torch._C._autograd._saved_tensors_hooks_is_enabled() and _top_saved_tensors_hooks(False) is None):
+    if (not torch.jit.is_tracing() and torch._C._autograd._saved_tensors_hooks_is_enabled()
+            and _top_saved_tensors_hooks(False) is None):
         scope = _Scope().enter()
     # tagged with the module: the exit hook, called whatever happens in forward, pops its own entry only
     _state.__dict__.setdefault('model_scopes', []).append((module, scope))
