@@ -433,34 +433,6 @@ def test_input_gradient_takes_the_gradient_autograd_owns(shape, channels_last):
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_input_gradient_new_where_torch_cannot_tell_who_holds_the_gradient(monkeypatch):
-    from timm_coordatt import coordinate_attention
-    monkeypatch.setattr(coordinate_attention, '_owned_gradient_references', lambda: None)
-    ours, authors = _block_and_reference()
-    x = torch.randn(2, 16, 7, 9)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    seen = []
-    y = ours(x1)
-    y.register_hook(lambda g: seen.append(g.data_ptr()))
-    y.tanh().sum().backward()
-    authors(x2).tanh().sum().backward()
-    assert x1.grad.data_ptr() != seen[0]
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
-
-
-def test_owned_gradient_references_none_without_the_storage_count(monkeypatch):
-    # (`Tensor._use_count` lives on a C type, whose attributes cannot be taken away to test the same)
-    from timm_coordatt.coordinate_attention import _owned_gradient_references
-    monkeypatch.delattr(torch._C, '_storage_Use_Count')
-    _owned_gradient_references.cache_clear()
-    try:
-        assert _owned_gradient_references() is None
-    finally:
-        monkeypatch.undo()
-        _owned_gradient_references.cache_clear()
-    assert _owned_gradient_references() is not None
-
-
 def _shared_gradient_cases():
     """Ways the gradient of a block's output is held elsewhere too: functions of the block, x and another
     input z returning what backward starts from, its gradient (None: a scalar's) and the tensors that must

@@ -82,13 +82,10 @@ class _ReferencesProbe(torch.autograd.Function):
 
 
 @functools.lru_cache(maxsize=None)
-def _owned_gradient_references() -> Optional[Tuple[int, int, int]]:
+def _owned_gradient_references() -> Tuple[int, int, int]:
     """`_references` of a gradient that only autograd held, as a backward that calls it first receives
-    it (None: this torch cannot tell). More references are someone else's: a gradient autograd also
-    hands another function (an add's two inputs get the same tensor), a user's `grad_outputs`, one a
-    hook kept, a view sharing its memory."""
-    if not (hasattr(torch.Tensor, '_use_count') and hasattr(torch._C, '_storage_Use_Count')):
-        return None
+    it. More references are someone else's: a gradient autograd also hands another function (an add's
+    two inputs get the same tensor), a user's `grad_outputs`, one a hook kept, a view sharing its memory."""
     record = []
     with torch.enable_grad():
         # mul's backward makes the probe's gradient, as the next layer's backward makes a block's
@@ -162,8 +159,7 @@ class _CoordGate(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         gate_gradient = ctx.gate_gradient
         # first, as `_owned_gradient_references` measured them
-        owned = (gate_gradient is not None and gate_gradient.owned_references is not None
-                 and _references(grad_out) == gate_gradient.owned_references)
+        owned = gate_gradient is not None and _references(grad_out) == gate_gradient.owned_references
         x, a_h, a_w = ctx.saved_tensors
         if (ctx.use_native and not torch.is_grad_enabled()  # double backward needs differentiable ops
                 and grad_out.dtype == x.dtype and grad_out.stride() == x.stride()):
