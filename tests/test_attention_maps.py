@@ -138,6 +138,76 @@ def test_grad_cam_follows_its_definition(ca_model):
         grad_cam(ca_model, x, target=1000)
 
 
+def test_grad_cam_under_no_grad_and_inference_mode(ca_model):
+    x = torch.randn(1, 3, 64, 64)
+    expected = grad_cam(ca_model, x)
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            cam = grad_cam(ca_model, x)
+        torch.testing.assert_close(cam.cam, expected.cam)
+
+
+def test_calls_restore_each_modules_mode(ca_model):
+    # fine-tuning with frozen BatchNorm: the model trains, its BN layers stay in eval mode
+    ca_model.train()
+    frozen = [m for m in ca_model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in frozen:
+        m.eval()
+    modes = {name: m.training for name, m in ca_model.named_modules()}
+    try:
+        attention_maps(ca_model, torch.randn(1, 3, 32, 32))
+        assert {name: m.training for name, m in ca_model.named_modules()} == modes
+        grad_cam(ca_model, torch.randn(1, 3, 32, 32))
+        assert {name: m.training for name, m in ca_model.named_modules()} == modes
+    finally:
+        ca_model.eval()
+    assert frozen and modes[''] and not any(modes[n] for n, m in ca_model.named_modules() if m in frozen)
+
+
+def test_maps_can_be_edited_in_place(ca_model):
+    m = attention_maps(ca_model, torch.randn(1, 3, 32, 32), blocks=['blocks.2.2.se'])['blocks.2.2.se']
+    m.a_h.clamp_(0.25, 0.75)  # not inference tensors
+    assert m.a_h.max() <= 0.75
+
+
+def test_grad_cam_names_the_models_own_classes(tmp_path):
+    torch.manual_seed(0)
+    tuned = timm.create_model(CA_MODEL, num_classes=3)
+    names = ['cat', 'dog', 'fox']
+    export_model(tuned, str(tmp_path / 'run'), names, resolve_data_config(model=tuned))
+    model = create_model(f'local-dir:{tmp_path / "run"}')
+    cam = grad_cam(model, torch.randn(2, 3, 64, 64))
+    assert cam.labels == tuple(names[i] for i in cam.target.tolist())
+    # ImageNet's descriptions for an ImageNet head, 'class <i>' for a head without names
+    cam = grad_cam(timm.create_model(CA_MODEL), torch.randn(1, 3, 64, 64), target=281)
+    assert cam.labels == ('tabby, tabby cat',)
+    cam = grad_cam(timm.create_model(CA_MODEL, num_classes=7), torch.randn(1, 3, 64, 64), target=5)
+    assert cam.labels == ('class 5',)
+
+
+def test_grad_cam_needs_a_classifier():
+    with pytest.raises(ValueError, match=r'has no classifier \(num_classes=0\)'):
+        grad_cam(timm.create_model(CA_MODEL, num_classes=0), torch.randn(1, 3, 32, 32))
+    features = timm.create_model(CA_MODEL, features_only=True)
+    with pytest.raises(ValueError, match=r'expected class scores \(N, classes\) from .*, got list'):
+        grad_cam(features, torch.randn(1, 3, 32, 32), layer='blocks.6')
+
+
+def test_16_bit_images_are_scaled_to_8_bits(tmp_path):
+    model = timm.create_model(CA_MODEL)
+    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (256, 1))
+    Image.fromarray(ramp).save(tmp_path / 'ramp16.png')
+    Image.fromarray((ramp // 257).astype(np.uint8)).save(tmp_path / 'ramp8.png')
+    with Image.open(tmp_path / 'ramp16.png') as img:
+        assert img.mode.startswith('I')  # a 16-bit image as PIL reads it
+    x16, _ = load_image(tmp_path / 'ramp16.png', model)
+    x8, _ = load_image(tmp_path / 'ramp8.png', model)
+    torch.testing.assert_close(x16, x8, atol=0.02, rtol=0)  # the same picture, within rounding
+    Image.fromarray(np.ones((8, 8), np.float32)).save(tmp_path / 'float.tif')
+    with pytest.raises(ValueError, match=r'expected an 8- or 16-bit image, got floating-point pixels'):
+        load_image(tmp_path / 'float.tif', model)
+
+
 def test_record_gates_refuses_training_mode(ca_model):
     ca_model.train()
     try:
@@ -183,6 +253,8 @@ def test_cli_compare_grad_cams(image_file, tmp_path):
     ('too_many_channels', 'top_channels expected 0 <= k <= '),
     ('no_out_folder', 'no folder'),
     ('unknown_format', 'expected a file name ending in one of'),
+    ('too_many_pixels', 'expected at most 100,000,000 pixels, got'),
+    ('decompression_bomb', 'decompression bomb'),
 ])
 def test_cli_errors(case, message, image_file, tmp_path, capsys):
     image, model, extra = image_file, CA_MODEL, []
@@ -201,6 +273,11 @@ def test_cli_errors(case, message, image_file, tmp_path, capsys):
         extra = ['--checkpoint', _saved_weights(timm.create_model('resnet18', num_classes=4), tmp_path)]
     elif case == 'too_many_channels':
         extra = ['--top-channels', '100000']  # more than any block has: refused before the figure is built
+    elif case == 'too_many_pixels':
+        extra = ['--dpi', '5000']  # refused before it is drawn: tens of GB
+    elif case == 'decompression_bomb':
+        image = str(tmp_path / 'bomb.png')  # more pixels than PIL's limit, in a small file
+        Image.new('L', (20000, 9000)).save(image)
     out = tmp_path / {'no_out_folder': 'nope/maps.png', 'unknown_format': 'maps.xyz'}.get(case, 'maps.png')
     figures = plt.get_fignums()
     assert main(['attention', image, '--model', model, '--out', str(out)] + extra) == 2
@@ -234,7 +311,20 @@ def test_cli_draws_a_fine_tuned_checkpoint_and_run_directory(image_file, tmp_pat
     assert model.num_classes == 9 and grad_cam(model, x).target[0] == tuned.eval()(x).argmax().item()
 
 
-def test_cli_rejects_model_options_with_compare(image_file, tmp_path):
+@pytest.mark.parametrize('options, message', [
+    (['--compare', CA_MODEL, '--top-channels', '2'], '--checkpoint, --blocks and --top-channels go with --model'),
+    (['--compare', f'{CA_MODEL}='], "--compare expected NAME or NAME=CHECKPOINT, got 'mobilenetv2_050_ca='"),
+    (['--compare', '=w.pth'], "--compare expected NAME or NAME=CHECKPOINT, got '=w.pth'"),
+    (['--compare', CA_MODEL, CA_MODEL], '--compare expected different models'),
+])
+def test_cli_rejects_bad_compare_options(options, message, image_file, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        main(['attention', image_file, '--compare', CA_MODEL, '--top-channels', '2', '--out', str(tmp_path / 'x.png')])
-    assert e.value.code == 2
+        main(['attention', image_file, *options, '--out', str(tmp_path / 'x.png')])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_compare_titles_name_the_checkpoint_file():
+    from timm_coordatt.cli.attention import _titles
+    assert _titles(['a', 'a=/runs/x/best.pth', 'b=/y/w.safetensors']) == ['a', 'a\nbest.pth', 'b\nw.safetensors']
+    # two checkpoints of one name: the whole specs
+    assert _titles(['a=/1/w.pth', 'a=/2/w.pth']) == ['a=/1/w.pth', 'a=/2/w.pth']

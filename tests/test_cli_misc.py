@@ -222,6 +222,24 @@ def test_corrupt_image(tmp_path, capsys, damage):
     assert bad in err
 
 
+def test_16_bit_images(tmp_path, capsys):
+    """timm's loader would clip a 16-bit image at 255 (nearly all white): train and validate refuse it,
+    predict scales it to 8 bits."""
+    data = make_image_folder(tmp_path / 'data')
+    with Image.open(os.path.join(data, 'dog', '1.png')) as img:
+        gray8 = np.asarray(img.convert('L'))
+    deep = os.path.join(data, 'dog', '1.png')
+    Image.fromarray(gray8.astype(np.uint16) * 257).save(deep)
+    err = _error(capsys, ['train', '--data-dir', data, '--output', str(tmp_path / 'run')])
+    assert deep in err and "expected an 8-bit image, got PIL mode I" in err
+    assert "expected an 8-bit image, got PIL mode I" in _error(capsys, ['validate', '--model', MODEL, '--data-dir', data])
+    shallow = str(tmp_path / 'gray8.png')
+    Image.fromarray(gray8).save(shallow)
+    assert main(['predict', '--model', MODEL, '--img-size', '32', '--json', deep, shallow]) == 0
+    deep_result, shallow_result = json.loads(capsys.readouterr().out)
+    assert deep_result['predictions'] == shallow_result['predictions']
+
+
 def test_images_below_class_folders(tmp_path, capsys):
     """timm labels an image by the folder it is in: images in sub-folders would be dropped or mislabelled."""
     data = make_image_folder(tmp_path / 'data')

@@ -26,11 +26,11 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 from torch import nn  # noqa: E402
 
-from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, resolve_data_config  # noqa: E402
+from timm.data import create_transform, resolve_data_config  # noqa: E402
 from timm.models._manipulate import group_with_matcher  # noqa: E402
 
 from .coordinate_attention import CoordAttention  # noqa: E402
-from .training import atomic_write  # noqa: E402
+from .training import atomic_write, label_names, to_rgb  # noqa: E402
 
 __all__ = [
     'GateMaps', 'GradCam', 'ca_blocks', 'default_blocks', 'record_gates', 'attention_maps', 'grad_cam',
@@ -81,7 +81,7 @@ class GradCam:
     cam: torch.Tensor  # (N, H, W), scaled to [0, 1] per image
     target: torch.Tensor  # (N,) class explained
     prob: torch.Tensor  # (N,) its softmax probability
-    labels: Tuple[str, ...]  # (N,) its ImageNet description, or 'class <i>' for other label spaces
+    labels: Tuple[str, ...]  # (N,) its name (the model's label names, ImageNet's), or 'class <i>'
 
 
 def ca_blocks(model: nn.Module) -> Dict[str, CoordAttention]:
@@ -162,12 +162,14 @@ def record_gates(
 
 @contextmanager
 def _eval(model: nn.Module) -> Iterator[nn.Module]:
-    was_training = model.training
+    # each module's own mode comes back: a fine-tuning model may keep frozen BatchNorms in eval mode
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 def attention_maps(
@@ -179,7 +181,7 @@ def attention_maps(
 
     `blocks`: module names, `'all'`, or None for the last CA block of each stage (`default_blocks`).
     """
-    with _eval(model), record_gates(model, blocks) as maps, torch.inference_mode():
+    with _eval(model), record_gates(model, blocks) as maps, torch.no_grad():  # maps the caller may edit in place
         model(x)
     return maps
 
@@ -198,33 +200,44 @@ def grad_cam(
         target: Optional[int] = None,
         layer: Optional[str] = None,
 ) -> GradCam:
-    """Grad-CAM of `layer` (default: the last stage) for class `target` (default: each image's top class)."""
+    """Grad-CAM of `layer` (default: the last stage) for class `target` (default: each image's top class).
+
+    Works inside `torch.no_grad()` and `torch.inference_mode()` too: it turns gradients on for itself.
+    """
+    if getattr(model, 'num_classes', None) == 0:
+        raise ValueError(f'Grad-CAM explains a class score, but {_model_name(model)} has no classifier '
+                         f'(num_classes=0); expected a model with a classification head')
     layer = layer or last_stage(model)
     module = model.get_submodule(layer)
     store = {}
     handle = module.register_forward_hook(lambda m, args, output: store.update(features=output))
-    try:
-        # an input that needs grad keeps the graph even when the weights are frozen
-        with _eval(model), torch.enable_grad():
+    # an input that needs grad keeps the graph even when the weights are frozen
+    with _eval(model), torch.inference_mode(False), torch.enable_grad():
+        try:
             logits = model(x.detach().clone().requires_grad_())
-    finally:
-        handle.remove()
-    features = store.get('features')
-    if not isinstance(features, torch.Tensor) or features.dim() != 4:
-        raise ValueError(f'Grad-CAM expected a (N, C, H, W) output from {layer!r}, got {type(features).__name__}')
-    num_classes = logits.shape[-1]
-    if target is None:
-        targets = logits.argmax(-1)
-    elif 0 <= target < num_classes:
-        targets = torch.full((logits.shape[0],), target, dtype=torch.long, device=logits.device)
-    else:
-        raise ValueError(f'Grad-CAM target must be a class index in [0, {num_classes}), got {target}')
-    score = logits.gather(1, targets[:, None]).sum()
-    grads, = torch.autograd.grad(score, features)
+        finally:
+            handle.remove()
+        features = store.get('features')
+        if not isinstance(features, torch.Tensor) or features.dim() != 4:
+            raise ValueError(
+                f'Grad-CAM expected a (N, C, H, W) output from {layer!r}, got {type(features).__name__}')
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f'Grad-CAM expected class scores (N, classes) from {_model_name(model)}, got {got}')
+        num_classes = logits.shape[-1]
+        if target is None:
+            targets = logits.argmax(-1)
+        elif 0 <= target < num_classes:
+            targets = torch.full((logits.shape[0],), target, dtype=torch.long, device=logits.device)
+        else:
+            raise ValueError(f'Grad-CAM target must be a class index in [0, {num_classes}), got {target}')
+        score = logits.gather(1, targets[:, None]).sum()
+        grads, = torch.autograd.grad(score, features)
     cam = F.relu((grads.mean((2, 3), keepdim=True) * features).sum(1)).detach()
     cam = cam / cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
     prob = logits.detach().softmax(-1).gather(1, targets[:, None])[:, 0]
-    return GradCam(layer, cam, targets, prob, _class_names(model, targets.tolist()))
+    names = label_names(model, descriptions=True)
+    return GradCam(layer, cam, targets, prob, tuple(names[i] if names else f'class {i}' for i in targets.tolist()))
 
 
 def load_image(path: Union[str, os.PathLike], model: nn.Module) -> Tuple[torch.Tensor, Dict]:
@@ -237,9 +250,11 @@ def load_image(path: Union[str, os.PathLike], model: nn.Module) -> Tuple[torch.T
     config = resolve_data_config(model=model)
     try:
         with Image.open(path) as img:
-            img = img.convert('RGB')
+            img = to_rgb(img)
     except UnidentifiedImageError as e:
         raise ValueError(f'{path} is not an image file PIL can read') from e
+    except Image.DecompressionBombError as e:
+        raise ValueError(f'{path}: {e}') from e
     return create_transform(**config)(img).unsqueeze(0), config
 
 
@@ -259,17 +274,9 @@ def _overlay(ax, image: torch.Tensor, heat: torch.Tensor, title: str, scale: boo
     heat = F.interpolate(heat[None, None], size=image.shape[:2], mode='bilinear', align_corners=False)[0, 0]
     ax.imshow(image.numpy())
     ax.imshow(heat.numpy(), cmap='jet', alpha=0.5, vmin=0, vmax=1)
-    ax.set_title(f'{title}\n[{lo:.4g}, {hi:.4g}]' if scale else title, fontsize=8)
+    # the spread too: a nearly constant map is drawn at full contrast, and its ends round alike
+    ax.set_title(f'{title}\n[{lo:.4g}, {hi:.4g}] spread {hi - lo:.2g}' if scale else title, fontsize=8)
     ax.set_axis_off()
-
-
-def _class_names(model: nn.Module, indices: Sequence[int]) -> Tuple[str, ...]:
-    """ImageNet descriptions of classes for models with an ImageNet label space, else 'class <i>'."""
-    subset = infer_imagenet_subset(model)
-    if not subset:
-        return tuple(f'class {i}' for i in indices)
-    info = ImageNetInfo(subset)
-    return tuple(info.index_to_description(i) for i in indices)
 
 
 def _short(label: str) -> str:
@@ -344,9 +351,12 @@ def plot_grad_cam_comparison(
     return fig
 
 
+MAX_PIXELS = 100_000_000  # a figure's raster at most: a mistyped dpi must not take all memory
+
+
 def save_figure(fig: plt.Figure, path: Union[str, os.PathLike], dpi: int = 100) -> None:
-    """Write `fig` (figure size x dpi pixels) atomically, in the format `path`'s extension names (PNG without
-    one), and close it."""
+    """Write `fig` (figure size x dpi pixels, at most `MAX_PIXELS`) atomically, in the format `path`'s
+    extension names (PNG without one), and close it."""
     path = os.fspath(path)
     try:
         ext = os.path.splitext(path)[1][1:].lower() or 'png'
@@ -354,9 +364,16 @@ def save_figure(fig: plt.Figure, path: Union[str, os.PathLike], dpi: int = 100) 
         if ext not in formats:
             raise ValueError(f'cannot write {path}: expected a file name ending in one of '
                              f'{", ".join("." + f for f in sorted(formats))}, got .{ext}')
+        width, height = (fig.get_size_inches() * dpi).round().astype(int).tolist()
+        if width * height > MAX_PIXELS:
+            raise ValueError(f'cannot write {path}: expected at most {MAX_PIXELS:,} pixels, got {width}x{height} '
+                             f'at dpi {dpi}; use a lower dpi')
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise FileNotFoundError(f'cannot write {path}: no folder {directory}')
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format=ext, dpi=dpi))
+        try:
+            atomic_write(path, lambda tmp: fig.savefig(tmp, format=ext, dpi=dpi))
+        except RuntimeError as e:  # a format whose backend needs a missing program (pgf: LaTeX)
+            raise ValueError(f'cannot write {path}: {e}') from e
     finally:
         plt.close(fig)

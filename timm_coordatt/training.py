@@ -61,7 +61,7 @@ from .recompute import recompute_ca_outputs, set_recompute_ca_outputs
 
 __all__ = [
     'UsageError', 'atomic_write', 'write_text', 'use_default_mode', 'save_weights', 'export_model',
-    'check_image_folder', 'create_model', 'label_names', 'evaluate', 'fit', 'STATE_FILE', 'METRICS_FILE',
+    'check_image_folder', 'create_model', 'label_names', 'to_rgb', 'evaluate', 'fit', 'STATE_FILE', 'METRICS_FILE',
     'WEIGHTS_FILE', 'CONFIG_FILE',
 ]
 
@@ -249,10 +249,30 @@ def _names(names: Sequence[str], shown: int = 10) -> str:
     return ', '.join(names[:shown]) + (f', ... ({len(names)} in all)' if len(names) > shown else '')
 
 
+# PIL modes of more than 8 bits a channel, which PIL's `convert('RGB')` clips at 255
+_INTEGER_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """`img` as 8-bit RGB, with 16-bit images scaled to 8 bits (where `convert('RGB')` alone would clip
+    them, leaving most of a 16-bit photo white)."""
+    if img.mode in _INTEGER_MODES:
+        img = Image.fromarray((np.asarray(img, dtype=np.float32) / 257).clip(0, 255).round().astype(np.uint8))
+    elif img.mode == 'F':
+        raise ValueError('expected an 8- or 16-bit image, got floating-point pixels (PIL mode F), which have no '
+                         'fixed range to scale to 8 bits')
+    return img.convert('RGB')
+
+
 def _check_image(path: str) -> None:
-    """Raise if the image file `path` is corrupt. `verify` checks a PNG whole but decodes no JPEG data, so
-    a JPEG is also decoded where its end-of-image marker is missing (as in a truncated download)."""
+    """Raise if the image file `path` is corrupt or one timm's loader would read wrong. `verify` checks a PNG
+    whole but decodes no JPEG data, so a JPEG is also decoded where its end-of-image marker is missing (as in
+    a truncated download)."""
     with Image.open(path) as img:
+        if img.mode in _INTEGER_MODES + ('F',):
+            # timm's data loader converts with convert('RGB'), which clips these
+            raise ValueError(f'expected an 8-bit image, got PIL mode {img.mode}, which timm\'s loader clips at '
+                             f'255; convert the images to 8 bits (timm-coordatt predict and attention scale them)')
         if img.format == 'JPEG':
             img.fp.seek(-min(32, os.path.getsize(path)), os.SEEK_END)
             if b'\xff\xd9' not in img.fp.read():
@@ -1133,7 +1153,7 @@ def predict(args: argparse.Namespace) -> List[Dict[str, Any]]:
     for path in files:
         try:
             with Image.open(path) as img:
-                images.append(transform(img.convert('RGB')))
+                images.append(transform(to_rgb(img)))
         except Exception as e:
             bad.append(f'{path} ({type(e).__name__}: {e})')
     if bad:

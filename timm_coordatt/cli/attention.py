@@ -5,7 +5,9 @@
         --pretrained --out compare.png
 """
 import argparse
+import os
 import sys
+from typing import List, Sequence
 
 from ..attention_maps import (
     ALL_BLOCKS, attention_maps, grad_cam, load_image, plot_attention_maps, plot_grad_cam_comparison, save_figure)
@@ -18,11 +20,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.compare:
             views = {}
-            for spec in args.compare:
+            for spec, title in zip(args.compare, _titles(args.compare)):
                 name, _, checkpoint = spec.partition('=')
                 model = create_model(name, pretrained=args.pretrained, checkpoint=checkpoint or None)
                 x, config = load_image(args.image, model)
-                views[spec] = (x, config, grad_cam(model, x, target=args.target))  # the same model may come twice
+                views[title] = (x, config, grad_cam(model, x, target=args.target))
             fig = plot_grad_cam_comparison(views)
         else:
             model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
@@ -37,6 +39,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f'wrote {args.out}')
     return 0
+
+
+def _titles(specs: Sequence[str]) -> List[str]:
+    """Panel titles: the model name and the checkpoint's file name (whole specs where those coincide)."""
+    titles = []
+    for spec in specs:
+        name, _, checkpoint = spec.partition('=')
+        titles.append(f'{name}\n{os.path.basename(checkpoint)}' if checkpoint else name)
+    return titles if len(set(titles)) == len(titles) else list(specs)
 
 
 def add_parser(subparsers) -> None:
@@ -79,5 +90,11 @@ def _checked_run(parser: argparse.ArgumentParser):
             parser.error(f'--top-channels expected a count >= 0, got {args.top_channels}')
         if args.dpi < 1:
             parser.error(f'--dpi expected a positive integer, got {args.dpi}')
+        for spec in args.compare or ():
+            name, eq, checkpoint = spec.partition('=')
+            if not name or (eq and not checkpoint):
+                parser.error(f'--compare expected NAME or NAME=CHECKPOINT, got {spec!r}')
+        if args.compare and len(set(args.compare)) < len(args.compare):
+            parser.error(f'--compare expected different models, got {" ".join(args.compare)}')
         return run(args)
     return func
