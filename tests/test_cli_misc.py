@@ -1,4 +1,5 @@
 """ `timm-coordatt validate / predict / run`, the embedded dataset, and bad input for every command. """
+import argparse
 import hashlib
 import json
 import os
@@ -8,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 
@@ -232,7 +234,8 @@ def test_16_bit_images(tmp_path, capsys):
     Image.fromarray(gray8.astype(np.uint16) * 257).save(deep)
     err = _error(capsys, ['train', '--data-dir', data, '--output', str(tmp_path / 'run')])
     assert deep in err and "expected an 8-bit image, got PIL mode I" in err
-    assert "expected an 8-bit image, got PIL mode I" in _error(capsys, ['validate', '--model', MODEL, '--data-dir', data])
+    err = _error(capsys, ['validate', '--model', MODEL, '--data-dir', data])
+    assert "expected an 8-bit image, got PIL mode I" in err
     shallow = str(tmp_path / 'gray8.png')
     Image.fromarray(gray8).save(shallow)
     assert main(['predict', '--model', MODEL, '--img-size', '32', '--json', deep, shallow]) == 0
@@ -385,3 +388,131 @@ def test_bad_input_from_the_console_has_no_traceback(tmp_path):
     proc = cli('train', '--data-dir', str(tmp_path / 'missing'), '--output', str(tmp_path / 'run'))
     assert proc.returncode == 2
     assert 'error:' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_run_module_shows_the_import_error_of_its_package(tmp_path, monkeypatch):
+    # a package that exists but fails to import: its own error, as `python -m` shows it
+    (tmp_path / 'broken_pkg').mkdir()
+    (tmp_path / 'broken_pkg' / '__init__.py').write_text('import a_dependency_that_is_not_installed\n')
+    (tmp_path / 'broken_pkg' / 'mod.py').write_text('print("ran")\n')
+    monkeypatch.chdir(tmp_path)
+    proc = cli('run', '-m', 'broken_pkg.mod')
+    assert proc.returncode == 1 and "No module named 'a_dependency_that_is_not_installed'" in proc.stderr
+    assert 'no module named broken_pkg.mod' not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# predict and validate: images, weights
+
+def test_predict_reads_a_batch_of_images_at_a_time(tmp_path, capsys, monkeypatch):
+    for i in range(6):
+        Image.fromarray(np.full((40, 40, 3), 40 * i, np.uint8)).save(tmp_path / f'{i}.png')
+    opened, at_first_forward = [], []
+    original_open = Image.open
+    monkeypatch.setattr(Image, 'open', lambda *a, **k: opened.append(a[0]) or original_open(*a, **k))
+
+    def first_forward(module, args):  # of the model (torchvision's transforms are modules too)
+        if isinstance(module, timm.models.EfficientNet) and not at_first_forward:
+            at_first_forward.append(len(opened))
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(first_forward)
+    try:
+        assert main(['predict', '--model', MODEL, '--img-size', '32', '-b', '2', '--json', str(tmp_path)]) == 0
+    finally:
+        handle.remove()
+    assert at_first_forward == [2] and len(opened) == 6
+    assert [r['file'] for r in json.loads(capsys.readouterr().out)] == [str(tmp_path / f'{i}.png') for i in range(6)]
+
+
+def test_predict_finds_the_image_formats_pil_reads_in_a_folder(tmp_path, capsys):
+    for ext in ('png', 'webp', 'bmp', 'tif'):
+        Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / f'image.{ext}')
+    (tmp_path / 'notes.txt').write_text('not an image')
+    assert main(['predict', '--model', MODEL, '--img-size', '32', '--json', str(tmp_path)]) == 0
+    files = [os.path.basename(r['file']) for r in json.loads(capsys.readouterr().out)]
+    assert files == ['image.bmp', 'image.png', 'image.tif', 'image.webp']
+
+
+def test_predict_warns_of_random_weights(tmp_path, capsys):
+    image = tmp_path / 'x.png'
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(image)
+    assert main(['predict', '--model', MODEL, '--img-size', '32', str(image)]) == 0
+    assert f'warning: {MODEL} has random weights' in capsys.readouterr().err
+    weights = tmp_path / 'w.safetensors'
+    safetensors.torch.save_file(timm.create_model(MODEL).state_dict(), weights)
+    assert main(['predict', '--model', MODEL, '--checkpoint', str(weights), '--img-size', '32', str(image)]) == 0
+    assert 'random weights' not in capsys.readouterr().err
+
+
+def test_amp_is_a_flag_with_its_dtype_apart(tmp_path, capsys):
+    image = tmp_path / 'x.png'
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(image)
+    # `--amp IMAGE` once read the image as --amp's value
+    assert main(['predict', '--model', MODEL, '--img-size', '32', '--json', '--amp', str(image)]) == 0
+    assert json.loads(capsys.readouterr().out)[0]['file'] == str(image)
+    assert main(['predict', '--model', MODEL, '--img-size', '32', '--amp', '--amp-dtype', 'bfloat16', str(image)]) == 0
+    capsys.readouterr()
+    assert '--amp-dtype float16 goes with --amp' in _error(
+        capsys, ['predict', '--model', MODEL, '--amp-dtype', 'float16', str(image)])
+
+
+def _checkpoint_with_ema(path, **extra):
+    """A timm train.py-style checkpoint: plain and EMA weights that differ, and the script's arguments."""
+    torch.manual_seed(0)
+    plain, ema = timm.create_model(MODEL, num_classes=4), timm.create_model(MODEL, num_classes=4)
+    torch.save({'state_dict': plain.state_dict(), 'state_dict_ema': ema.state_dict(), **extra}, path)
+    return plain.state_dict(), ema.state_dict()
+
+
+def test_checkpoint_plain_weights_unless_use_ema(tmp_path, capsys):
+    from timm_coordatt.training import create_model
+    path = tmp_path / 'checkpoint.pth.tar'
+    plain, ema = _checkpoint_with_ema(path, args=argparse.Namespace(lr=0.1, model=MODEL))  # as timm's train.py
+    for use_ema, expected in ((False, plain), (True, ema)):
+        loaded = create_model(MODEL, checkpoint=str(path), use_ema=use_ema).state_dict()
+        assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+    image = tmp_path / 'x.png'
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(image)
+    assert '--use-ema picks the EMA weights of a --checkpoint' in _error(
+        capsys, ['predict', '--model', MODEL, '--use-ema', str(image)])
+
+
+class _Payload:
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_checkpoint_is_never_unpickled(tmp_path, capsys):
+    """Whatever timm's default: timm 1.0.21's load_state_dict unpickles anything unless told not to."""
+    from timm_coordatt.training import UsageError, create_model
+    payload = _Payload()
+    payload.marker = str(tmp_path / 'code_ran')
+    path = tmp_path / 'evil.pth'
+    torch.save({'state_dict': timm.create_model(MODEL).state_dict(), 'extra': payload}, path)
+    with pytest.raises(UsageError, match=r'holds a \S*mkdir, which only unpickling arbitrary code could read'):
+        create_model(MODEL, checkpoint=str(path))
+    assert not os.path.exists(payload.marker)
+
+
+def test_checkpoint_folder_is_refused_with_a_hint(run_dir, capsys):
+    run, data = run_dir
+    err = _error(capsys, ['predict', '--model', MODEL, '--checkpoint', run, os.path.join(data, 'dog', '0.png')])
+    assert f'checkpoint {run} is a folder' in err and f'local-dir:{run}' in err
+
+
+def test_hf_hub_model_offline_without_a_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from timm_coordatt.training import UsageError, create_model
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'empty-cache'))
+    with pytest.raises(UsageError, match=r'offline mode is on \(HF_HUB_OFFLINE=1\) and its files are not in the Hub '
+                                         r'cache .*empty-cache'):
+        create_model('hf-hub:someone/some-model')
+
+
+def test_output_to_a_closed_pipe_ends_quietly():
+    """`timm-coordatt models | head`: the reader may stop before the output ends (here: before it starts)."""
+    proc = subprocess.Popen([sys.executable, '-m', 'timm_coordatt', 'models'], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 1 and err == ''

@@ -367,7 +367,7 @@ def _train_with(tmp_path, *options):
 
 
 def test_speed_and_memory_options_train(tmp_path):
-    records = _train_with(tmp_path, '--channels-last', '--amp', 'bfloat16', '--grad-checkpointing',
+    records = _train_with(tmp_path, '--channels-last', '--amp', '--amp-dtype', 'bfloat16', '--grad-checkpointing',
                           '--clip-grad', '1.0', '--layer-decay', '0.8', '--opt', 'sgd', '--model-ema')
     assert records[0]['train_loss'] > 0 and 'ema_val_top1' in records[0]
 

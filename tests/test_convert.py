@@ -188,10 +188,12 @@ def _wrap(sd, form):
     return {
         'bare': sd, 'state_dict': {'state_dict': sd, 'epoch': 199}, 'model': {'model': sd},
         'module': module, 'state_dict+module': {'state_dict': module, 'best_acc1': torch.tensor(74.3)},
+        # a training script's arguments beside the weights, as timm's train.py keeps them
+        'state_dict+args': {'state_dict': sd, 'args': argparse.Namespace(arch='mbv2_ca', lr=0.05)},
     }[form]
 
 
-@pytest.mark.parametrize('form', ['bare', 'state_dict', 'model', 'module', 'state_dict+module'])
+@pytest.mark.parametrize('form', ['bare', 'state_dict', 'model', 'module', 'state_dict+module', 'state_dict+args'])
 def test_convert_each_wrapper_reproduces_authors_logits(authors, authors_logits, tmp_path, form):
     ckpt = tmp_path / 'mbv2_ca.pth'
     torch.save(_wrap(authors.state_dict(), form), ckpt)
@@ -260,7 +262,8 @@ def test_refuses_other_width(tmp_path):
 
 
 def test_refuses_pickled_module(authors, tmp_path):
-    _assert_refused(tmp_path, authors, 'weights_only=True')
+    _assert_refused(tmp_path, authors, 'weights_only=True',
+                    'it holds a test_convert.MBV2_CA, which only unpickling arbitrary code could read')
 
 
 @pytest.mark.parametrize('content, error', [(b'', 'EOFError'), (b'hello', 'KeyError')])

@@ -167,5 +167,5 @@ def test_module_follows_the_device():
 
 def test_train_cli_float16(tmp_path):
     """`timm-coordatt train` on CUDA with float16 autocast and loss scaling: finite weights that moved."""
-    records = _train_with(tmp_path, '--device', 'cuda', '--amp', 'float16', '--channels-last')
+    records = _train_with(tmp_path, '--device', 'cuda', '--amp', '--amp-dtype', 'float16', '--channels-last')
     assert records[0]['train_loss'] > 0

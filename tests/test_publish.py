@@ -62,6 +62,11 @@ def test_publish_refuses_incomplete_folder(tmp_path):
         publish(tmp_path, 'me/model')
 
 
+def test_publish_refuses_a_folder_that_is_not_there(tmp_path):
+    with pytest.raises(PublishError, match='nope is not a folder; expected a folder written by'):
+        publish(tmp_path / 'nope', 'me/model')
+
+
 def test_publish_refuses_other_architectures(tmp_path):
     save_for_hf(timm.create_model('resnet10t'), tmp_path, safe_serialization=True)
     with pytest.raises(PublishError, match="holds a 'resnet10t', not a model of timm_coordatt"):

@@ -11,6 +11,7 @@ a forward pass written directly on the checkpoint in the authors' layout, and wr
 `model.safetensors`, `config.json` (timm's `save_for_hf` format, loadable with `hf-hub:` and
 `local-dir:`) and a model card into a new folder with a single rename.
 """
+import argparse
 import os
 import shutil
 import uuid
@@ -27,7 +28,7 @@ from timm.models._helpers import clean_state_dict
 from .hub import hub_id
 from .pretrained import list_package_models
 from .publish import model_card
-from .training import use_default_mode
+from .training import load_error, use_default_mode
 
 __all__ = ['ConversionError', 'load_checkpoint', 'authors_to_timm', 'convert']
 
@@ -61,11 +62,14 @@ def load_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConversionError(f'Checkpoint {path} does not exist or is not a file.')
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        # training scripts (timm's, the authors' ImageNet script) keep their arguments as a Namespace beside
+        # the weights
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # what a file that is not a checkpoint raises varies (KeyError, EOFError, ...)
         raise ConversionError(
-            f'{path} is not a PyTorch checkpoint that torch.load(weights_only=True) can read '
-            f'(a state dict of tensors, possibly wrapped in a dict): {type(e).__name__}: {e}') from e
+            f'{path} is not a PyTorch checkpoint that torch.load(weights_only=True) can read (a state dict '
+            f'of tensors, possibly wrapped in a dict of plain values): {load_error(e)}') from e
     if isinstance(checkpoint, dict):
         for key in ('state_dict', 'model'):
             if isinstance(checkpoint.get(key), dict):

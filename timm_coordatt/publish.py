@@ -146,6 +146,9 @@ def publish(
             raise HFValidationError('expected <user or org>/<name>')
     except HFValidationError as e:
         raise PublishError(f'expected a Hub repository id <user or org>/<name>, got {repo_id!r} ({e})') from None
+    if not folder.is_dir():
+        raise PublishError(f'{folder} is not a folder; expected a folder written by `timm-coordatt convert` or '
+                           f"timm's save_for_hf(model, folder, safe_serialization=True).")
     missing = [name for name in UPLOAD_FILES[:2] if not (folder / name).is_file()]
     if missing:
         raise PublishError(

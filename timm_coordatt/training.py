@@ -23,7 +23,9 @@ import difflib
 import json
 import math
 import os
+import pickle
 import random
+import re
 import signal
 import sys
 import threading
@@ -36,6 +38,8 @@ import numpy as np
 import safetensors.torch
 import torch
 import torch.distributed as dist
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import LocalEntryNotFoundError
 from PIL import Image
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -61,8 +65,8 @@ from .recompute import recompute_ca_outputs, set_recompute_ca_outputs
 
 __all__ = [
     'UsageError', 'atomic_write', 'write_text', 'use_default_mode', 'save_weights', 'export_model',
-    'check_image_folder', 'create_model', 'label_names', 'to_rgb', 'evaluate', 'fit', 'STATE_FILE', 'METRICS_FILE',
-    'WEIGHTS_FILE', 'CONFIG_FILE',
+    'check_image_folder', 'create_model', 'load_error', 'label_names', 'to_rgb', 'evaluate', 'fit',
+    'STATE_FILE', 'METRICS_FILE', 'WEIGHTS_FILE', 'CONFIG_FILE',
 ]
 
 WEIGHTS_FILE = 'model.safetensors'
@@ -390,6 +394,7 @@ def create_model(
         num_classes: Optional[int] = None,
         pretrained: bool = False,
         checkpoint: Optional[str] = None,
+        use_ema: bool = False,
         **kwargs,
 ) -> nn.Module:
     """`timm.create_model` with clear errors, optionally loading a local checkpoint.
@@ -398,9 +403,13 @@ def create_model(
     `checkpoint` (safetensors or a torch file, read with `weights_only=True`) is loaded like
     pretrained weights: with `num_classes` given and different from the checkpoint's, its
     classifier is dropped (fine-tuning); with `num_classes=None` the head takes the checkpoint's
-    number of classes.
+    number of classes. Of a checkpoint holding an EMA of the weights too (timm's `state_dict_ema`,
+    `train`'s `model_ema`), the plain weights are loaded, or with `use_ema` the EMA (as timm's `validate.py`).
     """
     _check_model_name(model_name)
+    if checkpoint is not None and os.path.isdir(checkpoint):
+        raise UsageError(f'checkpoint {checkpoint} is a folder; expected a weights file (a run directory '
+                         f'of `train` is a model: local-dir:{checkpoint})')
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise UsageError(f'checkpoint {checkpoint} does not exist')
     if num_classes is not None:
@@ -411,15 +420,23 @@ def create_model(
         model = timm.create_model(model_name, pretrained=pretrained and checkpoint is None, **kwargs)
     except UsageError:
         raise
+    except LocalEntryNotFoundError as e:
+        # offline, huggingface_hub's message says to check the connection
+        why = (f'offline mode is on (HF_HUB_OFFLINE=1) and its files are not in the Hub cache '
+               f'{hf_constants.HF_HUB_CACHE}' if hf_constants.HF_HUB_OFFLINE else f'{type(e).__name__}: {e}')
+        raise UsageError(f'cannot create model {model_name!r}: {why}') from None
     except Exception as e:  # the Hub, a missing file, a bad config: all reported the same way
         raise UsageError(f'cannot create model {model_name!r}: {type(e).__name__}: {e}') from None
     if checkpoint is None:
         return model
 
     try:
-        state_dict = load_state_dict(checkpoint)
+        # weights_only given: older timm (1.0.21) defaults to unpickling anything; timm's own training checkpoints
+        # hold their arguments as a Namespace
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state_dict = load_state_dict(checkpoint, use_ema=use_ema, weights_only=True)
     except Exception as e:
-        raise UsageError(f'cannot read checkpoint {checkpoint}: {type(e).__name__}: {e}') from None
+        raise UsageError(f'cannot read checkpoint {checkpoint}: {load_error(e)}') from None
     heads = _classifier_keys(model)
     head_weight = state_dict.get(f'{heads[0]}.weight') if heads else None
     ckpt_classes = head_weight.shape[0] if head_weight is not None and head_weight.ndim >= 1 else model.num_classes
@@ -430,6 +447,17 @@ def create_model(
     cfg = {**model.pretrained_cfg, 'state_dict': state_dict, 'num_classes': ckpt_classes}
     load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes, in_chans=kwargs.get('in_chans', 3))
     return model
+
+
+def load_error(e: Exception) -> str:
+    """What made a torch file unreadable, in one line: torch's refusals under `weights_only=True` run to a
+    paragraph of advice, on unpickling it with `weights_only=False` among it."""
+    unsafe = re.search(r'Unsupported globals?: (?:GLOBAL )?([\w.]*\w)', str(e))  # torch's words, or timm's
+    if unsafe:
+        return f'it holds a {unsafe.group(1)}, which only unpickling arbitrary code could read'
+    if isinstance(e, pickle.UnpicklingError):
+        return 'not a file torch.save wrote (or damaged)'
+    return f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
 
 
 def label_names(model: nn.Module, descriptions: bool = False) -> Optional[List[str]]:
@@ -474,15 +502,16 @@ def _init_distributed(device: str) -> _Dist:
     return _Dist(device, info['global_rank'], info['world_size'], info['distributed'])
 
 
-def _autocast(device: torch.device, amp: Optional[str]):
-    """(autocast context factory, GradScaler) for `--amp`: fp16 + loss scaling on CUDA, bf16 elsewhere."""
+def _autocast(device: torch.device, amp: bool, amp_dtype: Optional[str]):
+    """(autocast context factory, GradScaler) for `--amp` in `--amp-dtype`: by default fp16 + loss scaling
+    on CUDA, bf16 elsewhere."""
+    if amp_dtype and not amp:
+        raise UsageError(f'--amp-dtype {amp_dtype} goes with --amp, which was not given')
     if not amp:
         return contextlib.nullcontext, torch.amp.GradScaler(device.type, enabled=False)
-    if amp == 'auto':
-        amp = 'float16' if device.type == 'cuda' else 'bfloat16'
-    dtype = getattr(torch, amp)
+    dtype = getattr(torch, amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16'))
     if device.type == 'cuda' and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise UsageError('--amp bfloat16: this GPU does not support bfloat16; use --amp float16')
+        raise UsageError('--amp-dtype bfloat16: this GPU does not support bfloat16; use --amp-dtype float16')
     return (partial(torch.autocast, device_type=device.type, dtype=dtype),
             torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
 
@@ -775,7 +804,7 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
     if args.sync_bn:
         model = convert_sync_batchnorm(model)
     frozen = [model.get_submodule(name) for name in frozen_names]  # after SyncBN conversion replaced modules
-    autocast, scaler = _autocast(device, args.amp)
+    autocast, scaler = _autocast(device, args.amp, args.amp_dtype)
 
     try:
         optimizer = create_optimizer_v2(
@@ -1064,7 +1093,12 @@ def _eval_model(args: argparse.Namespace) -> Tuple[nn.Module, torch.device]:
         raise UsageError(f'--device {args.device}: CUDA is not available')
     if args.pretrained and args.checkpoint:
         raise UsageError('--pretrained and --checkpoint both give weights; pass one of them')
-    model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
+    if args.use_ema and not args.checkpoint:
+        raise UsageError('--use-ema picks the EMA weights of a --checkpoint file, and no --checkpoint was given')
+    model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, use_ema=args.use_ema)
+    if not (args.pretrained or args.checkpoint or parse_model_name(args.model)[0]):
+        print(f'warning: {args.model} has random weights (no --pretrained, --checkpoint, local-dir: or hf-hub:)',
+              file=sys.stderr)
     model.to(device).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -1118,14 +1152,18 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     dataset.transform = create_transform(**data_config, is_training=False)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                         pin_memory=device.type == 'cuda')
-    autocast, _ = _autocast(device, args.amp)
+    autocast, _ = _autocast(device, args.amp, args.amp_dtype)
     metrics = evaluate(model, loader, device, autocast=autocast, channels_last=args.channels_last)
     return {'model': args.model, 'checkpoint': args.checkpoint, 'img_size': img_size,
             'crop_pct': data_config['crop_pct'], 'interpolation': data_config['interpolation'], **metrics}
 
 
+# what predict finds in a folder besides the formats of timm's image folders (.png, .jpg, .jpeg)
+_MORE_IMAGE_EXTENSIONS = {'.bmp', '.gif', '.tif', '.tiff', '.webp'}
+
+
 def _image_files(paths: Sequence[str]) -> List[str]:
-    extensions = get_img_extensions(as_set=True)
+    extensions = get_img_extensions(as_set=True) | _MORE_IMAGE_EXTENSIONS
     files, missing = [], []
     for path in paths:
         if os.path.isdir(path):
@@ -1143,34 +1181,40 @@ def _image_files(paths: Sequence[str]) -> List[str]:
 
 
 def predict(args: argparse.Namespace) -> List[Dict[str, Any]]:
-    """Top-k (label, probability) for each image file (or each image in a directory) of `args.images`."""
+    """Top-k (label, probability) for each image file (or each image in a directory) of `args.images`.
+
+    Images are read a batch at a time; an unreadable one is reported with the others at the end (no results).
+    """
     _check_minimums(args, {**_EVAL_MINIMUMS, 'topk': 1})
     files = _image_files(args.images)
     model, device = _eval_model(args)
     data_config = resolve_data_config({'img_size': args.img_size}, model=model)
     transform = create_transform(**data_config, is_training=False)
-    images, bad = [], []
-    for path in files:
-        try:
-            with Image.open(path) as img:
-                images.append(transform(to_rgb(img)))
-        except Exception as e:
-            bad.append(f'{path} ({type(e).__name__}: {e})')
-    if bad:
-        raise UsageError('cannot read image file(s):\n  ' + '\n  '.join(bad))
     names = label_names(model, descriptions=True)
     k = min(args.topk, model.num_classes)
-    autocast, _ = _autocast(device, args.amp)
-    results = []
+    autocast, _ = _autocast(device, args.amp, args.amp_dtype)
+    results, bad = [], []
     with torch.no_grad():
-        for start in range(0, len(images), args.batch_size):
-            x = torch.stack(images[start:start + args.batch_size]).to(device)
+        for start in range(0, len(files), args.batch_size):
+            batch_files, images = [], []
+            for path in files[start:start + args.batch_size]:
+                try:
+                    with Image.open(path) as img:
+                        images.append(transform(to_rgb(img)))
+                    batch_files.append(path)
+                except Exception as e:
+                    bad.append(f'{path} ({type(e).__name__}: {e})')
+            if bad:  # no more inference: the run ends in an error
+                continue
+            x = torch.stack(images).to(device)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():
                 probs = model(x).float().softmax(dim=-1)
             top = probs.topk(k, dim=-1)
             for i, (p, idx) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
-                results.append({'file': files[start + i], 'predictions': [
+                results.append({'file': batch_files[i], 'predictions': [
                     {'index': j, 'label': names[j] if names else str(j), 'probability': q} for q, j in zip(p, idx)]})
+    if bad:
+        raise UsageError('cannot read image file(s):\n  ' + '\n  '.join(bad))
     return results

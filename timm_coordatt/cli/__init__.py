@@ -5,6 +5,7 @@ Each subcommand module defines `add_parser(subparsers)`, which registers its par
 """
 import argparse
 import importlib
+import os
 import sys
 from typing import List, Optional
 
@@ -44,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # `timm-coordatt models | head`: the reader stopped early, fine for a Unix tool
+        # Python's advice: stdout to devnull, so that the flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == '__main__':

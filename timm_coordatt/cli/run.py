@@ -56,5 +56,9 @@ def _main(args: argparse.Namespace) -> int:
 def _module_exists(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):  # a parent package missing, an empty or relative name
+    except ModuleNotFoundError as e:
+        if e.name and (name == e.name or name.startswith(e.name + '.')):
+            return False  # a parent package missing
+        raise  # a package of the module failed to import: its own error, as `python -m` shows it
+    except ValueError:  # an empty or relative name
         return False

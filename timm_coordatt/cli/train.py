@@ -83,8 +83,9 @@ def add_parser(subparsers) -> None:
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
     g.add_argument('--model-ema', action='store_true', help='keep (and validate) an EMA of the weights')
     g.add_argument('--model-ema-decay', type=float, default=0.998)
-    g.add_argument('--amp', nargs='?', const='auto', choices=('auto', 'float16', 'bfloat16'),
-                   help='mixed precision: float16 with loss scaling on CUDA, bfloat16 on CPU (auto)')
+    g.add_argument('--amp', action='store_true', help='mixed precision, in --amp-dtype')
+    g.add_argument('--amp-dtype', choices=('float16', 'bfloat16'),
+                   help='with --amp (default: float16 with loss scaling on CUDA, bfloat16 on CPU)')
 
     g = p.add_argument_group('run')
     g.add_argument('--output', metavar='DIR', help='run directory (default: output/train/<time>-<model>)')

@@ -28,12 +28,15 @@ def add_model_arguments(p: argparse.ArgumentParser, batch_size: int) -> None:
     """The model, its weights and how to run it: shared by `validate` and `predict`."""
     p.add_argument('--model', required=True, help='timm model name, local-dir:RUN_DIR or hf-hub:ID')
     p.add_argument('--checkpoint', metavar='FILE', help='weights to use (safetensors or torch file)')
+    p.add_argument('--use-ema', action='store_true',
+                   help="the checkpoint's EMA weights, where it has them (default: its plain weights)")
     p.add_argument('--pretrained', action='store_true', help="the model's pretrained weights")
     p.add_argument('--img-size', type=int, help="input size (default: the model's data config)")
     p.add_argument('--batch-size', '-b', type=int, default=batch_size)
     p.add_argument('--channels-last', action='store_true')
-    p.add_argument('--amp', nargs='?', const='auto', choices=('auto', 'float16', 'bfloat16'),
-                   help='mixed precision (float16 on CUDA, bfloat16 on CPU for auto)')
+    p.add_argument('--amp', action='store_true', help='mixed precision, in --amp-dtype')
+    p.add_argument('--amp-dtype', choices=('float16', 'bfloat16'),
+                   help='with --amp (default: float16 on CUDA, bfloat16 on CPU)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
 
 
