@@ -4,21 +4,30 @@ import argparse
 import dataclasses
 import inspect
 import json
+import os
 import shlex
+import signal
 import statistics
+import subprocess
+import sys
 import time
+import types
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 
-import timm_coordatt  # noqa: F401  (registers the models)
+import timm_coordatt  # registers the models
+from timm_coordatt import model_benchmark
 from timm_coordatt.cli import main
 from timm_coordatt.model_benchmark import (
-    PROFILE_WARMUP_STEPS, BenchmarkConfig, _compiled_alone, _time_in_turn, add_arguments, format_profile,
-    format_results, peak_memory, profile_mode, profile_overhead, run_benchmark)
+    PROFILE_WARMUP_STEPS, BenchmarkConfig, Failure, _compiled_alone, _runner, _time_in_turn, add_arguments,
+    format_profile, format_results, peak_memory, profile_mode, profile_overhead, run_benchmark)
 
 PAIR = ('mobilenetv2_050_ca', 'mobilenetv2_050')
+# for the interpreters the tests start: this package, wherever the tests imported it from
+PACKAGE_ENV = dict(os.environ, PYTHONPATH=str(Path(timm_coordatt.__file__).resolve().parents[1]))
 TINY = BenchmarkConfig(
     pairs=(PAIR,), img_size=32, infer_batch_sizes=(1, 2), train_batch_size=2, rounds=2, min_time=0., min_calls=2,
     modes=('eager', 'channels_last'), threads=1, fresh_process=False)
@@ -109,6 +118,12 @@ def test_each_pair_and_mode_in_a_fresh_process():
         assert run_benchmark(dataclasses.replace(only_here, fresh_process=False))
         with pytest.raises(RuntimeError, match='benchmark_test_only_here'):
             run_benchmark(only_here)
+        # or, with a list for them, the failures are kept there, as the worker reported them
+        failures = []
+        assert run_benchmark(only_here, failures=failures) == []
+        assert failures == [Failure(
+            'mobilenetv2_050_ca', 'benchmark_test_only_here', 'channels_last', 'RuntimeError',
+            'Unknown model (benchmark_test_only_here)')]
     finally:
         timm.models._registry._model_entrypoints.pop('benchmark_test_only_here', None)
 
@@ -200,16 +215,24 @@ def test_samples_take_at_least_min_calls():
     assert per_call[0] < 0.02 and per_call[1] < 0.02
 
 
-def test_a_stalled_call_does_not_move_the_sample():
-    """A sample is the median of its calls: one call stalled by something else on the machine is left out."""
+def test_a_stalled_call_does_not_move_the_sample(monkeypatch):
+    """A sample is the median of its calls: one call stalled by something else on the machine is left out.
+    On a clock of the test's own, which the calls move: sleeps of 1 ms took 2-5 ms on a busy machine."""
+    now = [0.]
+    monkeypatch.setattr(model_benchmark, 'time', types.SimpleNamespace(perf_counter=lambda: now[0]))
     calls = []
 
     def stalled_once():
         calls.append(None)
-        time.sleep(0.05 if len(calls) == 2 else 0.001)
+        now[0] += 0.05 if len(calls) == 2 else 0.001
 
-    per_call = _time_in_turn([stalled_once, lambda: time.sleep(0.001)], torch.device('cpu'), 0.02)
-    assert len(calls) >= 10 and per_call[0] < 0.002  # the mean would be at least 0.001 + 0.049 / len(calls)
+    def steady():
+        now[0] += 0.001
+
+    per_call = _time_in_turn([stalled_once, steady], torch.device('cpu'), 0.02)
+    # each until it has run for 0.02 s: the steady one's 20 calls; the mean would be 3.45 ms
+    assert len(calls) == 20
+    assert per_call == pytest.approx([0.001, 0.001])
 
 
 def test_models_run_in_the_mode_of_each_metric(monkeypatch):
@@ -265,3 +288,168 @@ def test_compiled_models_keep_graphs_of_their_own():
     codes = [inspect.unwrap(fn).__code__ for fn in compiled]
     assert codes[0] is not codes[1]
     assert [len(_debug_get_cache_entry_list(code)) for code in codes] == [1, 1]
+
+
+def test_invalid_options_are_refused(capsys):
+    # nan passed `min_time < 0` and a sample never reached it; inf neither
+    for min_time in (float('nan'), float('inf')):
+        with pytest.raises(ValueError, match=f'min_time must be a finite number of seconds >= 0, got {min_time}'):
+            BenchmarkConfig(pairs=(PAIR,), min_time=min_time)
+    assert main(['benchmark', '--pairs', ':'.join(PAIR), '--min-time', 'nan']) == 2
+    assert 'min_time must be a finite number' in capsys.readouterr().err
+    # a batch size given twice made two rows of one metric, each with both tasks' samples
+    with pytest.raises(ValueError, match=r'infer_batch_sizes must be distinct, got \[2, 1, 2\]'):
+        BenchmarkConfig(pairs=(PAIR,), infer_batch_sizes=(2, 1, 2))
+    assert main(['benchmark', '--pairs', ':'.join(PAIR), '--infer-batch-sizes', '2', '2']) == 2
+    assert 'infer_batch_sizes must be distinct, got [2, 2]' in capsys.readouterr().err
+
+
+def test_the_command_gives_min_time_exactly():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for min_time in (0.1234567, 1234567., 2.5e-7, 0., 3):
+        command = BenchmarkConfig(pairs=(PAIR,), min_time=min_time).command()
+        assert parser.parse_args(shlex.split(command)[2:]).min_time == min_time
+
+
+def test_both_models_get_the_same_data(monkeypatch):
+    """The CA model and its baseline get the same images and targets, whatever their inits draw."""
+    cfg = dataclasses.replace(TINY, infer_batch_sizes=(1, 3), train_batch_size=4)
+    seen = {}
+    create, cross_entropy = timm.create_model, torch.nn.functional.cross_entropy
+
+    def create_recording(name, **kwargs):
+        model = create(name, **kwargs)
+        model.register_forward_pre_hook(lambda m, args: seen.setdefault(name, []).append(args[0].clone()))
+        return model
+
+    def cross_entropy_recording(logits, target, **kwargs):
+        seen['targets'].append(target.clone())
+        return cross_entropy(logits, target, **kwargs)
+
+    monkeypatch.setattr(timm, 'create_model', create_recording)
+    monkeypatch.setattr(torch.nn.functional, 'cross_entropy', cross_entropy_recording)
+    seen['targets'] = []
+    for name in PAIR:
+        runner = _runner(name, 'eager', cfg, torch.device('cpu'))
+        runner.model.eval()
+        for infer in runner.infer.values():
+            infer()
+        runner.model.train()
+        runner.train()
+    (ca, base), targets = (seen[n] for n in PAIR), seen['targets']
+    assert [x.shape[0] for x in ca] == [1, 3, 4] and len(targets) == 2
+    assert all(torch.equal(a, b) for a, b in zip(ca, base))
+    assert torch.equal(*targets)
+
+
+def _benchmark_args(*extra):
+    return ['benchmark', '--img-size', '32', '--infer-batch-sizes', '1', '--train-batch-size', '2', '--rounds', '1',
+            '--min-time', '0', '--min-calls', '1', '--modes', 'eager', '--threads', '1', *extra]
+
+
+def test_a_failing_pair_and_mode_leaves_the_others_results(capsys):
+    """A pair that cannot run (a ViT at 32x32, or a compiler missing) is named on stderr in a line, the
+    other pairs' results printed, and the exit code 1; in the JSON output it is listed under failures."""
+    vit = f'{PAIR[0]}:vit_tiny_patch16_224'
+    assert main(_benchmark_args('--pairs', ':'.join(PAIR), vit, '--one-process', '--format', 'json')) == 1
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    assert [(r['baseline'], r['metric']) for r in doc['results']] == [
+        (PAIR[1], 'infer b1'), (PAIR[1], 'train b2'), (PAIR[1], 'train memory b2')]
+    message = "Input height (32) doesn't match model (224)."
+    assert doc['failures'] == [dict(ca_model=PAIR[0], baseline='vit_tiny_patch16_224', mode='eager',
+                                    error='AssertionError', message=message)]
+    assert err.splitlines()[-1] == (
+        f'timm-coordatt benchmark: error: {PAIR[0]} vs vit_tiny_patch16_224, eager: AssertionError: {message}')
+    assert 'Traceback' not in err
+
+    # text, with --profile, which fails for the ViT too
+    assert main(_benchmark_args('--pairs', vit, ':'.join(PAIR), '--one-process', '--profile')) == 1
+    out, err = capsys.readouterr()
+    assert [line.split()[0] for line in out.splitlines() if line.startswith(PAIR[0])] == [PAIR[0]] * 3
+    assert 'self time per op' in out
+    assert [line.split(', ')[1].split(':')[0] for line in err.splitlines() if 'error:' in line] == [
+        'eager', 'profile']
+
+
+def test_ctrl_c_is_no_failure(monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM's SystemExit) ends the run, failures collected or not."""
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model_benchmark, '_measure_pair', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(TINY, failures=[])
+    assert main(_benchmark_args('--pairs', ':'.join(PAIR), '--one-process')) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == 'timm-coordatt benchmark: interrupted'
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] != 'Z'
+    except FileNotFoundError:
+        return False
+
+
+def _workers_of(pid: int):
+    """Live spawned multiprocessing children of process `pid` (from /proc)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            ppid = int(Path(f'/proc/{entry}/stat').read_text().rsplit(')', 1)[1].split()[1])
+            cmdline = Path(f'/proc/{entry}/cmdline').read_bytes()
+        except (FileNotFoundError, ProcessLookupError):  # ended meanwhile
+            continue
+        if ppid == pid and b'spawn_main' in cmdline and _alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
+@pytest.mark.parametrize('stop', ['SIGTERM', 'SIGKILL', 'Ctrl-C'])
+def test_the_worker_ends_with_the_main_process(stop):
+    """However the main process ends, its worker stops measuring: SIGTERM (`timeout`, a job scheduler),
+    SIGKILL (the worker notices its parent gone) or a terminal's Ctrl-C, which reaches both."""
+    if stop == 'Ctrl-C' and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        pytest.skip('SIGINT is ignored here, and so in the processes started from here')
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'timm_coordatt', *_benchmark_args('--pairs', ':'.join(PAIR), '--rounds', '1000')],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=PACKAGE_ENV, start_new_session=True)
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (workers := _workers_of(proc.pid)):
+            assert proc.poll() is None and time.monotonic() < deadline, 'no worker started'
+            time.sleep(0.05)
+        if stop == 'Ctrl-C':
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(getattr(signal, stop))
+        _, err = proc.communicate(timeout=60)
+        deadline = time.monotonic() + 60
+        while _alive(workers[0]):
+            assert time.monotonic() < deadline, f'the worker outlived the main process ({stop})'
+            time.sleep(0.05)
+    finally:  # whatever the test left running
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in filter(_alive, workers):
+            os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == {'SIGTERM': 128 + signal.SIGTERM, 'SIGKILL': -signal.SIGKILL, 'Ctrl-C': 130}[stop], err
+    if stop == 'Ctrl-C':
+        assert 'Traceback' not in err and err.splitlines()[-1] == 'timm-coordatt benchmark: interrupted'
+
+
+def test_a_script_without_main_guard_is_told_so(tmp_path):
+    """The workers are spawned, and import the script that started them: without an
+    `if __name__ == '__main__':` guard, the worker runs the benchmark again, and the script is told why."""
+    script = tmp_path / 'unguarded.py'
+    script.write_text(
+        'from timm_coordatt.model_benchmark import BenchmarkConfig, run_benchmark\n'
+        f'run_benchmark(BenchmarkConfig(pairs=({PAIR!r},), img_size=16, infer_batch_sizes=(1,), train_batch_size=2, '
+        'rounds=1, min_time=0., min_calls=1, modes=("eager",), threads=1))\n')
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=PACKAGE_ENV)
+    assert proc.returncode == 1
+    assert "without an `if __name__ == '__main__':` guard" in proc.stderr.splitlines()[-1], proc.stderr[-3000:]

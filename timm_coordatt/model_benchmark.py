@@ -9,14 +9,19 @@ by more than the difference being measured. Used by `timm-coordatt benchmark` an
 """
 import argparse
 import json
+import math
 import multiprocessing
+import os
 import shlex
+import signal
 import statistics
 import sys
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import timm
@@ -31,9 +36,9 @@ from timm.optim import create_optimizer_v2
 from .recompute import set_recompute_ca_outputs
 
 __all__ = [
-    'BenchmarkConfig', 'Result', 'GOALS', 'MODES', 'PAIRS', 'default_pairs', 'peak_memory', 'run_benchmark',
-    'profile_overhead', 'profile_mode', 'results_dict', 'format_results', 'format_profile', 'add_arguments',
-    'run_from_args',
+    'BenchmarkConfig', 'Result', 'Failure', 'WorkerError', 'GOALS', 'MODES', 'PAIRS', 'default_pairs', 'peak_memory',
+    'run_benchmark', 'profile_overhead', 'profile_mode', 'results_dict', 'format_results', 'format_profile',
+    'add_arguments', 'run_from_args',
 ]
 
 MODES = ('eager', 'channels_last', 'compile')
@@ -94,8 +99,11 @@ class BenchmarkConfig:
                 f'size), got img_size={self.img_size}, infer_batch_sizes={list(self.infer_batch_sizes)}, '
                 f'train_batch_size={self.train_batch_size}, rounds={self.rounds}, min_calls={self.min_calls}, '
                 f'threads={self.threads}')
-        if self.min_time < 0:
-            raise ValueError(f'min_time must be >= 0 seconds, got {self.min_time}')
+        if len(set(self.infer_batch_sizes)) != len(self.infer_batch_sizes):
+            raise ValueError(f'infer_batch_sizes must be distinct, got {list(self.infer_batch_sizes)}')
+        # nan passes `< 0`, and a sample would never reach it (nor inf)
+        if not (math.isfinite(self.min_time) and self.min_time >= 0):
+            raise ValueError(f'min_time must be a finite number of seconds >= 0, got {self.min_time}')
         try:
             device_type = torch.device(self.device).type
         except RuntimeError:  # not a device name torch knows
@@ -110,7 +118,7 @@ class BenchmarkConfig:
                 '--infer-batch-sizes', *map(str, self.infer_batch_sizes),
                 '--train-batch-size', str(self.train_batch_size),
                 '--rounds', str(self.rounds),
-                '--min-time', f'{self.min_time:g}',
+                '--min-time', repr(float(self.min_time)),  # repr: the float that was given, to the last digit
                 '--min-calls', str(self.min_calls),
                 '--modes', *self.modes,
                 '--threads', str(self.threads),
@@ -154,6 +162,29 @@ class Result:
     @property
     def met(self) -> bool:
         return self.overhead <= self.goal
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A (pair, mode) that raised instead of being measured ('profile' as the mode: its `--profile`)."""
+    ca_model: str
+    baseline: str
+    mode: str
+    error: str  # the exception's type name
+    message: str
+
+    def __str__(self) -> str:
+        first_line = self.message.splitlines()[0] if self.message else ''
+        return f'{self.ca_model} vs {self.baseline}, {self.mode}: {self.error}: {first_line}'
+
+
+class WorkerError(RuntimeError):
+    """An exception raised in the worker process of a (pair, mode): its type name, message and traceback."""
+
+    def __init__(self, error: str, message: str, worker_traceback: str):
+        super().__init__(f'{error}: {message}\n\nin the worker process:\n{worker_traceback}')
+        self.error = error
+        self.message = message
 
 
 def _sync(device: torch.device) -> None:
@@ -256,9 +287,12 @@ def _runner(name: str, mode: str, cfg: BenchmarkConfig, device: torch.device) ->
         set_recompute_ca_outputs(model, False)
     optimizer = create_optimizer_v2(model, 'sgd', lr=0.01, momentum=0.9)
     net = _compiled_alone(model) if mode == 'compile' else model
+    # the data from a generator of its own: the global one is where each model's init left it, and the
+    # CA model and its baseline must get the same images and targets (drawn on the CPU, the same on any device)
+    data_rng = torch.Generator().manual_seed(0)
 
     def images(batch_size: int) -> torch.Tensor:
-        x = torch.randn(batch_size, 3, cfg.img_size, cfg.img_size, device=device)
+        x = torch.randn(batch_size, 3, cfg.img_size, cfg.img_size, generator=data_rng).to(device)
         return x.contiguous(memory_format=memory_format)
 
     def infer_fn(x: torch.Tensor) -> Callable[[], None]:
@@ -268,7 +302,7 @@ def _runner(name: str, mode: str, cfg: BenchmarkConfig, device: torch.device) ->
         return infer
 
     x_train = images(cfg.train_batch_size)
-    target = torch.randint(0, model.num_classes, (cfg.train_batch_size,), device=device)
+    target = torch.randint(0, model.num_classes, (cfg.train_batch_size,), generator=data_rng).to(device)
 
     def train():
         loss = F.cross_entropy(net(x_train), target)
@@ -328,29 +362,107 @@ def _pair_results(pair: Tuple[str, str], mode: str, cfg: BenchmarkConfig, device
     return results
 
 
-def run_benchmark(cfg: BenchmarkConfig, progress: Optional[Callable[[str], None]] = None) -> List[Result]:
-    """Measure every pair in every mode of `cfg`; `progress` gets a line before each (pair, mode)."""
+def run_benchmark(cfg: BenchmarkConfig, progress: Optional[Callable[[str], None]] = None,
+                  failures: Optional[List[Failure]] = None) -> List[Result]:
+    """Measure every pair in every mode of `cfg`; `progress` gets a line before each (pair, mode).
+
+    A (pair, mode) that raises ends the run, unless `failures` is given: then it is appended there and the
+    other pairs and modes are measured. With `cfg.fresh_process` (each in a spawned worker process), a
+    script calling this needs an `if __name__ == '__main__':` guard, as the workers import its main module.
+    """
     device = torch.device(cfg.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f'device {cfg.device!r} requested but CUDA is not available')
+    measure = _in_fresh_process if cfg.fresh_process else _measure_pair
     results = []
     for pair in cfg.pairs:
         for mode in cfg.modes:
             if progress:
                 progress(f'{pair[0]} vs {pair[1]}, {mode}')
-            if cfg.fresh_process:
-                # spawned, not forked: a fork would inherit this process's heap (and its CUDA state)
-                context = multiprocessing.get_context('spawn')
-                with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-                    results += pool.submit(_measure_pair, pair, mode, cfg).result()
-            else:
-                results += _measure_pair(pair, mode, cfg)
+            try:
+                results += measure(pair, mode, cfg)
+            except Exception as e:  # not KeyboardInterrupt or SystemExit: those end the run
+                if failures is None:
+                    raise
+                failures.append(_failure(pair, mode, e))
     return results
+
+
+def _failure(pair: Tuple[str, str], mode: str, e: Exception) -> Failure:
+    error, message = (e.error, e.message) if isinstance(e, WorkerError) else (type(e).__name__, str(e))
+    return Failure(pair[0], pair[1], mode, error, message)
 
 
 def _measure_pair(pair: Tuple[str, str], mode: str, cfg: BenchmarkConfig) -> List[Result]:
     with _threads(cfg.threads):
         return _pair_results(pair, mode, cfg, torch.device(cfg.device))
+
+
+@contextmanager
+def _sigint_held() -> Iterator[None]:
+    """SIGINT held back from this thread (delivered when the block ends) and from the processes it starts
+    meanwhile, which keep the mask for good: a terminal's Ctrl-C reaches the whole process group, and
+    the worker, which this process stops, would print a KeyboardInterrupt traceback of its own (the
+    standard library starts its resource tracker so too)."""
+    if not hasattr(signal, 'pthread_sigmask'):  # Windows: no signal masks
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _in_fresh_process(pair: Tuple[str, str], mode: str, cfg: BenchmarkConfig) -> List[Result]:
+    """`_measure_pair` in a worker process spawned for it, stopped whichever way this call ends."""
+    # spawned, not forked: a fork would inherit this process's heap (and its CUDA state)
+    context = multiprocessing.get_context('spawn')
+    receiver, sender = context.Pipe(duplex=False)
+    worker = context.Process(target=_worker, args=(pair, mode, cfg, sender))
+    with _sigint_held():
+        worker.start()
+    sender.close()  # the worker's end is then its alone: reading it ends when the worker does
+    try:
+        outcome = receiver.recv()
+    except EOFError:  # the worker ended without reporting
+        outcome = None
+    except BaseException:  # Ctrl-C, SIGTERM's SystemExit, ...: the measurement is not wanted any more
+        worker.terminate()
+        raise
+    finally:
+        worker.join()
+        receiver.close()
+    if outcome is None:
+        what = f'the worker process measuring {pair[0]} vs {pair[1]} ({mode})'
+        if worker.exitcode == 1:  # an exception before `_worker` ran
+            raise RuntimeError(
+                f'{what} exited before measuring (code 1, its traceback above), as it does when a script calls '
+                "run_benchmark without an `if __name__ == '__main__':` guard: the spawned worker imports the script")
+        raise RuntimeError(f'{what} ended without a result, exit code {worker.exitcode}'
+                           + (f' (signal {-worker.exitcode})' if worker.exitcode < 0 else ''))
+    results, error = outcome
+    if error:
+        raise WorkerError(*error)
+    return results
+
+
+def _worker(pair: Tuple[str, str], mode: str, cfg: BenchmarkConfig, sender: Connection) -> None:
+    """A worker process's run: `_measure_pair`'s results sent back, or its exception's type name, message
+    and traceback (as text: not every exception survives pickling)."""
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
+    try:
+        outcome = _measure_pair(pair, mode, cfg), None
+    except Exception as e:
+        outcome = None, (type(e).__name__, str(e), traceback.format_exc())
+    sender.send(outcome)
+
+
+def _exit_with_parent() -> None:
+    """Ends this worker process as soon as its parent has ended, however (SIGKILL too): nobody is left to
+    read what it measures."""
+    multiprocessing.parent_process().join()
+    os._exit(1)
 
 
 def _op_times(fn: Callable[[], None], device: torch.device) -> Dict[str, float]:
@@ -523,8 +635,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              'first of --modes that runs eagerly)')
 
 
+@contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM (`kill`, `timeout`, a job scheduler's stop) unwinds like Ctrl-C, stopping the worker process."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_from_args(args: argparse.Namespace, prog: str) -> int:
-    """Run the benchmark described by parsed `add_arguments` options and print the results."""
+    """Run the benchmark described by parsed `add_arguments` options and print the results: 0, or 1 if a
+    (pair, mode) failed (each named on stderr, the others' results printed), 2 for bad options."""
     try:
         cfg = BenchmarkConfig(
             pairs=tuple(args.pairs) if args.pairs else default_pairs(), img_size=args.img_size,
@@ -532,21 +658,38 @@ def run_from_args(args: argparse.Namespace, prog: str) -> int:
             rounds=args.rounds, min_time=args.min_time, min_calls=args.min_calls, modes=tuple(args.modes),
             threads=args.threads,
             device=args.device, store_ca_outputs=args.store_ca_outputs, fresh_process=not args.one_process)
-        results = run_benchmark(cfg, lambda line: print(f'[{line}]', file=sys.stderr, flush=True))
     except ValueError as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
         return 2
-    profiles = {pair: profile_overhead(pair, cfg) for pair in cfg.pairs} if args.profile else {}
+    failures: List[Failure] = []
+    profiles = {}
+    try:
+        with _sigterm_exits():
+            results = run_benchmark(cfg, lambda line: print(f'[{line}]', file=sys.stderr, flush=True), failures)
+            for pair in cfg.pairs if args.profile else ():
+                try:
+                    profiles[pair] = profile_overhead(pair, cfg)
+                except Exception as e:
+                    failures.append(_failure(pair, 'profile', e))
+    except ValueError as e:  # before any measurement: CUDA asked for, not available
+        print(f'{prog}: error: {e}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f'{prog}: interrupted', file=sys.stderr)
+        return 130
     command = cfg.command(prog) + (' --profile' if args.profile else '') + f' --format {args.format}'
     if args.format == 'json':
         doc = results_dict(results, cfg, command)
         if profiles:
             doc['profile'] = {f'{ca}:{base}': [dict(op=op, baseline_ms=b, ca_ms=c) for op, b, c in rows]
                               for (ca, base), rows in profiles.items()}
+        doc['failures'] = [asdict(f) for f in failures]
         print(json.dumps(doc, indent=2))
-        return 0
-    print(format_results(results, cfg, args.format, command))
-    for pair, rows in profiles.items():
-        print()
-        print(format_profile(pair, rows, markdown=args.format == 'markdown', mode=profile_mode(cfg)))
-    return 0
+    else:
+        print(format_results(results, cfg, args.format, command))
+        for pair, rows in profiles.items():
+            print()
+            print(format_profile(pair, rows, markdown=args.format == 'markdown', mode=profile_mode(cfg)))
+    for failure in failures:
+        print(f'{prog}: error: {failure}', file=sys.stderr)
+    return 1 if failures else 0
