@@ -10,6 +10,7 @@ import timm
 import torch
 from timm.layers import EcaModule, SEModule, create_attn
 from timm.layers.cbam import CbamModule
+from timm.layers.coord_attn import CoordAttn  # not exported by timm.layers before 1.0.31
 from timm.models import byobnet, cspnet, maxxvit, nfnet, vovnet
 from torch import nn
 
@@ -18,9 +19,7 @@ from timm_coordatt import CoordAttention, attn_factory
 
 
 # timm's own names and classes, read before this package could have touched the factory
-EXISTING = [('se', SEModule), ('eca', EcaModule), ('cbam', CbamModule)]
-if hasattr(timm.layers, 'CoordAttn'):  # timm >= 1.0.23
-    EXISTING.append(('coord', timm.layers.CoordAttn))
+EXISTING = [('se', SEModule), ('eca', EcaModule), ('cbam', CbamModule), ('coord', CoordAttn)]
 
 
 def get_attn(name):

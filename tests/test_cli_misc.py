@@ -482,7 +482,7 @@ class _Payload:
 
 
 def test_checkpoint_is_never_unpickled(tmp_path, capsys):
-    """Whatever timm's default: timm 1.0.21's load_state_dict unpickles anything unless told not to."""
+    """Whatever timm's default (timm < 1.0.26's load_state_dict unpickles anything unless told not to)."""
     from timm_coordatt.training import UsageError, create_model
     payload = _Payload()
     payload.marker = str(tmp_path / 'code_ran')

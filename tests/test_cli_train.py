@@ -76,7 +76,7 @@ def test_train_on_image_folder_writes_a_loadable_run(tmp_path):
     assert model.num_classes == 3
     assert_same_tensors(model.state_dict(), state['model'])
     data_config = resolve_data_config(model=model)
-    assert tuple(data_config['input_size']) == (3, 32, 32)  # a list on timm < 1.0.23
+    assert tuple(data_config['input_size']) == (3, 32, 32)
     # the EMA weights load the same way and are the training state's EMA
     ema = timm.create_model(f'local-dir:{run}/ema', pretrained=True)
     assert_same_tensors(ema.state_dict(), {k[len('module.'):]: v for k, v in state['model_ema'].items()})

@@ -438,8 +438,8 @@ def test_weights_of_other_names_are_summarised(timm, tmp_path):
     assert f"{own - 2} of the model's {own} tensors are missing: conv_stem.weight, bn1.weight" in message
     assert "4 tensors are not the model's: classifier.1.bias, classifier.1.weight, features.0.0.weight" in message
     assert 'timm-coordatt convert' in message and len(message) < 1200
-    # a non-strict load asks for what the checkpoint has, no more: nothing to report (MobileNeXt: timm <= 1.0.21's
-    # EfficientNet builder sets pretrained_strict itself)
+    # a non-strict load asks for what the checkpoint has, no more: nothing to report (MobileNeXt: timm's
+    # EfficientNet builder may set pretrained_strict itself)
     model = timm.create_model('mobilenext_ca', pretrained=True, pretrained_strict=False,
                               pretrained_cfg_overlay=dict(file=str(tmp_path / 'authors.safetensors')))
     assert model.num_classes == 1000

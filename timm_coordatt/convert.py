@@ -26,9 +26,9 @@ from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedRes
 from timm.models._helpers import clean_state_dict
 
 from .hub import hub_id
-from .pretrained import list_package_models
+from .pretrained import list_package_models, load_error
 from .publish import model_card
-from .training import load_error, use_default_mode
+from .training import use_default_mode
 
 __all__ = ['ConversionError', 'load_checkpoint', 'authors_to_timm', 'convert']
 

@@ -16,9 +16,11 @@ structure), bad copies are evicted from the cache, and timm gets the verified lo
 its `file` source; a filter reports weights of the wrong shapes or names in a few lines. Failures raise
 `PretrainedWeightsError` naming the cause.
 """
+import argparse
 import contextlib
 import hashlib
 import os
+import pickle
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -34,14 +36,18 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from safetensors import SafetensorError, safe_open
-from timm.models import model_entrypoint
+from timm.models import load_state_dict, model_entrypoint
 from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_cfg
 from timm.models._hub import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, hf_split
+import torch
 from torch import nn
 
 from .hub import HUB_ORG
 
-__all__ = ['PretrainedWeightsError', 'list_package_models', 'prepare_pretrained', 'download_weights']
+__all__ = [
+    'PretrainedWeightsError', 'list_package_models', 'prepare_pretrained', 'download_weights', 'read_weights',
+    'load_error',
+]
 
 _PACKAGE = __name__.rpartition('.')[0]
 _SHA256 = re.compile(r'[0-9a-f]{64}')
@@ -115,6 +121,28 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -
     kwargs['pretrained_filter_fn'] = _shape_check(
         source, kwargs.get('pretrained_filter_fn'), strict=kwargs.get('pretrained_strict', True))
     return kwargs
+
+
+def read_weights(path: Union[str, os.PathLike], use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The state dict of a safetensors or torch file, by timm's `load_state_dict` (EMA weights with
+    `use_ema` where the file has them, wrappers and prefixes removed), never unpickling code.
+
+    `weights_only=True` is given, whatever the installed timm's default (timm < 1.0.26: False); timm's own
+    training checkpoints keep their arguments, an `argparse.Namespace`, beside the weights.
+    """
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return load_state_dict(os.fspath(path), use_ema=use_ema, weights_only=True)
+
+
+def load_error(e: Exception) -> str:
+    """What made a torch file unreadable, in one line: torch's refusals under `weights_only=True` run to a
+    paragraph of advice, on unpickling it with `weights_only=False` among it."""
+    unsafe = re.search(r'Unsupported globals?: (?:GLOBAL )?([\w.]*\w)', str(e))  # torch's words, or timm's
+    if unsafe:
+        return f'it holds a {unsafe.group(1)}, which only unpickling arbitrary code could read'
+    if isinstance(e, pickle.UnpicklingError):
+        return 'not a file torch.save wrote (or damaged)'
+    return f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
 
 
 def _names(value: Union[None, str, Sequence[str]]) -> Tuple[str, ...]:

@@ -23,9 +23,7 @@ import difflib
 import json
 import math
 import os
-import pickle
 import random
-import re
 import signal
 import sys
 import threading
@@ -52,7 +50,7 @@ from timm.data import (
     resolve_data_config)
 from timm.layers import convert_sync_batchnorm
 from timm.loss import LabelSmoothingCrossEntropy
-from timm.models import group_modules, load_pretrained, load_state_dict, parse_model_name
+from timm.models import group_modules, load_pretrained, parse_model_name
 from timm.models._hub import save_config_for_hf
 from timm.models._pretrained import filter_pretrained_cfg
 from timm.optim import create_optimizer_v2
@@ -61,16 +59,17 @@ from timm.utils import AverageMeter, ModelEmaV3, accuracy, dispatch_clip_grad, d
 from timm.utils.distributed import init_distributed_device_so
 
 from .datasets import DEFAULT_IMG_SIZE as GRID_IMG_SIZE, GridShapes
+from .pretrained import load_error, read_weights
 from .recompute import recompute_ca_outputs, set_recompute_ca_outputs
 
 __all__ = [
     'UsageError', 'atomic_write', 'write_text', 'use_default_mode', 'save_weights', 'export_model',
-    'check_image_folder', 'create_model', 'load_error', 'label_names', 'to_rgb', 'evaluate', 'fit',
+    'check_image_folder', 'create_model', 'label_names', 'to_rgb', 'evaluate', 'fit',
     'STATE_FILE', 'METRICS_FILE', 'WEIGHTS_FILE', 'CONFIG_FILE',
 ]
 
 WEIGHTS_FILE = 'model.safetensors'
-EMA_DIR = 'ema'  # a folder of its own: timm < 1.0.23 fails on a local-dir with two .safetensors
+EMA_DIR = 'ema'  # a folder of its own: a local-dir holds one model (config.json, model.safetensors)
 CONFIG_FILE = 'config.json'
 STATE_FILE = 'training_state.pt'
 METRICS_FILE = 'metrics.jsonl'
@@ -154,8 +153,8 @@ _DATA_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mo
 
 def export_model(model: nn.Module, directory: str, class_names: Sequence[str], data_config: Dict[str, Any]) -> None:
     """`config.json` + `model.safetensors` in timm's Hub layout (`timm.create_model('local-dir:DIR')` loads it)."""
-    # The whole pretrained_cfg is given: timm < 1.0.23 replaces it with ours (and has no `data_config`
-    # argument), later versions merge ours into the model's.
+    # The whole pretrained_cfg is given (timm merges it into the model's): the fine-tuned model's data config
+    # and head replace those of the weights it started from.
     pretrained_cfg = filter_pretrained_cfg(model.pretrained_cfg, remove_source=True, remove_null=True)
     resized = tuple(data_config['input_size']) != tuple(pretrained_cfg.get('input_size', ()))
     pretrained_cfg.update({k: data_config[k] for k in _DATA_KEYS if k in data_config})
@@ -431,10 +430,7 @@ def create_model(
         return model
 
     try:
-        # weights_only given: older timm (1.0.21) defaults to unpickling anything; timm's own training checkpoints
-        # hold their arguments as a Namespace
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state_dict = load_state_dict(checkpoint, use_ema=use_ema, weights_only=True)
+        state_dict = read_weights(checkpoint, use_ema=use_ema)
     except Exception as e:
         raise UsageError(f'cannot read checkpoint {checkpoint}: {load_error(e)}') from None
     heads = _classifier_keys(model)
@@ -447,17 +443,6 @@ def create_model(
     cfg = {**model.pretrained_cfg, 'state_dict': state_dict, 'num_classes': ckpt_classes}
     load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes, in_chans=kwargs.get('in_chans', 3))
     return model
-
-
-def load_error(e: Exception) -> str:
-    """What made a torch file unreadable, in one line: torch's refusals under `weights_only=True` run to a
-    paragraph of advice, on unpickling it with `weights_only=False` among it."""
-    unsafe = re.search(r'Unsupported globals?: (?:GLOBAL )?([\w.]*\w)', str(e))  # torch's words, or timm's
-    if unsafe:
-        return f'it holds a {unsafe.group(1)}, which only unpickling arbitrary code could read'
-    if isinstance(e, pickle.UnpicklingError):
-        return 'not a file torch.save wrote (or damaged)'
-    return f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
 
 
 def label_names(model: nn.Module, descriptions: bool = False) -> Optional[List[str]]:
