@@ -164,10 +164,14 @@ def test_calls_restore_each_modules_mode(ca_model):
     assert frozen and modes[''] and not any(modes[n] for n, m in ca_model.named_modules() if m in frozen)
 
 
-def test_maps_can_be_edited_in_place(ca_model):
-    m = attention_maps(ca_model, torch.randn(1, 3, 32, 32), blocks=['blocks.2.2.se'])['blocks.2.2.se']
-    m.a_h.clamp_(0.25, 0.75)  # not inference tensors
-    assert m.a_h.max() <= 0.75
+@pytest.mark.parametrize('context', [torch.enable_grad, torch.no_grad, torch.inference_mode])
+def test_maps_can_be_edited_in_place(ca_model, context):
+    with context():
+        m = attention_maps(ca_model, torch.randn(1, 3, 32, 32), blocks=['blocks.2.2.se'])['blocks.2.2.se']
+        cam = grad_cam(ca_model, torch.randn(1, 3, 32, 32))
+    for t in (m.a_h, m.a_w, cam.cam, cam.prob):  # not inference tensors
+        t.clamp_(0.25, 0.75)
+        assert t.max() <= 0.75
 
 
 def test_grad_cam_names_the_models_own_classes(tmp_path):

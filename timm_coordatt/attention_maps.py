@@ -181,7 +181,8 @@ def attention_maps(
 
     `blocks`: module names, `'all'`, or None for the last CA block of each stage (`default_blocks`).
     """
-    with _eval(model), record_gates(model, blocks) as maps, torch.no_grad():  # maps the caller may edit in place
+    # ordinary tensors, which the caller may edit in place, also when called in inference mode
+    with _eval(model), record_gates(model, blocks) as maps, torch.inference_mode(False), torch.no_grad():
         model(x)
     return maps
 
@@ -233,9 +234,9 @@ def grad_cam(
             raise ValueError(f'Grad-CAM target must be a class index in [0, {num_classes}), got {target}')
         score = logits.gather(1, targets[:, None]).sum()
         grads, = torch.autograd.grad(score, features)
-    cam = F.relu((grads.mean((2, 3), keepdim=True) * features).sum(1)).detach()
-    cam = cam / cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
-    prob = logits.detach().softmax(-1).gather(1, targets[:, None])[:, 0]
+        cam = F.relu((grads.mean((2, 3), keepdim=True) * features).sum(1)).detach()
+        cam = cam / cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+        prob = logits.detach().softmax(-1).gather(1, targets[:, None])[:, 0]
     names = label_names(model, descriptions=True)
     return GradCam(layer, cam, targets, prob, tuple(names[i] if names else f'class {i}' for i in targets.tolist()))
 

@@ -66,11 +66,11 @@ def add_parser(subparsers) -> None:
     g.add_argument('--sync-bn', action='store_true', help='SyncBatchNorm across processes (distributed only)')
 
     g = p.add_argument_group('optimisation')
-    g.add_argument('--epochs', type=int, default=4)
+    g.add_argument('--epochs', type=int, default=4, help='passes over the training images')
     g.add_argument('--batch-size', '-b', type=int, default=32, help='images per step and process')
     g.add_argument('--opt', default='adamw', help='any timm.optim optimizer name')
-    g.add_argument('--lr', type=float, default=3e-3)
-    g.add_argument('--weight-decay', type=float, default=0.05)
+    g.add_argument('--lr', type=float, default=3e-3, help='peak learning rate (for the global batch)')
+    g.add_argument('--weight-decay', type=float, default=0.05, help="the optimizer's weight decay")
     g.add_argument('--momentum', type=float, default=0.9, help='for optimizers with momentum')
     g.add_argument('--layer-decay', type=float, help='layer-wise learning-rate decay (e.g. 0.75)')
     g.add_argument('--clip-grad', type=float, help='clip the gradient norm to this value')
@@ -78,11 +78,11 @@ def add_parser(subparsers) -> None:
                    help='learning-rate schedule, stepped every update')
     g.add_argument('--warmup-epochs', type=float,
                    help='linear warm-up from --warmup-lr (default: 1 epoch, none with --epochs 1)')
-    g.add_argument('--warmup-lr', type=float, default=1e-5)
-    g.add_argument('--min-lr', type=float, default=1e-5)
+    g.add_argument('--warmup-lr', type=float, default=1e-5, help='learning rate the warm-up starts from')
+    g.add_argument('--min-lr', type=float, default=1e-5, help='learning rate the schedule ends at')
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
     g.add_argument('--model-ema', action='store_true', help='keep (and validate) an EMA of the weights')
-    g.add_argument('--model-ema-decay', type=float, default=0.998)
+    g.add_argument('--model-ema-decay', type=float, default=0.998, help='decay of the EMA per update')
     g.add_argument('--amp', action='store_true', help='mixed precision, in --amp-dtype')
     g.add_argument('--amp-dtype', choices=('float16', 'bfloat16'),
                    help='with --amp (default: float16 with loss scaling on CUDA, bfloat16 on CPU)')
@@ -90,8 +90,9 @@ def add_parser(subparsers) -> None:
     g = p.add_argument_group('run')
     g.add_argument('--output', metavar='DIR', help='run directory (default: output/train/<time>-<model>)')
     g.add_argument('--resume', metavar='DIR', help='continue the interrupted or finished run in DIR')
-    g.add_argument('--seed', type=int, default=42)
-    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    g.add_argument('--seed', type=int, default=42, help='initial weights, data order, augmentation')
+    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='cpu, cuda or cuda:N')
     p.set_defaults(func=functools.partial(_main, parser=p))
 
 

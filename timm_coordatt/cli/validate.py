@@ -19,7 +19,7 @@ def add_parser(subparsers) -> None:
     p.add_argument('--data-dir', metavar='DIR', help='ImageFolder root, or a root with a val/validation folder')
     p.add_argument('--grid', type=int, default=3, help='embedded task: cells per side')
     p.add_argument('--grid-val-samples', type=int, default=500, help='embedded task: validation images')
-    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--workers', type=int, default=2, help='data loading processes')
     p.add_argument('--results-file', metavar='FILE', help='also write the results as JSON to FILE')
     p.set_defaults(func=_main)
 
@@ -29,15 +29,15 @@ def add_model_arguments(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument('--model', required=True, help='timm model name, local-dir:RUN_DIR or hf-hub:ID')
     p.add_argument('--checkpoint', metavar='FILE', help='weights to use (safetensors or torch file)')
     p.add_argument('--use-ema', action='store_true',
-                   help="the checkpoint's EMA weights, where it has them (default: its plain weights)")
+                   help="the checkpoint's EMA weights instead of its plain ones, where it has both")
     p.add_argument('--pretrained', action='store_true', help="the model's pretrained weights")
     p.add_argument('--img-size', type=int, help="input size (default: the model's data config)")
-    p.add_argument('--batch-size', '-b', type=int, default=batch_size)
-    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--batch-size', '-b', type=int, default=batch_size, help='images per forward pass')
+    p.add_argument('--channels-last', action='store_true', help='channels-last memory layout')
     p.add_argument('--amp', action='store_true', help='mixed precision, in --amp-dtype')
     p.add_argument('--amp-dtype', choices=('float16', 'bfloat16'),
                    help='with --amp (default: float16 on CUDA, bfloat16 on CPU)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda or cuda:N')
 
 
 def _main(args: argparse.Namespace) -> int:
