@@ -5,7 +5,9 @@
 Each entrypoint is `timm.create_model(<name>, pretrained=..., **kwargs)`, so `num_classes`,
 `in_chans`, `pretrained_cfg_overlay`, `cache_dir` etc. work as with timm. The models are defined
 only in the package: this file imports it (once per process, whatever torch.hub does with this
-file), so no model is registered twice.
+file), so no model is registered twice. torch.hub puts the checkout first on `sys.path`, so in a
+process that has not imported `timm_coordatt` yet, the checkout's copy is the one imported, without
+C kernels unless built there (`pip install -e <checkout>`); import the installed package first to use it.
 """
 import timm as _timm
 
