@@ -37,3 +37,13 @@ def cli(*args):
     """`python -m timm_coordatt ARGS` in a fresh interpreter, as a user's shell would run it."""
     return subprocess.run(
         [sys.executable, '-m', 'timm_coordatt', *args], capture_output=True, text=True, timeout=600)
+
+
+def torchrun(tmp_path, *args):
+    """`torchrun --standalone --nproc_per_node=2 ARGS` on the CPU, its rendezvous folders (torchelastic_*, which
+    it leaves behind) in the test's own temporary folder."""
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    env.pop('CUDA_VISIBLE_DEVICES', None)
+    return subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *args],
+        capture_output=True, text=True, timeout=600, env=env)

@@ -19,7 +19,7 @@ from timm.data import ImageNetInfo, create_dataset, create_transform, resolve_da
 from timm_coordatt.cli import main
 from timm_coordatt.datasets import GridShapes
 
-from cli_helpers import cli, make_image_folder, one_thread  # noqa: F401  (one_thread: an autouse fixture)
+from cli_helpers import cli, make_image_folder, one_thread, torchrun  # noqa: F401  (one_thread: an autouse fixture)
 
 MODEL = 'mobilenetv2_050_ca'
 
@@ -163,9 +163,7 @@ def test_run_executes_a_script_with_the_models_registered(tmp_path):
 def test_run_under_torchrun(tmp_path):
     script = tmp_path / 'user_train.py'
     script.write_text(USER_SCRIPT)
-    proc = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'timm_coordatt',
-         'run', str(script), '0'], capture_output=True, text=True, timeout=600)
+    proc = torchrun(tmp_path, '-m', 'timm_coordatt', 'run', str(script), '0')
     assert proc.returncode == 0, proc.stderr[-3000:]
     # anywhere in the output, which the two processes share (under load, one CI run had no line starting with
     # rank 0's); the output itself goes into the message should it fail

@@ -20,7 +20,7 @@ from timm_coordatt import training
 from timm_coordatt.cli import main
 from timm_coordatt.recompute import recompute_active
 
-from cli_helpers import make_image_folder, one_thread  # noqa: F401  (one_thread: an autouse fixture)
+from cli_helpers import make_image_folder, one_thread, torchrun  # noqa: F401  (one_thread: an autouse fixture)
 
 MODEL = 'mobilenetv2_050_ca'
 # small, fast, and on the embedded task: a handful of steps per epoch at 32 px
@@ -298,12 +298,6 @@ def test_progress_bars_redraw_every_tenth_of_a_second_on_a_terminal_only(monkeyp
         assert log_bar.mininterval == training._LOG_REFRESH_S
 
 
-def _ddp_env():
-    env = dict(os.environ)
-    env.pop('CUDA_VISIBLE_DEVICES', None)
-    return env
-
-
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # GroupNorm: no batch statistics, so the gradient of the global batch is the mean of the two
@@ -314,10 +308,7 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
               '--lr', '0.5', '--device', 'cpu', *TINY]
     single, ddp = str(tmp_path / 'single'), str(tmp_path / 'ddp')
     assert main(['train', *common, '--batch-size', '8', '--output', single]) == 0
-    proc = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'timm_coordatt',
-         'train', *common, '--batch-size', '4', '--output', ddp],
-        capture_output=True, text=True, timeout=600, env=_ddp_env())
+    proc = torchrun(tmp_path, '-m', 'timm_coordatt', 'train', *common, '--batch-size', '4', '--output', ddp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # rank 0 alone writes: one run directory, one record per epoch, no stray files
     assert sorted(os.listdir(ddp)) == ['best', 'config.json', 'metrics.jsonl', 'model.safetensors',
@@ -339,11 +330,9 @@ def test_ddp_ema_batch_norm_statistics_agree_across_processes(tmp_path):
     # each process validates half of the images with its own EMA: the recorded EMA metrics are those of
     # the saved EMA (rank 0's) only if the processes' EMA batch-norm statistics were averaged too
     run = str(tmp_path / 'run')
-    proc = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'timm_coordatt',
-         'train', '--model', MODEL, '--grid-samples', '32', '--batch-size', '4', '--epochs', '1', '--model-ema',
-         '--model-ema-decay', '0.5', '--device', 'cpu', '--output', run, *TINY],
-        capture_output=True, text=True, timeout=600, env=_ddp_env())
+    proc = torchrun(tmp_path, '-m', 'timm_coordatt', 'train', '--model', MODEL, '--grid-samples', '32',
+                    '--batch-size', '4', '--epochs', '1', '--model-ema', '--model-ema-decay', '0.5', '--device', 'cpu',
+                    '--output', run, *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
     recorded = read_metrics(run)[0]
     results = tmp_path / 'ema.json'
