@@ -507,6 +507,22 @@ def test_hf_hub_model_offline_without_a_cache(tmp_path, monkeypatch):
         create_model('hf-hub:someone/some-model')
 
 
+def test_hf_hub_model_with_a_damaged_cached_config_names_the_file(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from timm_coordatt.training import UsageError, create_model
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'cache'))
+    # the Hub cache's layout: the branch's commit, and that commit's snapshot of the file
+    repo = tmp_path / 'cache' / 'models--someone--some-model'
+    config = repo / 'snapshots' / ('0' * 40) / 'config.json'
+    config.parent.mkdir(parents=True)
+    config.write_text('{"architecture": "mobilenetv2_050_ca", "num_cl')  # cut short
+    (repo / 'refs').mkdir()
+    (repo / 'refs' / 'main').write_text('0' * 40)
+    with pytest.raises(UsageError, match=f'the cached {re.escape(str(config))} is not valid JSON .*; delete it'):
+        create_model('hf-hub:someone/some-model')
+
+
 def test_output_to_a_closed_pipe_ends_quietly():
     """`timm-coordatt models | head`: the reader may stop before the output ends (here: before it starts)."""
     proc = subprocess.Popen([sys.executable, '-m', 'timm_coordatt', 'models'], stdout=subprocess.PIPE,

@@ -214,6 +214,8 @@ def test_converted_folder_is_a_timm_hub_folder(converted):
         assert torch.equal(a, b), k
     card = (converted / 'README.md').read_text()
     assert 'import timm_coordatt' in card and 'transformers' not in card
+    # any checkpoint in the authors' layout, not necessarily their released weights
+    assert "from a checkpoint of the authors' `mbv2_ca.py`" in card and 'weights released by' not in card
     assert 'license: mit' in card and '@inproceedings{hou2021coordinate' in card
 
 
@@ -227,9 +229,30 @@ def test_converted_files_follow_the_umask(converted):
 def test_convert_other_num_classes(tmp_path):
     authors = _randomise_(MBV2_CA(num_classes=10), seed=3)
     torch.save({'state_dict': authors.state_dict()}, tmp_path / 'ckpt.pth')
-    model = _load(convert(tmp_path / 'ckpt.pth', tmp_path / 'out'))
+    # the model card's usage would name this package's ImageNet-1k repository
+    with pytest.raises(ConversionError, match="classifier has 10 classes, not ImageNet-1k's 1000: give the Hub "
+                                              "repository its model card will load it from"):
+        convert(tmp_path / 'ckpt.pth', tmp_path / 'out')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt.pth']
+    out = convert(tmp_path / 'ckpt.pth', tmp_path / 'out', repo_id='me/birds')
+    model = _load(out)
     assert model.num_classes == 10
     _assert_same_logits(model, _logits(authors))
+    assert "timm.create_model('hf-hub:me/birds', pretrained=True)" in (out / 'README.md').read_text()
+
+
+def test_convert_ema_weights_on_request(authors, authors_logits, tmp_path):
+    other = _randomise_(MBV2_CA(), seed=5).state_dict()
+    torch.save({'state_dict': other, 'state_dict_ema': authors.state_dict(), 'epoch': 3}, tmp_path / 'ckpt.pth')
+    _assert_same_logits(_load(convert(tmp_path / 'ckpt.pth', tmp_path / 'ema', use_ema=True)), authors_logits)
+    plain = _load(convert(tmp_path / 'ckpt.pth', tmp_path / 'plain'))
+    assert torch.equal(plain.conv_stem.weight, other['features.0.0.weight'])
+
+
+def test_refuses_ema_weights_that_are_not_there(authors, tmp_path):
+    torch.save({'state_dict': authors.state_dict(), 'epoch': 3}, tmp_path / 'ckpt.pth')
+    with pytest.raises(ConversionError, match="holds no EMA weights .*top-level keys: 'state_dict', 'epoch'"):
+        convert(tmp_path / 'ckpt.pth', tmp_path / 'out', use_ema=True)
 
 
 def _assert_refused(tmp_path, sd, *needles):
@@ -239,6 +262,15 @@ def _assert_refused(tmp_path, sd, *needles):
     for needle in needles:
         assert needle in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['bad.pth']  # no output, no leftover temp folder
+
+
+def test_refuses_ema_weights_alone_naming_them(authors, tmp_path):
+    _assert_refused(tmp_path, {'state_dict_ema': authors.state_dict()},
+                    "entries 'state_dict_ema' are not tensors", "'state_dict_ema' / 'model_ema', with --use-ema")
+
+
+def test_refuses_a_state_dict_with_other_things_beside_it_naming_them(authors, tmp_path):
+    _assert_refused(tmp_path, dict(authors.state_dict(), epoch=3), "entries 'epoch' are not tensors")
 
 
 def test_refuses_missing_key(authors, tmp_path):
@@ -280,6 +312,13 @@ def test_refuses_an_out_dir_under_a_file(authors, tmp_path):
     with pytest.raises(ConversionError, match='cannot create .*file/out'):
         convert(tmp_path / 'ckpt.pth', tmp_path / 'file' / 'out')
     assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt.pth', 'file']
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self'), reason='needs Linux /proc, a folder no one can write to')
+def test_refuses_an_out_dir_that_cannot_be_written(authors, tmp_path):
+    torch.save(authors.state_dict(), tmp_path / 'ckpt.pth')
+    with pytest.raises(ConversionError, match='cannot create /proc/timm_coordatt_out'):
+        convert(tmp_path / 'ckpt.pth', '/proc/timm_coordatt_out')
 
 
 def test_cli_stopped_by_sigterm_leaves_nothing(authors, tmp_path):

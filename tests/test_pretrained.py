@@ -397,6 +397,47 @@ def test_no_weights_model_loads_an_explicit_file(timm, tmp_path):
     assert _digest(model.state_dict()) == _digest(source.state_dict())
 
 
+@pytest.mark.parametrize('suffix', ['safetensors', 'pth'])
+def test_a_fine_tuned_head_comes_with_its_file(timm, tmp_path, suffix):
+    """timm drops a classifier whose size differs from the config's (1000): a file's own head must not be
+    replaced by a random one (with num_classes=10) or fail to load (without)."""
+    torch.manual_seed(0)
+    source = timm.create_model('mobilenetv2_050_ca', num_classes=10)
+    path = tmp_path / f'fine-tuned.{suffix}'
+    if suffix == 'safetensors':
+        save_file(source.state_dict(), path)
+    else:
+        torch.save({'state_dict': source.state_dict(), 'epoch': 3}, path)
+    overlay = dict(file=str(path))
+    for kwargs in ({}, dict(num_classes=10)):
+        model = timm.create_model('mobilenetv2_050_ca', pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        assert model.num_classes == 10
+        assert _digest(model.state_dict()) == _digest(source.state_dict())
+    # another number of classes: a new head on the file's backbone
+    model = timm.create_model('mobilenetv2_050_ca', pretrained=True, pretrained_cfg_overlay=overlay, num_classes=3)
+    assert model.classifier.out_features == 3
+    assert torch.equal(model.conv_head.weight, source.conv_head.weight)
+
+
+@pytest.mark.parametrize('org, expected', [
+    ('', "hf_hub_id timm-coordatt/mobilenetv2_ca.in1k"),  # set but empty: the default
+    ('my org', "PretrainedWeightsError 'my org/mobilenetv2_ca.in1k' is not a valid Hub repository id"),
+])
+def test_hub_org_variable_empty_or_invalid(org, expected):
+    script = ('import timm, timm_coordatt\n'
+              "print('hf_hub_id', timm.create_model('mobilenetv2_ca').pretrained_cfg['hf_hub_id'])\n"
+              'try:\n'
+              "    timm.create_model('mobilenetv2_ca', pretrained=True)\n"
+              'except Exception as e:\n'
+              '    print(type(e).__name__, e)\n')
+    env = dict(os.environ, TIMM_COORDATT_HUB_ORG=org, HF_HUB_OFFLINE='1', HF_HUB_CACHE=os.devnull)
+    proc = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert expected in proc.stdout, proc.stdout
+    if org:
+        assert '(TIMM_COORDATT_HUB_ORG)' in proc.stdout
+
+
 def test_wrong_shaped_file_names_tensors_and_shapes(timm, tmp_path):
     from timm_coordatt.pretrained import PretrainedWeightsError
 

@@ -1,6 +1,7 @@
 """ The model card and the checks `publish` makes before it uploads (the upload itself is tested
 against the Hub stand-in in test_pretrained.py). """
 import argparse
+import re
 
 import pytest
 import timm
@@ -54,6 +55,48 @@ def test_card_usage_table_and_citation(card):
     assert '| **MobileNeXt + CA** | 4.09M | 330M | **75.2** |' in card
     assert '@inproceedings{hou2021coordinate' in card
     assert 'author={Hou, Qibin and Zhou, Daquan and Feng, Jiashi}' in card
+
+
+CA_BIBTEX, MOBILENEXT_BIBTEX = '@inproceedings{hou2021coordinate', '@inproceedings{zhou2020rethinking'
+
+
+@pytest.mark.parametrize('name, ca, papers', [
+    ('mobilenetv2_050_ca', True, ['2103.02907']),
+    ('mobilenext_050', False, ['2007.02269']),
+    ('mobilenext_050_ca', True, ['2007.02269', '2103.02907']),
+])
+def test_card_names_and_cites_the_model_s_own_papers(name, ca, papers):
+    card = model_card(timm.create_model(name), f'me/{name}')
+    assert ('coordinate-attention' in _front_matter(card)['tags']) == ca
+    assert ('with Coordinate Attention' in card.split('## Model Details')[0]) == ca
+    assert sorted(re.findall(r'https://arxiv.org/abs/(\d+\.\d+)', card)) == papers
+    assert (CA_BIBTEX in card) == ('2103.02907' in papers)
+    assert (MOBILENEXT_BIBTEX in card) == ('2007.02269' in papers)
+    assert 'author={Zhou, Daquan and Hou, Qibin and Chen, Yunpeng and Feng, Jiashi and Yan, Shuicheng}' in card \
+        or '2007.02269' not in papers
+    assert '- **Original code:** https://github.com/' in card  # the architecture's code, not the weights' origin
+
+
+@pytest.mark.parametrize('dataset, listed', [
+    ('ImageNet-1k', ['imagenet-1k']),
+    ('nateraw/oxford-flowers', ['nateraw/oxford-flowers']),
+    ('Oxford Flowers-102', None),  # not a Hub dataset id: in the text only
+    ('CUB-200: birds #2011', None),  # would have been YAML syntax in the front matter
+])
+def test_card_front_matter_lists_hub_dataset_ids_only(dataset, listed):
+    card = model_card(timm.create_model('mobilenetv2_050_ca'), 'me/m', dataset=dataset)
+    assert _front_matter(card).get('datasets') == listed
+    assert f'- **{"Dataset" if listed else "Training data"}:** {dataset}\n' in card
+
+
+def test_publish_refuses_a_model_card_for_another_repository(tmp_path):
+    save_for_hf(timm.create_model('mobilenetv2_050_ca'), tmp_path, safe_serialization=True)
+    card = model_card(timm.create_model('mobilenetv2_050_ca'), 'timm-coordatt/mobilenetv2_050_ca.in1k')
+    (tmp_path / 'README.md').write_text(card)
+    with pytest.raises(PublishError, match="tells its readers to load 'hf-hub:timm-coordatt/mobilenetv2_050_ca.in1k', "
+                                           "but the folder is being published to 'me/flowers'"):
+        publish(tmp_path, 'me/flowers')
+    assert (tmp_path / 'README.md').read_text() == card
 
 
 def test_publish_refuses_incomplete_folder(tmp_path):

@@ -47,14 +47,18 @@ _STEM_HEAD = {
 _AUTHORS_STRIDES = (1, 2, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1)
 _BN_EPS = 1e-5  # PyTorch's default, which the authors' model uses
 _SHOW = 10  # keys listed per kind of problem in an error
+# where training scripts keep the weights (timm's train.py, torchvision's references, the authors' script)
+_WEIGHT_KEYS = ('state_dict', 'model')
+_EMA_KEYS = ('state_dict_ema', 'model_ema')
 
 
 class ConversionError(ValueError):
     """The checkpoint cannot be converted; the message says what was expected and what was found."""
 
 
-def load_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
-    """The authors' state dict from `path` (bare, or under 'state_dict' / 'model'; 'module.' prefixes removed).
+def load_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The authors' state dict from `path` (bare, or under 'state_dict' / 'model', or with `use_ema` its EMA
+    under 'state_dict_ema' / 'model_ema'; 'module.' prefixes removed).
 
     Loaded with `torch.load(weights_only=True)`, so a checkpoint that needs arbitrary unpickling is refused.
     """
@@ -70,15 +74,21 @@ def load_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
         raise ConversionError(
             f'{path} is not a PyTorch checkpoint that torch.load(weights_only=True) can read (a state dict '
             f'of tensors, possibly wrapped in a dict of plain values): {load_error(e)}') from e
-    if isinstance(checkpoint, dict):
-        for key in ('state_dict', 'model'):
-            if isinstance(checkpoint.get(key), dict):
-                checkpoint = checkpoint[key]
-                break
-    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise ConversionError(
-            f"{path} holds a {type(checkpoint).__name__}, expected a state dict of tensors, bare or under "
-            f"'state_dict' / 'model'.")
+    expected = "a state dict of tensors, bare or under 'state_dict' / 'model' (an EMA of the weights under " \
+               "'state_dict_ema' / 'model_ema', with --use-ema)"
+    if not isinstance(checkpoint, dict):
+        raise ConversionError(f'{path} holds a {type(checkpoint).__name__}, expected {expected}.')
+    keys = _EMA_KEYS if use_ema else _WEIGHT_KEYS
+    found = next((key for key in keys if isinstance(checkpoint.get(key), dict)), None)
+    if found is None and use_ema:
+        raise ConversionError(f"{path} holds no EMA weights ('state_dict_ema' / 'model_ema'); its top-level keys: "
+                              f"{_shown([repr(k) for k in checkpoint])}. Convert its weights without --use-ema.")
+    if found is not None:
+        checkpoint = checkpoint[found]
+    others = [k for k, v in checkpoint.items() if not isinstance(v, torch.Tensor)]
+    if others:
+        raise ConversionError(f'{path} holds a dict whose entries {_shown([repr(k) for k in others])} are not tensors, '
+                              f'expected {expected}.')
     return clean_state_dict(checkpoint)  # timm's: strips DDP 'module.' and torch.compile '_orig_mod.'
 
 
@@ -98,9 +108,12 @@ def _module_names(model: torch.nn.Module) -> Dict[str, str]:
     return names
 
 
+def _shown(items: List[str]) -> str:
+    return ', '.join(items[:_SHOW]) + (f' and {len(items) - _SHOW} more' if len(items) > _SHOW else '')
+
+
 def _listing(kind: str, items: List[str]) -> str:
-    shown = ', '.join(items[:_SHOW]) + (f' and {len(items) - _SHOW} more' if len(items) > _SHOW else '')
-    return f'{len(items)} {kind}: {shown}'
+    return f'{len(items)} {kind}: {_shown(items)}'
 
 
 def authors_to_timm(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -196,12 +209,15 @@ def convert(
         out_dir: Union[str, Path],
         model_name: str = 'mobilenetv2_ca',
         repo_id: Optional[str] = None,
+        use_ema: bool = False,
 ) -> Path:
     """Convert the authors' checkpoint into a new folder `out_dir` for timm's `model_name`; returns `out_dir`.
 
     The folder gets `model.safetensors`, `config.json` and `README.md` (a model card whose usage
-    names `repo_id`, by default this package's Hub repository for `<model_name>.in1k`). It is
-    written to a temporary folder beside `out_dir` and renamed into place, so a failure leaves nothing.
+    names `repo_id`, by default, for an ImageNet-1k head, this package's Hub repository for
+    `<model_name>.in1k`; other heads need `repo_id`). With `use_ema`, the checkpoint's EMA weights are
+    converted. The folder is written to a temporary folder beside `out_dir` and renamed into place, so
+    a failure leaves nothing.
     """
     out_dir = Path(out_dir)
     convertible = [n for n in list_package_models() if n.startswith('mobilenetv2_')]
@@ -209,25 +225,30 @@ def convert(
         raise ConversionError(f"Expected model_name to be one of {', '.join(convertible)}, got '{model_name}'.")
     if out_dir.exists():
         raise ConversionError(f'{out_dir} already exists; give a new folder to write the converted model to.')
-    state_dict = load_checkpoint(checkpoint)
+    state_dict = load_checkpoint(checkpoint, use_ema=use_ema)
     classifier = state_dict.get('classifier.1.weight')
     num_classes = classifier.shape[0] if classifier is not None and classifier.dim() == 2 else 1000
+    if repo_id is None and num_classes != 1000:
+        raise ConversionError(
+            f"The checkpoint's classifier has {num_classes} classes, not ImageNet-1k's 1000: give the Hub repository "
+            f"its model card will load it from (repo_id, --repo-id <user or org>/<name>).")
     model = timm.create_model(model_name, num_classes=num_classes).eval()
     model.load_state_dict(authors_to_timm(state_dict, model))
     _self_check(model, state_dict)
+    # a checkpoint in the authors' layout, not necessarily their released weights
     card = model_card(
         model, repo_id or hub_id(f'{model_name}.in1k'), dataset='ImageNet-1k' if num_classes == 1000 else None,
         description=(
-            f"MobileNetV2 with Coordinate Attention, weights released by the paper's authors "
-            f"(reported 74.3% ImageNet-1k top-1 for width 1.0), converted from their checkpoint to timm's "
-            f"`{model_name}` with `timm-coordatt convert`, which checks that both give the same logits."))
+            f"MobileNetV2 with Coordinate Attention as timm's `{model_name}`, converted with `timm-coordatt convert` "
+            f"from a checkpoint of the authors' `mbv2_ca.py` (their released ImageNet-1k weights are reported at "
+            f"74.3% top-1 for width 1.0); the conversion checks that both give the same logits."))
 
+    tmp = out_dir.parent / f'.{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp'
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()  # not mkdtemp: the folder keeps the user's umask once renamed into place
     except OSError as e:
         raise ConversionError(f'cannot create {out_dir}: {e}') from e
-    tmp = out_dir.parent / f'.{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp'
-    tmp.mkdir()  # not mkdtemp: the folder keeps the user's umask once renamed into place
     try:
         save_for_hf(model, tmp, safe_serialization=True)
         (tmp / 'README.md').write_text(card, encoding='utf-8')

@@ -9,7 +9,7 @@ import os
 
 __all__ = ['HUB_ORG', 'hub_id']
 
-HUB_ORG = os.environ.get('TIMM_COORDATT_HUB_ORG', 'timm-coordatt')
+HUB_ORG = os.environ.get('TIMM_COORDATT_HUB_ORG') or 'timm-coordatt'  # set but empty: the default
 
 
 def hub_id(model_name: str) -> str:

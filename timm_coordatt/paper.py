@@ -1,4 +1,5 @@
-""" The published numbers our models are compared with, by timm model name (224x224, ImageNet-1k).
+""" The papers the models come from, and the published numbers they are compared with, by timm model name
+(224x224, ImageNet-1k).
 
 CA paper: `Coordinate Attention for Efficient Mobile Network Design` (Hou, Zhou, Feng, CVPR 2021,
 arXiv:2103.02907). MobileNeXt paper: `Rethinking Bottleneck Structure for Efficient Mobile Network
@@ -7,10 +8,42 @@ Design` (Zhou, Hou, Chen, Feng, Yan, ECCV 2020, arXiv:2007.02269), for the width
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-__all__ = ['PaperResult', 'PAPER_RESULTS', 'CA_PAPER', 'MOBILENEXT_PAPER']
+__all__ = ['Paper', 'PAPERS', 'PaperResult', 'PAPER_RESULTS', 'CA_PAPER', 'MOBILENEXT_PAPER']
 
 CA_PAPER = 'arXiv:2103.02907'
 MOBILENEXT_PAPER = 'arXiv:2007.02269'
+
+
+@dataclass(frozen=True)
+class Paper:
+    """A paper the models come from, as model cards name and cite it."""
+    title: str
+    url: str
+    bibtex: str
+
+
+# by the ids of the models' `pretrained_cfg['paper_ids']`
+PAPERS: Dict[str, Paper] = {
+    CA_PAPER: Paper(
+        'Coordinate Attention for Efficient Mobile Network Design', 'https://arxiv.org/abs/2103.02907',
+        """\
+@inproceedings{hou2021coordinate,
+  title={Coordinate Attention for Efficient Mobile Network Design},
+  author={Hou, Qibin and Zhou, Daquan and Feng, Jiashi},
+  booktitle={Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  pages={13713--13722},
+  year={2021}
+}"""),
+    MOBILENEXT_PAPER: Paper(
+        'Rethinking Bottleneck Structure for Efficient Mobile Network Design', 'https://arxiv.org/abs/2007.02269',
+        """\
+@inproceedings{zhou2020rethinking,
+  title={Rethinking Bottleneck Structure for Efficient Mobile Network Design},
+  author={Zhou, Daquan and Hou, Qibin and Chen, Yunpeng and Feng, Jiashi and Yan, Shuicheng},
+  booktitle={European Conference on Computer Vision (ECCV)},
+  year={2020}
+}"""),
+}
 
 
 @dataclass(frozen=True)

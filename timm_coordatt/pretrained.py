@@ -29,6 +29,7 @@ from huggingface_hub import _CACHED_NO_EXIST, constants as hf_constants, hf_hub_
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
     RemoteEntryNotFoundError,
@@ -100,6 +101,7 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -
     if not load_from:
         raise _no_weights_error(variant, pretrained_cfg)
     kwargs = dict(kwargs)
+    overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
     if load_from == 'hf-hub':
         if isinstance(location, (tuple, list)):
             hub_id, filenames = location[0], (location[1],)  # explicit `hf_hub_filename`: that file only
@@ -109,7 +111,8 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -
         path = download_weights(repo_id, filenames, revision=revision, cache_dir=kwargs.get('cache_dir'))
         source = _describe(repo_id, os.path.basename(path), revision)
         # `source` is cleared so timm loads `file` instead of going back to the Hub
-        kwargs['pretrained_cfg_overlay'] = dict(kwargs.get('pretrained_cfg_overlay') or {}, file=path, source=None)
+        overlay.update(file=path, source=None)
+        load_from, location = 'file', path
     else:
         source = 'the given state_dict' if load_from == 'state_dict' else f'{load_from} {location}'
         if load_from == 'file' and str(location).endswith('.safetensors') and os.path.isfile(location):
@@ -118,9 +121,42 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -
                     pass
             except SafetensorError as e:
                 raise PretrainedWeightsError(f'{location} is not a valid safetensors file ({e})') from None
+    if 'num_classes' not in overlay:
+        # timm drops a classifier whose size differs from the config's: weights of a fine-tuned head (a file, a
+        # Hub repository given as `hf_hub_id`) would be replaced by a random head, or fail to load, while the
+        # config says 1000; the weights' own head size is the config's then
+        classes = _head_classes(load_from, location, pretrained_cfg)
+        if classes is not None and classes != pretrained_cfg.get('num_classes'):
+            overlay['num_classes'] = classes
+    if overlay:
+        kwargs['pretrained_cfg_overlay'] = overlay
     kwargs['pretrained_filter_fn'] = _shape_check(
         source, kwargs.get('pretrained_filter_fn'), strict=kwargs.get('pretrained_strict', True))
     return kwargs
+
+
+def _head_classes(load_from: str, location: Any, pretrained_cfg: Dict[str, Any]) -> Optional[int]:
+    """Outputs of the classifier in the weights a `file` or `state_dict` source holds; None where they have
+    no classifier (or no weights are there)."""
+    heads = _names(pretrained_cfg.get('classifier'))
+    if not heads:
+        return None
+    key = f'{heads[0]}.weight'
+    if load_from == 'state_dict':
+        shape = tuple(location[key].shape) if key in location else None
+    elif load_from == 'file' and os.path.isfile(location):
+        if str(location).endswith('.safetensors'):
+            with safe_open(location, framework='pt') as f:  # the header only
+                shape = tuple(f.get_slice(key).get_shape()) if key in f.keys() else None
+        else:
+            try:
+                weights = read_weights(location)
+            except Exception:  # timm's loader reports it
+                return None
+            shape = tuple(weights[key].shape) if key in weights else None
+    else:
+        return None
+    return shape[0] if shape and len(shape) == 2 else None
 
 
 def read_weights(path: Union[str, os.PathLike], use_ema: bool = False) -> Dict[str, torch.Tensor]:
@@ -218,6 +254,10 @@ def download_weights(
                 repo_id, filename, revision=revision, cache_dir=cache_dir, library_name=_PACKAGE)
         except RemoteEntryNotFoundError:
             continue
+        except HFValidationError as e:
+            raise PretrainedWeightsError(
+                f"'{repo_id}' is not a valid Hub repository id ({e}); this package's weights are looked up under "
+                f"the organisation '{HUB_ORG}' (TIMM_COORDATT_HUB_ORG).") from None
         except OSError as e:  # every huggingface_hub download error is one (HTTP, offline, size check)
             # offline or unreachable: the cache remembers whether the server said earlier that the file
             # does not exist (then a cached later one, e.g. pytorch_model.bin, loads as it did online)

@@ -6,6 +6,7 @@ safe_serialization=True)` writes: `config.json` + `model.safetensors`, optionall
 there is none (parameters, MACs, the paper's results, licence, citation, usage with
 `import timm_coordatt`), then creates the repository and uploads the folder with huggingface_hub.
 """
+import re
 from pathlib import Path
 from typing import Optional, Union
 
@@ -17,6 +18,8 @@ from timm.models._hub import HF_SAFE_WEIGHTS_NAME, generate_readme
 from torch import nn
 
 from .complexity import count_complexity
+from .coordinate_attention import CoordAttention
+from .paper import CA_PAPER, PAPERS
 from .pretrained import list_package_models
 from .training import write_text
 
@@ -24,9 +27,9 @@ __all__ = ['PublishError', 'model_card', 'publish']
 
 UPLOAD_FILES = ('config.json', HF_SAFE_WEIGHTS_NAME, 'README.md')
 
-# ImageNet-1k, 224x224, as reported in the paper (coordatt.md section 3)
+# ImageNet-1k, 224x224, as reported in the CA paper (coordatt.md section 3)
 PAPER_TABLE = """\
-ImageNet-1k results reported in the paper (224x224 input):
+ImageNet-1k results reported in the Coordinate Attention paper (224x224 input):
 
 | Model | Params | M-Adds | Top-1 (%) |
 |---|---|---|---|
@@ -38,15 +41,6 @@ ImageNet-1k results reported in the paper (224x224 input):
 | MobileNeXt + SE | 3.89M | 300M | 74.7 |
 | **MobileNeXt + CA** | 4.09M | 330M | **75.2** |
 """
-
-CITATION = """\
-@inproceedings{hou2021coordinate,
-  title={Coordinate Attention for Efficient Mobile Network Design},
-  author={Hou, Qibin and Zhou, Daquan and Feng, Jiashi},
-  booktitle={Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
-  pages={13713--13722},
-  year={2021}
-}"""
 
 TIMM_CITATION = """\
 @misc{rw2019timm,
@@ -79,6 +73,12 @@ with torch.inference_mode():
 """
 
 
+# what the card's front matter lists as datasets: Hub dataset ids (a free-form name goes into the text only)
+_DATASET_ID = re.compile(r'[A-Za-z0-9][\w.-]*(/[\w.-]+)?')
+# the Hub repositories a model card tells its readers to load
+_LOADED_REPOS = re.compile(r"""create_model\(\s*['"]hf-hub:([^'"@]+)""")
+
+
 class PublishError(ValueError):
     """The folder cannot be published; the message says what was expected and what was found."""
 
@@ -92,6 +92,9 @@ def model_card(
     """README.md for `model` published as `repo_id`: metadata, stats, usage, the paper's table, citations."""
     cfg = model.pretrained_cfg
     arch = cfg['architecture']
+    with_ca = any(isinstance(m, CoordAttention) for m in model.modules())
+    paper_ids = cfg.get('paper_ids') or (CA_PAPER if with_ca else ())
+    papers = [PAPERS[i] for i in ((paper_ids,) if isinstance(paper_ids, str) else paper_ids) if i in PAPERS]
     input_size = tuple(cfg['input_size'])
     stats = count_complexity(model, input_size)
     details = {
@@ -103,22 +106,23 @@ def model_card(
             'Image size': f'{input_size[1]} x {input_size[2]}',
             'Classes': str(model.num_classes),
         },
-        'Papers': {cfg.get('paper_name') or 'Coordinate Attention for Efficient Mobile Network Design':
-                   'https://arxiv.org/abs/2103.02907'},
     }
+    if papers:
+        details['Papers'] = {paper.title: paper.url for paper in papers}
     if dataset:
-        details['Dataset'] = dataset
+        details['Dataset' if _DATASET_ID.fullmatch(dataset) else 'Training data'] = dataset
     if cfg.get('origin_url'):
-        details['Original'] = cfg['origin_url']
+        details['Original code'] = cfg['origin_url']
     card = dict(
         # no `transformers` tag (timm's default): transformers cannot build this architecture
-        tags=['image-classification', 'timm', 'timm-coordatt', 'coordinate-attention'],
+        tags=['image-classification', 'timm', 'timm-coordatt'] + (['coordinate-attention'] if with_ca else []),
         license=cfg.get('license') or 'mit',
-        description=description or f'`{arch}`: an image classification model with Coordinate Attention for timm.',
+        description=description or (
+            f'`{arch}`: an image classification model{" with Coordinate Attention" if with_ca else ""} for timm.'),
         details=details,
         usage=USAGE.replace('{repo_id}', repo_id),
         comparison=PAPER_TABLE,
-        citation=[CITATION, TIMM_CITATION],
+        citation=[paper.bibtex for paper in papers] + [TIMM_CITATION],
     )
     return generate_readme(card, repo_id.split('/')[-1])
 
@@ -149,6 +153,15 @@ def publish(
     if not folder.is_dir():
         raise PublishError(f'{folder} is not a folder; expected a folder written by `timm-coordatt convert` or '
                            f"timm's save_for_hf(model, folder, safe_serialization=True).")
+    readme = folder / 'README.md'
+    if readme.is_file():  # written for another repository (say, by an earlier publish or convert's default)
+        other = sorted({r for r in _LOADED_REPOS.findall(readme.read_text(encoding='utf-8', errors='replace'))
+                        if r.lower() != repo_id.lower()})
+        if other:
+            raise PublishError(
+                f"{readme} tells its readers to load 'hf-hub:{other[0]}', but the folder is being published to "
+                f"'{repo_id}': edit it, delete it to have a model card written for '{repo_id}', or convert again "
+                f"with --repo-id {repo_id}.")
     missing = [name for name in UPLOAD_FILES[:2] if not (folder / name).is_file()]
     if missing:
         raise PublishError(
@@ -167,7 +180,6 @@ def publish(
     api = HfApi(token=token, library_name='timm_coordatt')
     try:
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        readme = folder / 'README.md'
         if not readme.exists():  # once the repository exists, under the id the Hub gave it
             write_text(str(readme), model_card(model, repo_id, dataset=dataset))
         return api.upload_folder(

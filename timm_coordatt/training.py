@@ -36,7 +36,7 @@ import numpy as np
 import safetensors.torch
 import torch
 import torch.distributed as dist
-from huggingface_hub import constants as hf_constants
+from huggingface_hub import constants as hf_constants, try_to_load_from_cache
 from huggingface_hub.errors import LocalEntryNotFoundError
 from PIL import Image
 from torch import nn
@@ -424,6 +424,13 @@ def create_model(
         why = (f'offline mode is on (HF_HUB_OFFLINE=1) and its files are not in the Hub cache '
                f'{hf_constants.HF_HUB_CACHE}' if hf_constants.HF_HUB_OFFLINE else f'{type(e).__name__}: {e}')
         raise UsageError(f'cannot create model {model_name!r}: {why}') from None
+    except json.JSONDecodeError as e:
+        source, name = parse_model_name(model_name)
+        # a damaged copy in the Hub cache is read again on every load: name it
+        config = try_to_load_from_cache(name, 'config.json') if source == 'hf-hub' else None
+        where = f'the cached {config}' if isinstance(config, str) else 'its config.json'
+        raise UsageError(f'cannot create model {model_name!r}: {where} is not valid JSON ({e}); delete it to '
+                         f'download it again') from None
     except Exception as e:  # the Hub, a missing file, a bad config: all reported the same way
         raise UsageError(f'cannot create model {model_name!r}: {type(e).__name__}: {e}') from None
     if checkpoint is None:
