@@ -2,6 +2,8 @@
 less memory held for backward, no silent staleness, no scope outliving a forward. """
 import contextlib
 import copy
+import gc
+import weakref
 
 import pytest
 import timm
@@ -88,6 +90,60 @@ def test_output_changed_in_place_is_stored():
         return conv.weight.grad
 
     torch.testing.assert_close(run(recompute_ca_outputs), run(contextlib.nullcontext), rtol=0, atol=0)
+
+
+def test_a_graph_dropped_without_backward_is_freed():
+    """A skipped step, `retain_graph=True`, gradients of some parameters only: the forward's tensors go with
+    the graph, as without the hooks (a saved output held as is would hold its node: a cycle gc cannot see)."""
+    model = timm.create_model('mobilenetv2_050_ca').train()
+    x = torch.randn(2, 3, 32, 32)
+
+    def ca_inputs_alive_after(use):
+        inputs = []
+        handles = [m.register_forward_hook(lambda m, args, out: inputs.append(weakref.ref(args[0])))
+                   for m in model.modules() if isinstance(m, CoordAttention)]
+        use(model(x))
+        for h in handles:
+            h.remove()
+        gc.collect()
+        assert inputs
+        return [i for i, ref in enumerate(inputs) if ref() is not None]
+
+    assert ca_inputs_alive_after(lambda out: None) == []
+    assert ca_inputs_alive_after(lambda out: out.sum().backward(retain_graph=True)) == []
+    assert ca_inputs_alive_after(lambda out: torch.autograd.grad(out.sum(), model.classifier.weight)) == []
+
+
+def test_other_saved_tensors_changed_in_place_raise():
+    """Tensors handed to saved-tensor hooks lose autograd's own version check; the hooks check them."""
+    ca, conv = CoordAttention(16).train(), nn.Conv2d(16, 4, 1)
+    x = torch.randn(2, 16, 6, 6, requires_grad=True)
+    for context in (contextlib.nullcontext, recompute_ca_outputs):
+        with context():
+            prob = torch.sigmoid(conv(ca(x)))  # sigmoid saves its output
+        prob.mul_(0.5)
+        with pytest.raises(RuntimeError, match='modified by an inplace operation'):
+            prob.sum().backward()
+
+
+def test_a_forward_interrupted_by_ctrl_c_leaves_no_scope():
+    """`always_call` exit hooks run after an Exception only: after a KeyboardInterrupt the next forward closes
+    the interrupted one's scope."""
+    model = timm.create_model('mobilenetv2_050_ca').train()
+    other = set_recompute_ca_outputs(timm.create_model('mobilenetv2_050_ca'), False).train()
+    x = torch.randn(2, 3, 32, 32)
+
+    def interrupt(module, args, out):
+        raise KeyboardInterrupt
+
+    handle = model.blocks[2].register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        model(x)
+    handle.remove()
+    model(x).sum().backward()
+    assert not recompute_active()
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    assert _scopes_seen(other, x) == {(False, None)}  # no scope left for a model without recomputation
 
 
 def test_context_state():

@@ -16,6 +16,7 @@ by default); for any other model, wrap the forward pass:
 or call `set_recompute_ca_outputs(model)` once. Compiled, scripted and traced models are unaffected
 (torch.compile's own partitioner already recomputes cheap products).
 """
+import sys
 import threading
 import typing
 from contextlib import contextmanager
@@ -49,16 +50,33 @@ def mark_recomputable(out: torch.Tensor, x: torch.Tensor, a_h: torch.Tensor, a_w
     out._ca_recipe = _Recipe(x, a_h, a_w, x._version, out._version)
 
 
-def _pack(t: torch.Tensor) -> Union[torch.Tensor, _Recipe]:
+class _Saved(NamedTuple):
+    """Any other saved tensor: detached, and its version when saved.
+
+    Kept as is, a tensor saved by the node that made it (an output: a sigmoid's, the strip MLP's gates) would
+    hold that node through its `grad_fn`, a cycle that only backward breaks: a graph dropped without one
+    (a skipped step, `retain_graph=True`, a gradient of some parameters only) would never be freed. And
+    tensors given to saved-tensor hooks lose autograd's check for in-place changes: it is done here.
+    """
+    tensor: torch.Tensor
+    version: int
+
+
+def _pack(t: torch.Tensor) -> Union[_Saved, _Recipe]:
     recipe: Optional[_Recipe] = getattr(t, '_ca_recipe', None)
     if recipe is None or t._version != recipe.out_version:  # changed in place since: store it
-        return t
+        return _Saved(t.detach(), t._version)  # the detached tensor shares the version counter
     return recipe
 
 
-def _unpack(saved: Union[torch.Tensor, _Recipe]) -> torch.Tensor:
-    if isinstance(saved, torch.Tensor):
-        return saved
+def _unpack(saved: Union[_Saved, _Recipe]) -> torch.Tensor:
+    if isinstance(saved, _Saved):
+        if saved.tensor._version != saved.version:
+            raise RuntimeError(
+                'one of the variables needed for gradient computation has been modified by an inplace '
+                f'operation: [{saved.tensor.type()} {list(saved.tensor.shape)}] is at version '
+                f'{saved.tensor._version}; expected version {saved.version} instead.')
+        return saved.tensor  # autograd gives it back its grad_fn
     if saved.x._version != saved.x_version:
         raise RuntimeError(
             'A CoordAttention input was modified in place after the forward pass, so its output cannot be '
@@ -112,12 +130,31 @@ def _enter_model(module: nn.Module) -> None:
     their objects are out of the caches, the bookkeeping alone cost 0.3-0.8% of MobileNetV2's time."""
     if not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return  # inference; or compiled, where the graph decides what it saves
+    scopes = _state.__dict__.setdefault('model_scopes', [])
+    if scopes:
+        _close_interrupted(scopes)
     scope = None
     if (not torch.jit.is_tracing() and torch._C._autograd._saved_tensors_hooks_is_enabled()
             and _top_saved_tensors_hooks(False) is None):
         scope = _Scope().enter()
-    # tagged with the module: the exit hook, called whatever happens in forward, pops its own entry only
-    _state.__dict__.setdefault('model_scopes', []).append((module, scope))
+    # tagged with the module, the exit hook pops its own entry only; and with the frame of the module's call,
+    # which tells an entry whose forward was interrupted
+    scopes.append((module, scope, sys._getframe(2)))
+
+
+def _close_interrupted(scopes: list) -> None:
+    """Close the scopes of forwards that ended without their exit hook: `always_call` hooks run after an
+    `Exception`, not after Ctrl-C (KeyboardInterrupt) or SystemExit, which would leave the hooks on in this
+    thread for good (and the model referenced)."""
+    running = set()
+    frame = sys._getframe(1)
+    while frame is not None:
+        running.add(id(frame))  # the entries hold their frames: no other frame can have taken their ids
+        frame = frame.f_back
+    while scopes and id(scopes[-1][2]) not in running:
+        scope = scopes.pop()[1]
+        if scope is not None:
+            scope.exit()
 
 
 @torch.jit.unused
