@@ -38,7 +38,6 @@ from timm_coordatt import CoordAttention, native
 from in_turn import add_pairs_argument, model_pairs, settled, time_in_turn
 
 
-
 class _KernelOnly(nn.Module):
     """A CA block's inference as one kernel call, its checks made once here instead of every call."""
 

@@ -152,7 +152,6 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes_exactly(tmp_path):
     assert not [f for f in os.listdir(interrupted) if '.tmp' in f]
 
 
-
 def test_ctrl_c_in_validation_resumes_exactly(tmp_path, monkeypatch):
     # an image folder: its augmentations draw from the global RNG, which the resumed epochs must not
     # take from the interrupted one
@@ -209,7 +208,6 @@ def test_resume_refuses_changed_classes(tmp_path, capsys):
     assert read_metrics(run)[-1]['epoch'] == 1
 
 
-
 def test_two_runs_started_into_one_new_directory(tmp_path, monkeypatch, capsys):
     run = tmp_path / 'run'
     find_data = training.find_data
@@ -224,6 +222,7 @@ def test_two_runs_started_into_one_new_directory(tmp_path, monkeypatch, capsys):
     assert f'output directory {run} was created by another run meanwhile' in capsys.readouterr().err
     assert os.listdir(run) == ['best']
 
+
 def test_layer_decay_without_a_schedule(tmp_path):
     run = str(tmp_path / 'run')
     assert main(['train', '--model', MODEL, '--epochs', '1', '--grid-samples', '16', '--batch-size', '8', '--sched',
@@ -234,6 +233,7 @@ def test_layer_decay_without_a_schedule(tmp_path):
     for group in groups:  # each layer group at its own rate, as timm's schedules set them
         assert group['lr'] == pytest.approx(3e-3 * group['lr_scale'])
     assert read_metrics(run)[0]['lr'] == pytest.approx(3e-3)  # the head's (unscaled) rate
+
 
 def test_freeze_keeps_the_first_groups_unchanged(tmp_path):
     run = str(tmp_path / 'run')
@@ -322,7 +322,6 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     assert moved, 'the step did not change the weights'
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
-
 
 
 @pytest.mark.slow

@@ -133,6 +133,22 @@ def test_inplace_inference(channels_last, inference_kernel):
     torch.testing.assert_close(x_default, x, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_inplace_inference_counts_as_an_inplace_write(channels_last, inference_kernel):
+    """A tensor autograd saved, then gated in place under no_grad: backward must refuse it, as after any
+    in-place op, rather than run on the overwritten values."""
+    block = CoordAttention(16, inplace=True).eval()
+    w = torch.randn(16, 16, requires_grad=True)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    z = torch.einsum('oc,nchw->nohw', w, torch.randn(2, 16, 7, 7)).contiguous(memory_format=memory_format)
+    z = z.exp()  # saves its output
+    assert native.layout(z) == channels_last
+    with torch.no_grad():
+        block(z)
+    with pytest.raises(RuntimeError, match='modified by an inplace operation'):
+        z.sum().backward()
+
+
 def test_inference_follows_parameter_changes(inference_kernel):
     """The folded inference weights are cached; every kind of update must reach them."""
     torch.manual_seed(0)  # seeded: after the SGD step below the blocks differ by rounding, for some draws by over 1e-6
@@ -199,7 +215,6 @@ def test_inference_refolds_after_to_following_data_writes(inference_kernel):
         torch.testing.assert_close(ours(x), authors.eval()(x), rtol=1e-5, atol=1e-6)
 
 
-
 def test_inference_refolds_after_a_write_while_folding(monkeypatch, inference_kernel):
     """An in-place update from another thread (an EMA) can land while a block folds its weights: the next
     call must fold again, not keep what was folded from the old values."""
@@ -250,6 +265,7 @@ def test_forward_mode_ad(mode, inference_kernel):
     (y1, t1), (y2, t2) = results
     torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(t1, t2, rtol=1e-5, atol=1e-5)
+
 
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize('input_grad', [False, True])
@@ -611,6 +627,29 @@ def _gate_inputs(memory_format: torch.memory_format):
 
 
 MEMORY_FORMATS = [torch.contiguous_format, torch.channels_last]
+
+
+@pytest.mark.parametrize('second', ['create_graph', 'channels_last_gradient'])
+def test_a_backward_of_the_parameters_alone_leaves_nothing_for_the_next(second):
+    """A first backward asking for the parameters' gradients only (retain_graph) runs the product's backward but
+    not the pooling's; a second one for x whose product backward takes PyTorch ops (double backward, a
+    gradient laid out unlike x) must not get the first one's part of x's gradient."""
+    torch.manual_seed(0)
+    block = CoordAttention(16).train()
+    x = torch.randn(2, 16, 7, 9)
+    g1, g2 = torch.randn_like(x) * 100, torch.randn_like(x)
+    if second == 'channels_last_gradient':
+        g2 = g2.contiguous(memory_format=torch.channels_last)
+
+    def grad_x(use_native_kernel):
+        b = copy.deepcopy(block)
+        b.use_native_kernel = use_native_kernel
+        x_ = x.clone().requires_grad_()
+        y = b(x_)
+        torch.autograd.grad(y, list(b.parameters()), g1, retain_graph=True)
+        return torch.autograd.grad(y, x_, g2, create_graph=second == 'create_graph')[0]
+
+    torch.testing.assert_close(grad_x(True), grad_x(False), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('memory_format', MEMORY_FORMATS)

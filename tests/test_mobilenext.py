@@ -228,6 +228,7 @@ def test_attn_layer_given_replaces_ca():
     assert not se._forward_pre_hooks and not any(isinstance(m, CoordAttention) for m in se.modules())
     assert sum(type(m).__name__ == 'SEModule' for m in se.modules()) == len(blocks)
 
+
 def test_identity_tensor_multiplier():
     torch.manual_seed(0)
     block = SandglassBlock(96, 96, identity_tensor_multiplier=0.5)

@@ -3,6 +3,7 @@ exactly where they support the block and input, and strict about what they are g
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -67,12 +68,30 @@ def test_switch_turns_it_off(monkeypatch):
     assert not native.available()
 
 
-@pytest.mark.parametrize('value, expected', [('0', 'False'), ('1', 'True')])
+@pytest.mark.parametrize('value, expected', [('0', 'False'), ('false', 'False'), ('Off', 'False'), ('no ', 'False'),
+                                             ('1', 'True'), ('', 'True')])
 def test_environment_at_import_turns_it_off(value, expected):
     code = 'from timm_coordatt import native; print(native.available())'
     env = {**os.environ, 'TIMM_COORDATT_NATIVE': value}
     result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == expected
+
+
+def test_kernels_that_do_not_load_are_reported(tmp_path):
+    """Without a compiler there are no kernels, quietly; a build that is there but does not load says so."""
+    package = tmp_path / 'timm_coordatt'
+    shutil.copytree(os.path.dirname(native.__file__), package, ignore=shutil.ignore_patterns('__pycache__'))
+    (built,) = [p for p in package.iterdir() if p.name.startswith('_native.')]
+    code = 'from timm_coordatt import native; print(native.built)'
+    env = {**os.environ, 'PYTHONPATH': str(tmp_path)}
+
+    def run():
+        return subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True)
+    assert run().stderr == ''
+    built.write_bytes(b'not a shared library')
+    damaged = run()
+    assert damaged.stdout.strip() == 'False'
+    assert 'RuntimeWarning: timm_coordatt: the C kernels do not load' in damaged.stderr
 
 
 # 1 x W, H x 1, 1 x 1, very non-square, rows shorter and longer than a vector (rows of up to 64
@@ -277,7 +296,8 @@ def _assert_gate_gradients_close(grad_a_h, grad_a_w, x, a_h, a_w, grad):
     with the result, so a tolerance relative to the result fails at random where the terms cancel. A wrong
     or missing term is off by about 1/W (1/H) of that sum."""
     x, a_h, a_w, grad = (t.double() for t in (x, a_h, a_w, grad))
-    for name, ours, terms, dim in (('grad_a_h', grad_a_h, x * grad * a_w, 3), ('grad_a_w', grad_a_w, x * grad * a_h, 2)):
+    for name, ours, terms, dim in (('grad_a_h', grad_a_h, x * grad * a_w, 3),
+                                   ('grad_a_w', grad_a_w, x * grad * a_h, 2)):
         error = (ours.double() - terms.sum(dim, keepdim=True)).abs()
         bound = 1e-5 * terms.abs().sum(dim, keepdim=True)
         assert (error <= bound).all(), f'{name}: the largest error {(error / bound).max():.2f}x its bound'
@@ -596,8 +616,8 @@ def test_strip_mlp_kernels_match_pytorch(shape, threads, channels_last, bias, no
             torch.testing.assert_close(got[3][name], want[3][name], rtol=1e-5, atol=1e-6, msg=lambda e: f'{name}: {e}')
 
 
-@pytest.mark.parametrize('channels_last,size,kernels', [(False, 9, True), (True, 9, True), (False, 15, False),
-                                                          (True, 15, True)])
+@pytest.mark.parametrize('channels_last,size,kernels', [
+    (False, 9, True), (True, 9, True), (False, 15, False), (True, 15, True)])
 def test_training_runs_the_strip_mlp_in_the_kernels(channels_last, size, kernels):
     """No matmul, conv, activation or norm op of the strips' MLP but torch's batch norm, forward and backward;
     PyTorch's ops where the block has other layers, and for contiguous inputs with H + W over 28."""

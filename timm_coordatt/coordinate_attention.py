@@ -168,6 +168,10 @@ class _CoordGate(torch.autograd.Function):
                 gate_gradient.pending = (grad_out, a_h, a_w, owned)
                 return None, grad_a_h, grad_a_w, None, None
             return (*native.gate_backward(x, a_h, a_w, grad_out), None, None)
+        if gate_gradient is not None:
+            # x's gradient is all here: none left from an earlier backward through the graph (retain_graph) for
+            # `_StripPool` to add
+            gate_gradient.pending = None
         gx = grad_a_h = grad_a_w = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             gx = x * grad_out  # in x's memory format

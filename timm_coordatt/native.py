@@ -10,18 +10,23 @@ In eager execution on float32 CPU tensors, contiguous or channels_last, `CoordAt
   small MLP on the strips, forward and backward (`strip_mlp_forward`, `strip_mlp_backward`), in place
   of a dozen small ops.
 Everything else (other dtypes and devices, TorchScript, tracing, torch.compile, export, torch.func
-transforms, double backward) runs the PyTorch formulation. `TIMM_COORDATT_NATIVE=0` in the environment when the package
-is imported, or `timm_coordatt.native.enabled = False` at any time, turns the kernels off.
+transforms, double backward) runs the PyTorch formulation. `TIMM_COORDATT_NATIVE=0` (or `false`, `no`, `off`) in the
+environment when the package is imported, or `timm_coordatt.native.enabled = False` at any time, turns the kernels off.
 """
 import os
+import warnings
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
 try:
     from . import _native
-except ImportError:  # built without a C compiler
+except ModuleNotFoundError:  # built without a C compiler: the PyTorch ops, quietly
     _native = None
+except ImportError as e:  # built, but it does not load (damaged, another architecture's)
+    _native = None
+    warnings.warn(f'timm_coordatt: the C kernels do not load ({e}); CoordAttention runs PyTorch ops instead. '
+                  f'Reinstall the package to rebuild them.', RuntimeWarning)
 
 __all__ = [
     'built', 'enabled', 'available', 'layout', 'InferenceWeights', 'coord_attention_inference', 'run_inference',
@@ -36,9 +41,10 @@ built = _native is not None
 # looked up once for the per-call path of inference: in a network's forward, each lookup in torch's
 # module dict there is a cache miss
 _float32, _channels_last, _get_num_threads = torch.float32, torch.channels_last, torch.get_num_threads
+_increment_version = torch._C._increment_version  # torch.autograd.graph.increment_version's own call
 # read once: the check runs on every CoordAttention call, where an environment lookup costs more
 # than the rest of the call's Python
-enabled = os.environ.get('TIMM_COORDATT_NATIVE', '1') != '0'
+enabled = os.environ.get('TIMM_COORDATT_NATIVE', '1').strip().lower() not in ('0', 'false', 'no', 'off')
 
 
 def available() -> bool:
@@ -95,6 +101,9 @@ def run_inference(x: torch.Tensor, out: torch.Tensor, weights: InferenceWeights,
     `channels_last`, `out` laid out as x): the per-call path of `CoordAttention`."""
     _native.forward(x.data_ptr(), out.data_ptr(), *x.shape, weights.rd_channels, *weights.addresses,
                     channels_last, _get_num_threads())
+    # written outside PyTorch: a tensor autograd saved (the input, written in place) must read as changed, as
+    # after `mul_`
+    _increment_version((out,))
     return out
 
 

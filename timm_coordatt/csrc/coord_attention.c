@@ -58,7 +58,8 @@ CA_INLINE float ca_exp(float v) {
     int32_t k_bits, shifter_bits;
     memcpy(&k_bits, &k_shifted, sizeof(k_bits));
     memcpy(&shifter_bits, &shifter, sizeof(shifter_bits));
-    const int32_t bits = (k_bits - shifter_bits + 127) << 23;
+    /* unsigned: a NaN input makes k_bits anything, and a signed shift out of range is undefined */
+    const uint32_t bits = ((uint32_t)k_bits - (uint32_t)shifter_bits + 127u) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof(scale));
     return p * scale;
