@@ -80,6 +80,12 @@ def test_grid_shapes_rejects_bad_arguments():
         GridShapes('test')
     with pytest.raises(ValueError, match='img_size'):
         GridShapes(img_size=16, grid=3)
+    # checked when made, not when the first image is drawn (in a DataLoader worker)
+    for contrast in ((48, 24), (0, 0), (-10, 5), (24, 400), (24.5, 48)):
+        with pytest.raises(ValueError, match=r'distractor_contrast must be integers 0 <= low < high <= 256'):
+            GridShapes(distractor_contrast=contrast)
+    with pytest.raises(ValueError, match='seed must be an integer >= 0, got -1'):
+        GridShapes(seed=-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,6 +307,8 @@ def test_impossible_option_combinations(tmp_path, capsys):
     ('train', '--workers', '-1', '--workers must be >= 0, got -1'),
     ('train', '--min-lr', '-1', '--min-lr must be >= 0, got -1.0'),
     ('train', '--weight-decay', '-1', '--weight-decay must be >= 0, got -1.0'),
+    ('train', '--seed', '-1', '--seed must be in [0, 2**32), got -1'),
+    ('train', '--seed', str(2 ** 32), f'--seed must be in [0, 2**32), got {2 ** 32}'),
     ('train', '--layer-decay', '-1', '--layer-decay must be > 0, got -1.0'),
     ('train', '--clip-grad', '0', '--clip-grad must be > 0, got 0.0'),
     ('train', '--device', 'nonsense', "cannot use device 'nonsense'"),

@@ -11,6 +11,7 @@ Every image is a pure function of `(seed, split, epoch, index)`: the dataset nee
 network, is identical on every machine and process, and `set_epoch` draws fresh training images
 every epoch (an endless supply, so the task is learnt rather than memorised).
 """
+import numbers
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -59,7 +60,8 @@ class GridShapes(torch.utils.data.Dataset):
         target: The shape whose cell is the label, one of `SHAPES`.
         distractors: Shapes drawn as distractors, from `SHAPES` other than `target`.
         distractor_contrast: Range `[low, high)` of the distractors' difference from the background
-            in every channel (the target's is [80, 176)); the background noise has std 16.
+            in every channel, integers with `0 <= low < high <= 256` (the target's is [80, 176)); the
+            background noise has std 16.
         seed: Base seed; the same seed gives the same images everywhere.
         transform: Applied to each PIL image (e.g. timm's `create_transform`).
     """
@@ -95,6 +97,12 @@ class GridShapes(torch.utils.data.Dataset):
             raise ValueError(
                 f'GridShapes distractors must be shapes of {SHAPES} other than the target {target!r}, '
                 f'got {distractors}')
+        low, high = distractor_contrast
+        if not all(isinstance(v, numbers.Integral) for v in (low, high)) or not 0 <= low < high <= 256:
+            raise ValueError(f'GridShapes distractor_contrast must be integers 0 <= low < high <= 256 (levels from '
+                             f'the background), got {tuple(distractor_contrast)}')
+        if not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f'GridShapes seed must be an integer >= 0, got {seed}')
         self.split = split
         self.num_samples = num_samples
         self.img_size = img_size

@@ -651,6 +651,8 @@ def _check_options(args: argparse.Namespace, ctx: _Dist) -> None:
         'workers': 0, 'weight_decay': 0, 'momentum': 0, 'warmup_lr': 0, 'min_lr': 0})
     if args.lr <= 0:
         raise UsageError(f'--lr must be > 0, got {args.lr}')
+    if not 0 <= args.seed < 2 ** 32:  # numpy's range, which timm's random_seed seeds too
+        raise UsageError(f'--seed must be in [0, 2**32), got {args.seed}')
     for name in ('layer_decay', 'clip_grad'):
         value = getattr(args, name)
         if value is not None and value <= 0:
