@@ -7,13 +7,15 @@ the depthwise conv of each expansion-6 block (the MobileNetV2 0.5 layout of `mob
         baseline, min 8 channels)
   none  no attention
 Every run goes through `timm-coordatt train` with the same options (the defaults unless given);
-the table reports the validation top-1 after the last epoch, mean ± sample std over seeds.
+the table reports the validation top-1 after the last epoch (mean ± sample std over seeds, median,
+each seed's) and the median seconds a run took.
 
     python benchmarks/attention_on_grid_task.py --seeds 0 1 2
 """
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -31,6 +33,7 @@ from timm.models._registry import generate_default_cfgs
 from timm.models.efficientnet import EfficientNet
 from timm_coordatt import CoordAttentionFactory
 from timm_coordatt.cli import main as cli_main
+from timm_coordatt.training import CONFIG_FILE
 
 ATTENTION = {
     'ca': CoordAttentionFactory(),
@@ -102,7 +105,9 @@ def main() -> int:
                     return rc
                 with open(os.path.join(run, 'metrics.jsonl')) as f:
                     last = [json.loads(line) for line in f][-1]
-                params = sum(p.numel() for p in timm.create_model(model, num_classes=9).parameters())
+                with open(os.path.join(run, CONFIG_FILE)) as f:
+                    num_classes = json.load(f)['num_classes']  # the task's: --grid squared
+                params = sum(p.numel() for p in timm.create_model(model, num_classes=num_classes).parameters())
                 result = {'attention': attention, 'seed': seed, 'params': params, 'val_top1': last['val_top1'],
                           'val_loss': last['val_loss'], 'epochs': last['epoch'],
                           'seconds': time.perf_counter() - start}
@@ -112,17 +117,20 @@ def main() -> int:
                     with open(args.results_file, 'a') as f:
                         f.write(json.dumps(result) + '\n')
 
-    print(f'\nvalidation top-1 (%) on the {results[0]["epochs"]}-epoch grid task, '
-          f'{len(args.seeds)} seeds (mean ± std, then per seed):')
-    print('| attention | params | top-1 | per seed | minutes per run |')
-    print('|---|---|---|---|---|')
+    options = ['--seeds', *map(str, args.seeds), '--attention', *args.attention] + (
+        ['--output', args.output] if args.output else []) + (
+        ['--results-file', args.results_file] if args.results_file else [])
+    print(f'\ncommand: python benchmarks/attention_on_grid_task.py {shlex.join(options + train_args)}')
+    print(f'validation top-1 (%) on the {results[0]["epochs"]}-epoch grid task, {len(args.seeds)} seeds')
+    print('| attention | params | top-1 (%) mean ± std | median | per seed | median s per run |')
+    print('|---|---:|---:|---:|---|---:|')
     for attention in args.attention:
         rows = [r for r in results if r['attention'] == attention]
         top1 = [r['val_top1'] for r in rows]
         std = statistics.stdev(top1) if len(top1) > 1 else 0.
-        minutes = statistics.mean(r['seconds'] for r in rows) / 60
+        seconds = statistics.median(r['seconds'] for r in rows)
         print(f'| {attention} | {rows[0]["params"]:,} | {statistics.mean(top1):.1f} ± {std:.1f} | '
-              f'{", ".join(f"{t:.1f}" for t in top1)} | {minutes:.1f} |')
+              f'{statistics.median(top1):.1f} | {", ".join(f"{t:.1f}" for t in top1)} | {seconds:.0f} |')
     return 0
 
 

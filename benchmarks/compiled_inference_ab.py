@@ -27,7 +27,7 @@ import torch
 from timm_coordatt import CoordAttention
 from timm_coordatt.model_benchmark import _compiled_alone
 
-from in_turn import add_pairs_argument, model_pairs, settled, time_in_turn
+from in_turn import add_pairs_argument, model_pairs, positive_int, settled, time_in_turn
 
 VARIANTS = ('baseline', 'kernel_op', 'formulation')
 
@@ -43,9 +43,9 @@ def _compiled(name: str, memory_format: torch.memory_format, native: bool) -> Ca
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--calls', type=int, default=30, help='calls of each variant (default: %(default)s)')
-    parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 32])
-    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--calls', type=positive_int, default=30, help='calls of each variant (default: %(default)s)')
+    parser.add_argument('--batch-sizes', type=positive_int, nargs='+', default=[1, 32])
+    parser.add_argument('--threads', type=positive_int, default=2)
     parser.add_argument('--channels-last', action='store_true', help='models and inputs channels_last')
     add_pairs_argument(parser)
     args = parser.parse_args()

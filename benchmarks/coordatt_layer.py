@@ -32,6 +32,8 @@ from timm.layers.coord_attn import CoordAttn  # noqa: E402
 from torch.profiler._memory_profiler import Action  # noqa: E402
 from timm_coordatt import CoordAttention  # noqa: E402
 
+from in_turn import positive_int  # noqa: E402
+
 SHAPES = [(96, 112), (144, 56), (192, 28), (384, 14), (576, 14), (960, 7)]  # (C, H=W)
 
 
@@ -93,9 +95,9 @@ def peak_train_memory(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) ->
 
 
 def main(argv: List[str] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument('--rounds', type=int, default=7)
-    parser.add_argument('--threads', type=int, default=2)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--rounds', type=positive_int, default=7)
+    parser.add_argument('--threads', type=positive_int, default=2)
     parser.add_argument('--channels-last', action='store_true', help='channels_last modules and inputs')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

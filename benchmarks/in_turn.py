@@ -1,16 +1,42 @@
-""" What the A/B scripts in benchmarks/ share: the CA/baseline pairs they take, models settled as the
-benchmark has them, and calls timed in turn. """
+""" What the A/B scripts in benchmarks/ share: their options' types, the CA/baseline pairs they take,
+models settled as the benchmark has them, and calls timed in turn. """
 import argparse
+import math
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import timm
 import torch
 from torch import nn
 
+from timm_coordatt import CoordAttention
 from timm_coordatt.model_benchmark import PAIRS
 
 DEFAULT_PAIRS = [f'{ca}:{base}' for ca, base in PAIRS]
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts, thread numbers and batch sizes: 0 would crash the script after its header, or
+    time nothing and print ratios as if it had."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}')
+    return value
+
+
+def non_negative_seconds(text: str) -> float:
+    """argparse type of minimum times: a sample would never reach nan or inf seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f'expected a finite number of seconds >= 0, got {text!r}')
+    return value
 
 
 def add_pairs_argument(parser: argparse.ArgumentParser) -> None:
@@ -18,11 +44,28 @@ def add_pairs_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def model_pairs(parser: argparse.ArgumentParser, texts: Sequence[str]) -> List[Tuple[str, str]]:
-    """(CA model, baseline) of each CA:BASELINE given to --pairs; a usage error for anything else."""
+    """(CA model, baseline) of each CA:BASELINE given to --pairs; a usage error for anything else: names timm
+    does not know, a model paired with itself, a CA model without CoordAttention blocks (whose kernels the
+    scripts switch and time)."""
     pairs = [tuple(t.split(':')) for t in texts]
     if any(len(p) != 2 or not all(p) for p in pairs):
         parser.error(f'--pairs expected CA:BASELINE model names, got {list(texts)}')
+    unknown = sorted({name for pair in pairs for name in pair if not timm.is_model(name)})
+    if unknown:
+        parser.error(f'--pairs: unknown model(s) {", ".join(unknown)}; expected registered timm model names')
+    for ca_name, base_name in pairs:
+        if ca_name == base_name:
+            parser.error(f'--pairs: {ca_name}:{base_name} pairs a model with itself')
+        if not _has_coord_attention(ca_name):
+            parser.error(f'--pairs: {ca_name} has no CoordAttention blocks; expected CA:BASELINE, the CA model first')
     return pairs
+
+
+def _has_coord_attention(name: str) -> bool:
+    # built on the meta device: the modules without their weights' memory or initialisation
+    with torch.device('meta'):
+        model = timm.create_model(name)
+    return any(isinstance(m, CoordAttention) for m in model.modules())
 
 
 def settled(model: nn.Module, batch_size: int = 32) -> nn.Module:

@@ -35,7 +35,7 @@ from torch import nn
 import timm_coordatt  # noqa: F401  (registers the models)
 from timm_coordatt import CoordAttention, native
 
-from in_turn import add_pairs_argument, model_pairs, settled, time_in_turn
+from in_turn import add_pairs_argument, model_pairs, positive_int, settled, time_in_turn
 
 
 class _KernelOnly(nn.Module):
@@ -69,8 +69,8 @@ def _replace_blocks(model: nn.Module, make: Callable[[CoordAttention], nn.Module
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--calls', type=int, default=150, help='calls of each variant (default: %(default)s)')
-    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--calls', type=positive_int, default=150, help='calls of each variant (default: %(default)s)')
+    parser.add_argument('--threads', type=positive_int, default=2)
     parser.add_argument('--freeze-bn', action='store_true',
                         help='batch norms frozen (timm.layers.freeze_batch_norm_2d), as detection and '
                              'segmentation backbones are fine-tuned')

@@ -21,6 +21,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from timm_coordatt import coordinate_attention, native
 
+from in_turn import positive_int
+
 SHAPES = [(1, 144, 56, 56), (1, 960, 7, 7), (32, 96, 112, 112), (32, 144, 56, 56), (32, 384, 14, 14),
           (32, 960, 7, 7)]
 MODELS = ('mobilenetv2_ca', 'mobilenext_ca', 'efficientnet_b0_ca')
@@ -83,10 +85,10 @@ def model_table(steps: int) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--rounds', type=int, default=15)
-    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--rounds', type=positive_int, default=15)
+    parser.add_argument('--threads', type=positive_int, default=2)
     parser.add_argument('--models', action='store_true', help='also the op in the CA models\' training steps')
-    parser.add_argument('--steps', type=int, default=5, help='profiled steps of each variant (--models)')
+    parser.add_argument('--steps', type=positive_int, default=5, help='profiled steps of each variant (--models)')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f'command: python benchmarks/input_gradient_ab.py --rounds {args.rounds} --threads {args.threads}'

@@ -11,7 +11,7 @@ from timm_coordatt.model_benchmark import add_arguments, run_from_args
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run_from_args(parser.parse_args(), 'python benchmarks/model_overhead.py')
 

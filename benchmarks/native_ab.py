@@ -50,7 +50,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from timm.optim import create_optimizer_v2
 
-from in_turn import add_pairs_argument, model_pairs, settled, time_in_turn
+from in_turn import add_pairs_argument, model_pairs, non_negative_seconds, positive_int, settled, time_in_turn
 from timm_coordatt import CoordAttention, native
 
 SHAPES = [(1, 144, 56, 56), (1, 192, 28, 28), (1, 384, 14, 14), (1, 576, 14, 14), (1, 960, 7, 7),
@@ -205,23 +205,33 @@ def _op_rows(libs, pairs, steps: int) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('before', help='path of the other build of timm_coordatt/_native (a .so or .pyd)')
-    parser.add_argument('--rounds', type=int, default=15)
-    parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--min-time', type=float, default=0.02, help='seconds of calls per sample')
+    parser.add_argument('--rounds', type=positive_int, default=15, help='rounds of the kernels (not --models)')
+    parser.add_argument('--threads', type=positive_int, default=2)
+    parser.add_argument('--min-time', type=non_negative_seconds, default=0.02,
+                        help='seconds of calls per sample of the kernels (not --models)')
     parser.add_argument('--models', action='store_true', help='time the registered models instead of the kernels')
-    parser.add_argument('--model-calls', type=int, default=300, help='calls of each model (--models)')
+    parser.add_argument('--model-calls', type=positive_int, default=300, help='calls of each model (--models)')
     parser.add_argument('--train', action='store_true', help='with --models: training steps at batch 32')
     parser.add_argument('--ops', action='store_true',
                         help='with --models --train: the CA model\'s ops\' self time in its steps with each build')
     add_pairs_argument(parser)
     args = parser.parse_args()
-    pairs = model_pairs(parser, args.pairs)
-    if not native.built:
-        raise SystemExit('the installed package has no C kernels to compare')
-    torch.set_num_threads(args.threads)
-    libs = {'before': _load(args.before), 'after': native._native}
+    if args.train and not args.models:
+        parser.error('--train goes with --models')
     if args.ops and not (args.models and args.train):
         parser.error('--ops goes with --models --train')
+    pairs = model_pairs(parser, args.pairs)
+    try:
+        before = _load(args.before)
+    except (ImportError, OSError) as e:
+        parser.error(f'cannot load {args.before} as a build of timm_coordatt/_native: {e}')
+    if not native.built:
+        raise SystemExit('the installed package has no C kernels to compare')
+    if args.models and not native.available():
+        raise SystemExit('TIMM_COORDATT_NATIVE turns the kernels off: the CA blocks of --models would call '
+                         'neither build')
+    torch.set_num_threads(args.threads)
+    libs = {'before': before, 'after': native._native}
     if args.models:
         print(f'command: python benchmarks/native_ab.py {args.before} --models {"--train " if args.train else ""}'
               f'{"--ops " if args.ops else ""}--model-calls {args.model_calls} --threads {args.threads} '

@@ -15,6 +15,8 @@ import torch
 
 from timm_coordatt import CoordAttention, native
 
+from in_turn import positive_int
+
 SHAPES = [(32, 112), (96, 56), (144, 56), (144, 28), (192, 28), (192, 14), (384, 14), (576, 14), (576, 7), (960, 7)]
 
 
@@ -32,8 +34,8 @@ def _time_call(x: torch.Tensor, out: torch.Tensor, weights: native.InferenceWeig
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--rounds', type=int, default=9)
-    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--rounds', type=positive_int, default=9)
+    parser.add_argument('--threads', type=positive_int, default=2)
     args = parser.parse_args()
     if not native.available():
         raise SystemExit('the C kernel is not built (or TIMM_COORDATT_NATIVE=0)')

@@ -3,15 +3,14 @@
 For each pair (CA model / baseline) and memory format, three runs of a batch-32 training step
 (forward, cross-entropy, backward, SGD step): the baseline, the CA model as it runs by default
 (`recomputed`), and the same CA model with `set_recompute_ca_outputs(model, False)` (`held`), in
-turn over rounds, each going first in turn. Prints the medians of the step times and the peak
-memory of a step (what torch allocates and holds at once), with ratios to the baseline.
+turn over rounds, each going first in turn. Prints the medians of the step times, the medians of each
+round's time ratios to the baseline, and the peak memory of a step (what torch allocates and holds at
+once) as ratios to the baseline's.
 
     python benchmarks/recompute_ab.py [--rounds 8] [--threads 2] [--layouts contiguous channels_last]
         [--pairs mobilenetv2_ca:mobilenetv2_100 ...]
 """
 import argparse
-import statistics
-import time
 
 import timm
 import torch
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from timm_coordatt import set_recompute_ca_outputs
 from timm_coordatt.model_benchmark import peak_memory
 
-from in_turn import add_pairs_argument, model_pairs
+from in_turn import add_pairs_argument, model_pairs, positive_int, time_in_turn
 
 LAYOUTS = {'contiguous': torch.contiguous_format, 'channels_last': torch.channels_last}
 MIB = 2 ** 20
@@ -28,9 +27,9 @@ MIB = 2 ** 20
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--rounds', type=int, default=8)
-    parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--rounds', type=positive_int, default=8)
+    parser.add_argument('--threads', type=positive_int, default=2)
+    parser.add_argument('--batch-size', type=positive_int, default=32)
     parser.add_argument('--layouts', nargs='+', default=list(LAYOUTS), choices=list(LAYOUTS))
     add_pairs_argument(parser)
     args = parser.parse_args()
@@ -40,7 +39,7 @@ def main():
         [f'--rounds {args.rounds}', f'--threads {args.threads}', f'--batch-size {args.batch_size}',
          '--layouts', *args.layouts, '--pairs', *args.pairs]))
     print(f'torch {torch.__version__}, {args.threads} threads, batch {args.batch_size}, 224x224, '
-          f'medians of {args.rounds} rounds in turn')
+          f'medians of {args.rounds} rounds in turn; time ratios: medians of each round\'s')
     header = ('CA model', 'layout', 'baseline ms', 'held ms', 'recomputed ms', 'held/base', 'recomputed/base',
               'memory held/base', 'memory recomputed/base')
     print(' | '.join(header))
@@ -60,20 +59,14 @@ def main():
                     F.cross_entropy(model(x), target).backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-
-                step(), step()  # warm-up: allocator, optimizer state
                 steps[run] = step
-            times = {run: [] for run in steps}
-            for r in range(args.rounds):
-                for run in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
-                    start = time.perf_counter()
-                    steps[run]()
-                    times[run].append(time.perf_counter() - start)
-            ms = {run: statistics.median(t) * 1e3 for run, t in times.items()}
+            # warm-up: allocator, optimizer state
+            (base_ms, recomputed_ms, held_ms), (recomputed_ratio, held_ratio) = time_in_turn(
+                steps, args.rounds, warmup=2)
             memory = {run: peak_memory(step, torch.device('cpu')) / MIB for run, step in steps.items()}
             print(' | '.join([
-                ca_name, layout, f'{ms["baseline"]:.0f}', f'{ms["held"]:.0f}', f'{ms["recomputed"]:.0f}',
-                f'{ms["held"] / ms["baseline"]:.3f}', f'{ms["recomputed"] / ms["baseline"]:.3f}',
+                ca_name, layout, f'{base_ms:.0f}', f'{held_ms:.0f}', f'{recomputed_ms:.0f}',
+                f'{held_ratio:.3f}', f'{recomputed_ratio:.3f}',
                 f'{memory["held"] / memory["baseline"]:.3f}', f'{memory["recomputed"] / memory["baseline"]:.3f}']))
 
 

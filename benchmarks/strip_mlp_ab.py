@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from timm.layers import freeze_batch_norm_2d
 from timm.optim import create_optimizer_v2
 
-from in_turn import add_pairs_argument, model_pairs, time_in_turn
+from in_turn import add_pairs_argument, model_pairs, positive_int, time_in_turn
 from timm_coordatt import CoordAttention
 from timm_coordatt import coordinate_attention
 
@@ -73,19 +73,23 @@ def _mlp_calls(block: CoordAttention, shape, channels_last: bool):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_pairs_argument(parser)
-    parser.add_argument('--rounds', type=int, default=12)
-    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--rounds', type=positive_int, default=12)
+    parser.add_argument('--threads', type=positive_int, default=2)
     parser.add_argument('--channels-last', action='store_true')
     parser.add_argument('--freeze-bn', action='store_true',
                         help='batch norms frozen (timm.layers.freeze_batch_norm_2d)')
     args = parser.parse_args()
+    pairs = model_pairs(parser, args.pairs)
     torch.set_num_threads(args.threads)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    print(f'command: python benchmarks/strip_mlp_ab.py --rounds {args.rounds} --threads {args.threads}'
+          f'{" --channels-last" if args.channels_last else ""}{" --freeze-bn" if args.freeze_bn else ""} '
+          f'--pairs {" ".join(args.pairs)}')
     print(f'torch {torch.__version__}, {args.threads} threads, {memory_format}, medians of {args.rounds} rounds'
           f'{", batch norms frozen" if args.freeze_bn else ""}')
-    for ca_name, base_name in model_pairs(parser, args.pairs):
+    for ca_name, base_name in pairs:
         _, base = _training_step(base_name, memory_format, True, args.freeze_bn)
         ca_model, ca_kernels = _training_step(ca_name, memory_format, True, args.freeze_bn)
         _, ca_ops = _training_step(ca_name, memory_format, False, args.freeze_bn)
