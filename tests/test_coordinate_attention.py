@@ -788,6 +788,23 @@ def test_compiled_training_graph(channels_last):
     assert not targets & {torch.bmm, torch.baddbmm, torch.matmul, torch.mm, torch.conv1d}
 
 
+@pytest.mark.parametrize('training', [True, False])
+def test_compiled_with_dynamic_sizes_differentiates(training):
+    """A lone block compiled with dynamic H and W, with autograd (training; input gradients in eval mode, as
+    Grad-CAM takes them): one graph for every size, the authors' block's gradients."""
+    ours, authors = _pair(24)
+    ours.train(training)
+    authors.train(training)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, dynamic=True)
+    for shape in [(2, 24, 9, 7), (1, 24, 5, 12)]:
+        x = torch.randn(shape)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        compiled(x1).pow(2).sum().backward()
+        authors(x2).pow(2).sum().backward()
+        torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
+
+
 def _kernel_op_calls(graphs: list) -> int:
     op = torch.ops.timm_coordatt.coord_attention_block_inference_.default
     return sum(node.target is op for gm in graphs for node in gm.graph.nodes)
@@ -970,6 +987,22 @@ def test_torch_export():
     for shape in [(1, 24, 3, 9), (4, 24, 12, 7)]:
         x = torch.randn(shape)
         torch.testing.assert_close(exported.module()(x), ours(x))
+
+
+@pytest.mark.parametrize('strict', [False, True])
+def test_torch_export_for_training_keeps_the_gradients(strict):
+    """An exported training graph (fine-tuning it, pt2e quantization-aware training) differentiates the plain
+    product: strict export traces with dynamo, where a custom autograd Function's backward would be dropped."""
+    torch.manual_seed(0)
+    ours = _randomise_(CoordAttention(24)).train()
+    x = torch.randn(2, 24, 6, 5)
+    exported = torch.export.export(ours, (x,), strict=strict).module()
+    x_exported, x_eager = x.clone().requires_grad_(), x.clone().requires_grad_()
+    exported(x_exported).square().sum().backward()
+    ours(x_eager).square().sum().backward()
+    torch.testing.assert_close(x_exported.grad, x_eager.grad, rtol=1e-4, atol=1e-5)
+    for name, p in exported.named_parameters():
+        torch.testing.assert_close(p.grad, ours.get_parameter(name).grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_onnx_dynamic(tmp_path):

@@ -323,7 +323,7 @@ def coord_gate(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor, use_native
         return x * a_h * a_w
     a_h, a_w = _gates_like(x, a_h, a_w)
     if torch.is_grad_enabled() and (x.requires_grad or a_h.requires_grad or a_w.requires_grad):
-        if torch.compiler.is_compiling() and x.device.type == 'cpu':
+        if _compiling_for_inductor() and x.device.type == 'cpu':
             # what the compiled backward then saves is x and the gates, and it recomputes the output
             # for the next layer's backward; differentiating the plain product instead, inductor held
             # the outputs (MobileNetV2, batch 32: training memory +17% over the baseline's, against +3%)
@@ -640,14 +640,17 @@ class CoordAttention(nn.Module):
             if _compiling_for_inductor():
                 # means and the block's own 1x1 convs: the eager formulation's strided sums and batched
                 # matmuls compile to slow kernels (MobileNetV2's compiled training step at 1.23-1.32x its
-                # baseline's, against 1.05-1.06x this way)
-                return self._gates_by_layers(torch.cat([x.mean(3), x.mean(2)], dim=2), h, w)
+                # baseline's, against 1.05-1.06x this way); the strips as the authors lay them out, (N, C,
+                # H + W, 1) from the start: made from (N, C, H + W) strips, inductor failed to compile the
+                # backward with dynamic H and W (a size guard it could not decide)
+                return self._gates_by_layers(
+                    torch.cat([x.mean(3, keepdim=True), x.mean(2, keepdim=True).transpose(2, 3)], dim=2), h, w)
         return self._gates_of_strips(_pool_strips(x), h, w)
 
     def _gates_of_strips(self, y: torch.Tensor, h: int, w: int) -> Tuple[torch.Tensor, torch.Tensor]:
         if not torch.jit.is_scripting():
             if not self._plain_layers():
-                return self._gates_by_layers(y, h, w)
+                return self._gates_by_layers(y.unsqueeze(3), h, w)
         # The 1x1 convs as matmuls on the strips (same weights, flattened), with no transposes: the
         # norm sees the usual contiguous (N, C, L, 1) layout and so does its gradient. That matters:
         # CPU batch norm's backward is wrong when input and gradient differ in memory format, and
@@ -706,10 +709,10 @@ class CoordAttention(nn.Module):
 
     @torch.jit.unused
     def _gates_by_layers(self, y: torch.Tensor, h: int, w: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The gates of the strips `y` (N, C, H + W) by calling the block's layers, their hooks,
+        """The gates of the strips `y` (N, C, H + W, 1) by calling the block's layers, their hooks,
         parametrizations and subclasses' forwards included."""
         # contiguous: CPU batch norm's backward is wrong where its input and gradient differ in memory format
-        y = self.act(self.bn1(self.conv1(y.unsqueeze(3).contiguous())))
+        y = self.act(self.bn1(self.conv1(y.contiguous())))
         y_h, y_w = torch.split(y, [h, w], dim=2)
         return self.gate(self.conv_h(y_h)), self.gate(self.conv_w(y_w)).transpose(2, 3)
 
