@@ -79,10 +79,11 @@ def test_environment_at_import_turns_it_off(value, expected):
 
 def test_kernels_that_do_not_load_are_reported(tmp_path):
     """Without a compiler there are no kernels, quietly; a build that is there but does not load says so."""
-    package = tmp_path / 'timm_coordatt'
+    # a copy under another name: an editable install's import hook would otherwise find the original
+    package = tmp_path / 'timm_coordatt_copy'
     shutil.copytree(os.path.dirname(native.__file__), package, ignore=shutil.ignore_patterns('__pycache__'))
     (built,) = [p for p in package.iterdir() if p.name.startswith('_native.')]
-    code = 'from timm_coordatt import native; print(native.built)'
+    code = 'from timm_coordatt_copy import native; print(native.built)'
     env = {**os.environ, 'PYTHONPATH': str(tmp_path)}
 
     def run():
