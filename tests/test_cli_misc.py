@@ -515,7 +515,8 @@ def test_hf_hub_model_offline_without_a_cache(tmp_path, monkeypatch):
         create_model('hf-hub:someone/some-model')
 
 
-def test_hf_hub_model_with_a_damaged_cached_config_names_the_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize('revision', ['', '@main'])
+def test_hf_hub_model_with_a_damaged_cached_config_names_the_file(tmp_path, monkeypatch, revision):
     from huggingface_hub import constants
     from timm_coordatt.training import UsageError, create_model
     monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
@@ -528,7 +529,7 @@ def test_hf_hub_model_with_a_damaged_cached_config_names_the_file(tmp_path, monk
     (repo / 'refs').mkdir()
     (repo / 'refs' / 'main').write_text('0' * 40)
     with pytest.raises(UsageError, match=f'the cached {re.escape(str(config))} is not valid JSON .*; delete it'):
-        create_model('hf-hub:someone/some-model')
+        create_model(f'hf-hub:someone/some-model{revision}')
 
 
 def test_output_to_a_closed_pipe_ends_quietly():

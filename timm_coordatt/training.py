@@ -51,7 +51,7 @@ from timm.data import (
 from timm.layers import convert_sync_batchnorm
 from timm.loss import LabelSmoothingCrossEntropy
 from timm.models import group_modules, load_pretrained, parse_model_name
-from timm.models._hub import save_config_for_hf
+from timm.models._hub import hf_split, save_config_for_hf
 from timm.models._pretrained import filter_pretrained_cfg
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -426,8 +426,10 @@ def create_model(
         raise UsageError(f'cannot create model {model_name!r}: {why}') from None
     except json.JSONDecodeError as e:
         source, name = parse_model_name(model_name)
-        # a damaged copy in the Hub cache is read again on every load: name it
-        config = try_to_load_from_cache(name, 'config.json') if source == 'hf-hub' else None
+        config = None
+        if source == 'hf-hub':  # a damaged copy in the Hub cache is read again on every load: name it
+            repo_id, revision = hf_split(name)
+            config = try_to_load_from_cache(repo_id, 'config.json', revision=revision)
         where = f'the cached {config}' if isinstance(config, str) else 'its config.json'
         raise UsageError(f'cannot create model {model_name!r}: {where} is not valid JSON ({e}); delete it to '
                          f'download it again') from None
