@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -206,6 +207,109 @@ def test_resume_refuses_changed_classes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert 'its classes were cat, dog, fox, the data now has cat, fox, wolf' in err
     assert read_metrics(run)[-1]['epoch'] == 1
+
+
+CTRL_C_ON_TRAINING_FORWARD = []  # set to [True] to have the probe model below send itself one Ctrl-C
+
+
+@register_model
+def probe_ctrl_c_mobilenetv2(pretrained=False, **kwargs):
+    """`mobilenetv2_050_ca` that sends SIGINT (Ctrl-C) in its next training forward when asked to."""
+    model = timm.create_model(MODEL, **kwargs)
+
+    def ctrl_c(module, args):
+        if module.training and CTRL_C_ON_TRAINING_FORWARD:
+            CTRL_C_ON_TRAINING_FORWARD.clear()
+            os.kill(os.getpid(), signal.SIGINT)
+
+    model.register_forward_pre_hook(ctrl_c)
+    return model
+
+
+def test_resume_with_more_images_keeps_the_schedule_and_refuses_mid_epoch(tmp_path, capsys):
+    data = tmp_path / 'data'
+    make_image_folder(data / 'train', per_class=2)
+    make_image_folder(data / 'val', per_class=1, seed=1)
+    common = ['--data-dir', str(data), '--batch-size', '3', '--img-size', '32', '--workers', '0', '--min-lr', '1e-5']
+    finished, interrupted = str(tmp_path / 'finished'), str(tmp_path / 'interrupted')
+    assert main(['train', '--model', MODEL, *common, '--epochs', '1', '--output', finished]) == 0
+    CTRL_C_ON_TRAINING_FORWARD.append(True)  # stops after the first of the epoch's 2 steps
+    assert main(['train', '--model', 'probe_ctrl_c_mobilenetv2', *common, '--epochs', '2',
+                 '--output', interrupted]) == 130
+    make_image_folder(data / 'train', per_class=4, seed=2)  # the same classes, twice the images: 4 steps an epoch
+    capsys.readouterr()
+
+    # between epochs: the new epochs' steps, and the cosine schedule still ends at --min-lr after the last one
+    assert main(['train', '--resume', finished, '--epochs', '2']) == 0
+    assert read_metrics(finished)[-1]['lr'] == pytest.approx(1e-5)
+    progress = torch.load(os.path.join(finished, 'training_state.pt'), weights_only=True)['progress']
+    assert progress['num_updates'] == 2 * 4  # the schedule's position: two epochs of the new 4 steps
+    # mid-epoch: the epoch's data order cannot go on over other batches
+    assert main(['train', '--resume', interrupted]) == 2
+    assert 'interrupted mid-epoch, after 1 of its 2 batches an epoch with 1 process(es); now an epoch has 4' in \
+        capsys.readouterr().err
+
+
+def test_train_records_the_amp_precision_and_no_warm_up_without_a_schedule(tmp_path, capsys):
+    run = str(tmp_path / 'run')
+    assert main(['train', '--model', MODEL, '--epochs', '2', '--grid-samples', '16', '--batch-size', '8', '--amp',
+                 '--sched', 'none', '--output', run, *TINY, *EXACT]) == 0
+    saved = torch.load(os.path.join(run, 'training_state.pt'), weights_only=True)['args']
+    # what --amp resolved to on this device: a resume on another --device keeps it (and its loss scaler)
+    assert saved['amp_dtype'] == 'bfloat16' and saved['warmup_epochs'] == 0
+    assert [r['lr'] for r in read_metrics(run)] == [3e-3, 3e-3]
+    capsys.readouterr()
+    assert main(['train', '--model', MODEL, '--sched', 'none', '--warmup-epochs', '1', '--output',
+                 str(tmp_path / 'refused'), *TINY]) == 2
+    assert '--sched none keeps --lr throughout, with no warm-up; got --warmup-epochs 1' in capsys.readouterr().err
+
+
+def test_train_errors_name_the_problem(tmp_path, capsys):
+    def refused(*args):
+        capsys.readouterr()
+        assert main(['train', *args]) == 2
+        return capsys.readouterr().err
+
+    one_class = make_image_folder(tmp_path / 'one', classes=('cat',), per_class=4)
+    assert f'{one_class} has one class folder (cat): a classifier needs two or more' in refused(
+        '--data-dir', one_class, '--output', str(tmp_path / 'r1'), *TINY)
+    # wsd's decay phase is the last fifth of the updates after the warm-up: none in 2 updates
+    assert "cannot create scheduler 'wsd': 2 updates after the warm-up (2 an epoch) are too few for its decay " \
+        "phase" in refused('--model', MODEL, '--epochs', '1', '--grid-samples', '16', '--batch-size', '8',
+                           '--sched', 'wsd', '--output', str(tmp_path / 'r2'), *TINY)
+
+    run = str(tmp_path / 'run')  # 2 epochs, warm-up 1 (the default); resumed with --epochs 1, which leaves no room
+    state_file = os.path.join(run, 'training_state.pt')
+    CTRL_C_ON_TRAINING_FORWARD.append(True)
+    assert main(['train', '--model', 'probe_ctrl_c_mobilenetv2', '--epochs', '2', '--grid-samples', '16',
+                 '--batch-size', '8', '--output', run, *TINY]) == 130
+    assert "got 1 (the resumed run's warm-up: --epochs must stay above it)" in refused('--resume', run, '--epochs', '1')
+
+    state = torch.load(state_file, weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != 'optimizer'}, state_file)
+    assert f'cannot resume: {state_file} is damaged (no optimizer)' in refused('--resume', run)
+    torch.save({**state, 'progress': {k: v for k, v in state['progress'].items() if k != 'steps'}}, state_file)
+    assert 'is damaged (no progress.steps)' in refused('--resume', run)
+    open(state_file, 'wb').close()
+    assert f'{state_file} is not a readable training state (EOFError' in refused('--resume', run)
+
+
+def test_resume_names_a_damaged_metrics_file_and_a_missing_best(tmp_path, capsys):
+    run = str(tmp_path / 'run')
+    common = ['--model', MODEL, '--grid-samples', '16', '--batch-size', '8', '--sched', 'constant', *TINY]
+    assert main(['train', *common, '--epochs', '1', '--output', run]) == 0
+    metrics = os.path.join(run, 'metrics.jsonl')
+    good = open(metrics).read()
+    with open(metrics, 'a') as f:
+        f.write('{"epoch": 1, "lr": 0.003\n')  # a line cut short
+    capsys.readouterr()
+    assert main(['train', '--resume', run, '--epochs', '2']) == 2
+    assert f'cannot resume: line 2 of {metrics} is not an epoch\'s record' in capsys.readouterr().err
+    with open(metrics, 'w') as f:
+        f.write(good)
+    shutil.rmtree(os.path.join(run, 'best'))
+    assert main(['train', '--resume', run, '--epochs', '2']) == 0
+    assert f'{os.path.join(run, "best")} (epoch 1, the best so far) is missing' in capsys.readouterr().err
 
 
 def test_two_runs_started_into_one_new_directory(tmp_path, monkeypatch, capsys):

@@ -74,7 +74,8 @@ CONFIG_FILE = 'config.json'
 STATE_FILE = 'training_state.pt'
 METRICS_FILE = 'metrics.jsonl'
 BEST_DIR = 'best'
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: progress records the steps an epoch; --amp's precision is recorded
+_STATE_KEYS = ('args', 'model', 'model_ema', 'optimizer', 'scheduler', 'scaler', 'progress', 'rng', 'class_names')
 
 _TRAIN_DIRS = ('train', 'training')
 _VAL_DIRS = ('validation', 'val', 'valid', 'eval')
@@ -178,9 +179,17 @@ def _load_training_state(path: str) -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise UsageError(f'cannot resume: {path} is not a readable training state ({e})') from None
+        reason = str(e) or type(e).__name__  # an empty file's EOFError has no text
+        raise UsageError(f'cannot resume: {path} is not a readable training state ({reason})') from None
     if not isinstance(state, dict) or state.get('version') != STATE_VERSION:
         raise UsageError(f'cannot resume: {path} is not a training state of this version of timm-coordatt')
+    missing = [key for key in _STATE_KEYS if key not in state]
+    if not missing and not isinstance(state['progress'], dict):
+        missing = ['progress']
+    elif not missing:
+        missing = [f'progress.{f.name}' for f in dataclasses.fields(_Progress) if f.name not in state['progress']]
+    if missing:
+        raise UsageError(f'cannot resume: {path} is damaged (no {", ".join(missing)})')
     return state
 
 
@@ -317,6 +326,8 @@ def find_data(args: argparse.Namespace) -> DataSplits:
     train_dir = _split_dir(root, _TRAIN_DIRS) if os.path.isdir(root) else None
     val_dir = _split_dir(root, _VAL_DIRS) if train_dir else None
     class_names = check_image_folder(train_dir or root)
+    if len(class_names) < 2:
+        raise UsageError(f'{train_dir or root} has one class folder ({class_names[0]}): a classifier needs two or more')
     if val_dir:
         val_classes = check_image_folder(val_dir)
         unknown = sorted(set(val_classes) - set(class_names))
@@ -496,6 +507,11 @@ def _init_distributed(device: str) -> _Dist:
     return _Dist(device, info['global_rank'], info['world_size'], info['distributed'])
 
 
+def _default_amp_dtype(device: torch.device) -> str:
+    """`--amp`'s precision where `--amp-dtype` is not given."""
+    return 'float16' if device.type == 'cuda' else 'bfloat16'
+
+
 def _autocast(device: torch.device, amp: bool, amp_dtype: Optional[str]):
     """(autocast context factory, GradScaler) for `--amp` in `--amp-dtype`: by default fp16 + loss scaling
     on CUDA, bf16 elsewhere."""
@@ -503,7 +519,7 @@ def _autocast(device: torch.device, amp: bool, amp_dtype: Optional[str]):
         raise UsageError(f'--amp-dtype {amp_dtype} goes with --amp, which was not given')
     if not amp:
         return contextlib.nullcontext, torch.amp.GradScaler(device.type, enabled=False)
-    dtype = getattr(torch, amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16'))
+    dtype = getattr(torch, amp_dtype or _default_amp_dtype(device))
     if device.type == 'cuda' and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise UsageError('--amp-dtype bfloat16: this GPU does not support bfloat16; use --amp-dtype float16')
     return (partial(torch.autocast, device_type=device.type, dtype=dtype),
@@ -662,9 +678,14 @@ def _check_options(args: argparse.Namespace, ctx: _Dist) -> None:
     if not 0. <= args.smoothing < 1.:
         raise UsageError(f'--smoothing must be in [0, 1), got {args.smoothing}')
     if args.warmup_epochs is None:
-        args.warmup_epochs = 1 if args.epochs > 1 else 0
+        args.warmup_epochs = 1 if args.epochs > 1 and args.sched != 'none' else 0
+    if args.warmup_epochs != 0 and args.sched == 'none':
+        raise UsageError(f'--sched none keeps --lr throughout, with no warm-up; got --warmup-epochs '
+                         f'{args.warmup_epochs} (--sched constant warms up, then keeps the rate)')
     if args.warmup_epochs != 0 and not 0 < args.warmup_epochs < args.epochs:
-        raise UsageError(f'--warmup-epochs must be in [0, --epochs) = [0, {args.epochs}), got {args.warmup_epochs}')
+        whose = ' (the resumed run\'s warm-up: --epochs must stay above it)' if args.resume else ''
+        raise UsageError(
+            f'--warmup-epochs must be in [0, --epochs) = [0, {args.epochs}), got {args.warmup_epochs}{whose}')
     if args.pretrained and args.initial_checkpoint:
         raise UsageError('--pretrained and --initial-checkpoint both give starting weights; pass one of them')
     if args.sync_bn and not ctx.distributed:
@@ -725,10 +746,28 @@ def _train_mode(model: nn.Module, frozen: Sequence[nn.Module]) -> None:
 class _Progress:
     epoch: int = 0  # epochs finished (training and validation)
     step: int = 0  # batches finished in epoch `epoch`
-    num_updates: int = 0
+    steps: int = 0  # batches an epoch has (per process: the data's images, --batch-size, the processes)
+    num_updates: int = 0  # the schedule's position (epochs of `steps`, where a resumed run's steps changed)
     train_sums: Tuple[float, float, float] = (0., 0., 0.)  # loss sum, top-1 sum, images of the current epoch
     best_top1: float = -1.
     best_epoch: int = 0
+
+
+def _resumed_progress(progress: _Progress, steps: int, stopped_processes: int, ctx: _Dist) -> _Progress:
+    """The saved `progress` for an epoch of `steps` batches. A run stopped mid-training continues its epoch's
+    data order, which needs the same batches and processes; one stopped between epochs (or in validation)
+    may go on with other processes or images (the schedule keeps its place: the same fraction of the epochs)."""
+    mid_training = 0 < progress.step < progress.steps
+    if mid_training and (progress.steps != steps or stopped_processes != ctx.world_size):
+        raise UsageError(
+            f'the run was interrupted mid-epoch, after {progress.step} of its {progress.steps} batches an epoch with '
+            f'{stopped_processes} process(es); now an epoch has {steps} batches with {ctx.world_size}: resume it '
+            f'with as many processes and the same images')
+    if progress.steps != steps:
+        progress.step = steps if progress.step else 0
+        progress.num_updates = progress.epoch * steps + progress.step
+        progress.steps = steps
+    return progress
 
 
 def fit(args: argparse.Namespace, defaults: Optional[Dict[str, Any]] = None) -> int:
@@ -764,6 +803,9 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
         _check_creatable(out_dir)
         out_existed = os.path.isdir(out_dir)
     _check_options(args, ctx)
+    if args.amp and args.amp_dtype is None:
+        # recorded: a run resumed on another --device keeps its precision (and its loss scaler's state)
+        args.amp_dtype = _default_amp_dtype(ctx.device)
     if args.img_size is None and args.data_dir is None:
         args.img_size = GRID_IMG_SIZE
     splits = find_data(args)
@@ -835,28 +877,33 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
             optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
             warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=False, updates_per_epoch=steps)
     except (ValueError, AssertionError) as e:
-        raise UsageError(f'cannot create scheduler {args.sched!r}: {str(e) or type(e).__name__}') from None
+        reason = str(e) or type(e).__name__
+        if args.sched == 'wsd':  # timm's message names its decay_epochs, which train does not expose
+            reason = (f'{(args.epochs - args.warmup_epochs) * steps:g} updates after the warm-up ({steps} an epoch) '
+                      f'are too few for its decay phase; train longer')
+        raise UsageError(f'cannot create scheduler {args.sched!r}: {reason}') from None
     if scheduler is None:  # timm's schedulers apply --layer-decay's per-group scales; without one, set them once
         for group in optimizer.param_groups:
             group['lr'] *= group.get('lr_scale', 1.)
     train_loss_fn = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss()
 
     # -- restore an interrupted run
-    progress = _Progress()
+    progress = _Progress(steps=steps)
     rng_state = None
     if resume is not None:
+        progress = _resumed_progress(_Progress(**resume['progress']), steps, len(resume['rng']), ctx)
         model.load_state_dict(resume['model'])
         optimizer.load_state_dict(resume['optimizer'])
-        if scheduler is not None and resume['scheduler'] is not None and resume['args']['epochs'] == args.epochs:
-            scheduler.load_state_dict(resume['scheduler'])  # else rebuilt above for the new length
+        if scheduler is not None:
+            if resume['scheduler'] is not None and resume['args']['epochs'] == args.epochs and \
+                    resume['progress']['steps'] == steps:
+                scheduler.load_state_dict(resume['scheduler'])
+            # else rebuilt above for the new length: its rate where the run stopped
+            scheduler.step_update(num_updates=progress.num_updates)
         scaler.load_state_dict(resume['scaler'])
         if model_ema is not None:
             model_ema.load_state_dict(resume['model_ema'])
-        progress = _Progress(**resume['progress'])
-        if progress.step < steps and progress.step:  # stopped mid-training (not in validation): its RNG goes on
-            if len(resume['rng']) != ctx.world_size:
-                raise UsageError(
-                    f'the run was interrupted mid-epoch with {len(resume["rng"])} processes; resume it with as many')
+        if 0 < progress.step < steps:  # stopped mid-training (not in validation): its RNG goes on
             rng_state = resume['rng'][ctx.rank]
 
     train_model = model
@@ -879,6 +926,9 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
         metrics_path = os.path.join(out_dir, METRICS_FILE)
         if resume is not None:
             _truncate_metrics(metrics_path, progress.epoch)
+            if progress.best_epoch and not os.path.isdir(os.path.join(out_dir, BEST_DIR)):
+                _print(f'note: {os.path.join(out_dir, BEST_DIR)} (epoch {progress.best_epoch}, the best so far) is '
+                       f'missing; it is written again only when a later epoch does better')
         _print(f'training {args.model} on {splits.description}: {len(splits.train)} train / {len(splits.val)} '
                f'validation images, {num_classes} classes, {data_config["input_size"][1]}px, {num_epochs} epochs '
                f'of {steps} steps x {args.batch_size * ctx.world_size} images; writing to {out_dir}')
@@ -1000,9 +1050,19 @@ def _truncate_metrics(path: str, epochs_done: int) -> None:
     """Drop records of epochs the resumed state has not finished (written just before an interruption)."""
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)['epoch'] <= epochs_done]
-    write_text(path, ''.join(lines))
+    kept = []
+    with open(path, encoding='utf-8') as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                epoch = int(json.loads(line)['epoch'])
+            except (ValueError, TypeError, KeyError):
+                raise UsageError(f'cannot resume: line {number} of {path} is not an epoch\'s record '
+                                 f'({line.strip()[:80]!r}; expected JSON with an "epoch"): remove it') from None
+            if epoch <= epochs_done:
+                kept.append(line)
+    write_text(path, ''.join(kept))
 
 
 def _train_epoch(

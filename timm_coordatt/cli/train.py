@@ -75,9 +75,9 @@ def add_parser(subparsers) -> None:
     g.add_argument('--layer-decay', type=float, help='layer-wise learning-rate decay (e.g. 0.75)')
     g.add_argument('--clip-grad', type=float, help='clip the gradient norm to this value')
     g.add_argument('--sched', default='cosine', choices=('cosine', 'tanh', 'poly', 'wsd', 'constant', 'none'),
-                   help='learning-rate schedule, stepped every update')
+                   help='learning-rate schedule, stepped every update (none: --lr throughout)')
     g.add_argument('--warmup-epochs', type=float,
-                   help='linear warm-up from --warmup-lr (default: 1 epoch, none with --epochs 1)')
+                   help='linear warm-up from --warmup-lr (default: 1 epoch, none with --epochs 1 or --sched none)')
     g.add_argument('--warmup-lr', type=float, default=1e-5, help='learning rate the warm-up starts from')
     g.add_argument('--min-lr', type=float, default=1e-5, help='learning rate the schedule ends at')
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
