@@ -4,6 +4,7 @@ import copy
 import pickle
 from functools import partial
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
@@ -542,17 +543,40 @@ def test_options():
     torch.testing.assert_close(m(x), x * a_h * a_w)
 
 
-@pytest.mark.parametrize('channels', [0, -3, 2.5, None])
+@pytest.mark.parametrize('channels', [0, -3, 2.5, None, True, '64'])
 def test_bad_channels(channels):
-    with pytest.raises(ValueError, match='positive int'):
+    with pytest.raises(ValueError, match=f'expected channels to be a positive int, got {channels!r}'):
         CoordAttention(channels)
 
 
-def test_bad_widths():
-    with pytest.raises(ValueError, match='reduction >= 1'):
-        CoordAttention(32, reduction=0)
-    with pytest.raises(ValueError, match='rd_channels >= 1'):
-        CoordAttention(32, rd_channels=0)
+@pytest.mark.parametrize('name, value', [
+    ('reduction', 0), ('reduction', 2.5), ('reduction', '4'), ('min_channels', 2.5), ('min_channels', 0),
+    ('rd_channels', 0), ('rd_channels', 4.5), ('rd_channels', False)])
+def test_bad_widths(name, value):
+    with pytest.raises(ValueError, match=f'expected {name} to be a positive int, got {value!r}'):
+        CoordAttention(32, **{name: value})
+
+
+def test_widths_and_layers_as_timm_gives_them():
+    # numpy's integers (a width computed with numpy), as nn.Conv2d takes them
+    m = CoordAttention(np.int64(64), reduction=np.int32(8))
+    assert m.channels == 64 and type(m.channels) is int and m.conv1.out_channels == 8
+    # a norm by timm's name; torchvision's frozen batch norm (no device/dtype arguments); None: no layer
+    m = CoordAttention(64, norm_layer='batchnorm2d', act_layer=None, gate_layer=None).eval()
+    assert type(m.bn1) is nn.BatchNorm2d and isinstance(m.act, nn.Identity) and isinstance(m.gate, nn.Identity)
+    x = torch.randn(2, 64, 5, 3)
+    with torch.no_grad():
+        y = m.bn1(m.conv1(torch.cat([x.mean(3, keepdim=True), x.mean(2, keepdim=True).transpose(2, 3)], 2)))
+        a_h, a_w = m.conv_h(y[:, :, :5]), m.conv_w(y[:, :, 5:]).transpose(2, 3)
+        torch.testing.assert_close(m(x), x * a_h * a_w)
+    frozen = CoordAttention(64, norm_layer=FrozenBatchNorm2d).eval()
+    assert type(frozen.bn1) is FrozenBatchNorm2d
+    with torch.no_grad():
+        frozen.bn1.running_mean.uniform_(-1, 1), frozen.bn1.running_var.uniform_(0.5, 2)
+    batch_norm = CoordAttention(64).eval()
+    batch_norm.load_state_dict(frozen.state_dict())  # the same weights and statistics
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), batch_norm(x))
 
 
 @pytest.mark.parametrize('shape', [(32, 8, 8), (1, 16, 8, 8), (1, 32, 8, 8, 2), (2, 32, 0, 5), (2, 32, 5, 0)])

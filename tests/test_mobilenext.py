@@ -258,6 +258,12 @@ def test_identity_tensor_multiplier_range(multiplier):
         SandglassBlock(96, 96, identity_tensor_multiplier=multiplier)
 
 
+def test_identity_tensor_multiplier_leaving_no_shortcut_channel():
+    with pytest.raises(ValueError, match=r'leaves none of the 96 channels for the shortcut \(round\(96 \* 0.001\) = 0'):
+        timm.create_model('mobilenext_050', identity_tensor_multiplier=0.001, device='meta')
+    assert SandglassBlock(96, 48, stride=2, identity_tensor_multiplier=0.001).identity_chs == 0  # no shortcut anyway
+
+
 def test_drop_path_only_on_shortcut_blocks():
     model = timm.create_model('mobilenext_050', drop_path_rate=0.2, device='meta')
     rates = []

@@ -9,6 +9,7 @@ import timm
 import torch
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
+from torch.nn.utils import prune
 
 import timm_coordatt  # noqa: F401
 from timm_coordatt.complexity import count_complexity
@@ -59,3 +60,11 @@ def test_params_and_macs(name):
         assert abs(counted.macs_with_muls / 1e6 - ref) / ref < 0.01
     else:
         assert counted.ca_muls == 0 if 'ca' not in name else counted.ca_muls > 0
+
+
+def test_macs_of_ca_blocks_whose_convs_run_as_layers():
+    # pruning reparametrizes conv1's weight: the block calls its layers (their hooks fire), each MAC counted once
+    model = timm.create_model('mobilenetv2_050_ca')
+    plain = count_complexity(model)
+    prune.identity(model.blocks[1][0].se.conv1, 'weight')
+    assert count_complexity(model).macs == plain.macs == _fvcore_macs(timm.create_model('mobilenetv2_050_ca'))

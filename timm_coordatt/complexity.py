@@ -43,14 +43,17 @@ def count_complexity(model: nn.Module, input_size: Tuple[int, int, int] = (3, 22
             counts['macs'] += output.numel() * module.in_features
         else:  # CoordAttention: x * a_h, then * a_w
             counts['ca_muls'] += 2 * output.numel()
-            # its 1x1 convs run functionally on the strips (their modules' hooks do not fire):
-            # conv1 over H + W positions, conv_h over H, conv_w over W
+            # its 1x1 convs: conv1 over H + W positions, conv_h over H, conv_w over W
             n, c, h, w = output.shape
             counts['macs'] += 2 * n * (h + w) * c * module.conv1.out_channels
 
+    # counted by their block's hook: they mostly run functionally on the strips (their hooks do not fire),
+    # but are called as layers where pruned or parametrized
+    strip_convs = {id(conv) for m in model.modules() if isinstance(m, CoordAttention)
+                   for conv in (m.conv1, m.conv_h, m.conv_w)}
     handles = [
         m.register_forward_hook(hook) for m in model.modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear, CoordAttention))]
+        if isinstance(m, (nn.Conv2d, nn.Linear, CoordAttention)) and id(m) not in strip_convs]
     was_training = model.training
     try:
         model.eval()

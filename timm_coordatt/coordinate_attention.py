@@ -10,6 +10,7 @@ The block pools the input along each spatial axis, encodes both strips with one 
 """
 import functools
 import itertools
+import numbers
 import operator
 import sys
 import weakref
@@ -21,7 +22,7 @@ from torch.fx import Proxy
 from torch.nn import functional as F
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from timm.layers import LayerType, create_act_layer, register_notrace_function
+from timm.layers import LayerType, create_act_layer, get_norm_layer, register_notrace_function
 
 from . import native
 from .recompute import mark_recomputable, recompute_active
@@ -548,6 +549,13 @@ _library.impl('coord_attention_block_inference_', _coord_attention_block_inferen
 torch.library.register_fake('timm_coordatt::coord_attention_block_inference_', lambda *args: None, lib=_library)
 
 
+def _positive_int(name: str, value) -> int:
+    """`value` as an int (numpy's integers too), or a ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f'CoordAttention expected {name} to be a positive int, got {value!r}')
+    return int(value)
+
+
 class CoordAttention(nn.Module):
     """Coordinate Attention block of Hou et al., defaults as in the paper.
 
@@ -557,9 +565,9 @@ class CoordAttention(nn.Module):
         rd_channels: Explicit reduced width, overrides `reduction` and `min_channels`.
         min_channels: Lower bound of the reduced width.
         bias: Bias on the three 1x1 convs (the paper uses biased convs).
-        act_layer: Activation after the shared conv (hard-swish in the paper).
-        norm_layer: Norm after the shared conv, None for none (BatchNorm in the paper).
-        gate_layer: Gate activation of both directions (sigmoid in the paper).
+        act_layer: Activation after the shared conv (hard-swish in the paper), None for none.
+        norm_layer: Norm after the shared conv (BatchNorm in the paper), None for none.
+        gate_layer: Gate activation of both directions (sigmoid in the paper), None for none.
         inplace: In inference (eval mode, no autograd), write the output into the input tensor. Only
             for hosts that do not read the input again; training always allocates a new output.
     """
@@ -586,32 +594,32 @@ class CoordAttention(nn.Module):
             rd_channels: Optional[int] = None,
             min_channels: int = 8,
             bias: bool = True,
-            act_layer: LayerType = nn.Hardswish,
+            act_layer: Optional[LayerType] = nn.Hardswish,
             norm_layer: Optional[LayerType] = nn.BatchNorm2d,
-            gate_layer: LayerType = nn.Sigmoid,
+            gate_layer: Optional[LayerType] = nn.Sigmoid,
             inplace: bool = False,
             device=None,
             dtype=None,
     ):
         super().__init__()
-        if not isinstance(channels, int) or channels < 1:
-            raise ValueError(f'CoordAttention expected channels to be a positive int, got {channels!r}')
+        channels = _positive_int('channels', channels)
         if rd_channels is None:
-            if reduction < 1 or min_channels < 1:
-                raise ValueError(
-                    f'CoordAttention expected reduction >= 1 and min_channels >= 1, '
-                    f'got reduction={reduction!r}, min_channels={min_channels!r}')
+            reduction, min_channels = _positive_int('reduction', reduction), _positive_int('min_channels', min_channels)
             rd_channels = max(min_channels, channels // reduction)
-        elif rd_channels < 1:
-            raise ValueError(f'CoordAttention expected rd_channels >= 1, got {rd_channels!r}')
+        else:
+            rd_channels = _positive_int('rd_channels', rd_channels)
+        if isinstance(norm_layer, str):
+            norm_layer = get_norm_layer(norm_layer)
         dd = {'device': device, 'dtype': dtype}
         self.channels = channels
         self.conv1 = nn.Conv2d(channels, rd_channels, 1, bias=bias, **dd)
-        self.bn1 = norm_layer(rd_channels, **dd) if norm_layer is not None else nn.Identity()
-        self.act = create_act_layer(act_layer)
+        # device and dtype only where given: a frozen batch norm (torchvision's, as timm freezes) takes neither
+        self.bn1 = norm_layer(rd_channels, **{k: v for k, v in dd.items() if v is not None}) \
+            if norm_layer is not None else nn.Identity()
+        self.act = create_act_layer(act_layer) if act_layer is not None else nn.Identity()
         self.conv_h = nn.Conv2d(rd_channels, channels, 1, bias=bias, **dd)
         self.conv_w = nn.Conv2d(rd_channels, channels, 1, bias=bias, **dd)
-        self.gate = create_act_layer(gate_layer)
+        self.gate = create_act_layer(gate_layer) if gate_layer is not None else nn.Identity()
         self.inplace = inplace
         self._inference_params: Optional[_FoldRecord] = None
         self._register()
@@ -905,7 +913,7 @@ class CoordAttentionFactory:
     `rd_divisor` (NFNet's and RegNetZ's `attn_kwargs`, EfficientNet's `se_ratio`): the block keeps the
     paper's reduction. Keyword arguments given here win over those the host passes, e.g.
     `se_layer=CoordAttentionFactory(reduction=16, act_layer='relu')`. Pass the `CoordAttention`
-    class itself to let the host choose the activation.
+    class itself to let the host choose the activation (not in hosts that pass `rd_ratio`: NFNet, RegNetZ).
     """
 
     def __init__(self, **kwargs):

@@ -115,6 +115,10 @@ class SandglassBlock(nn.Module):
         self.out_chs = out_chs
         self.has_skip = stride == 1 and in_chs == out_chs
         self.identity_chs = round(out_chs * identity_tensor_multiplier)
+        if self.has_skip and self.identity_chs == 0:
+            raise ValueError(
+                f'identity_tensor_multiplier {identity_tensor_multiplier!r} leaves none of the {out_chs} channels '
+                f'for the shortcut (round({out_chs} * {identity_tensor_multiplier!r}) = 0)')
 
         self.conv_dw1 = ConvNormAct(
             in_chs, in_chs, 3, groups=in_chs, norm_layer=norm_layer, act_layer=act_layer, **dd,
