@@ -356,9 +356,23 @@ def test_results_file_that_cannot_be_written_is_refused_before_evaluating(run_di
     blocker.write_text('')
     assert 'cannot create its folder' in _error(capsys, argv + [str(blocker / 'results.json')])
     assert capsys.readouterr().out == ''  # refused before the evaluation printed its results
+    if sys.platform == 'linux':  # a folder no one can write in, root included
+        assert 'results.json: cannot write in /proc (' in _error(capsys, argv + ['/proc/results.json'])
+        assert capsys.readouterr().out == ''
     results = tmp_path / 'new' / 'results.json'
     assert main(argv + [str(results)]) == 0
     assert json.loads(results.read_text())['images'] > 0
+
+
+@pytest.mark.parametrize('command', ['train', 'validate', 'predict'])
+def test_help_gives_each_default_once(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, '--help'])
+    text = ' '.join(capsys.readouterr().out.split())
+    assert '(default: None)' not in text and '(default: {})' not in text
+    # a default the help states in words is not stated again; the others are added
+    assert "(default: the model's" in text and ") (default:" not in text.split("(default: the model's")[1][:80]
+    assert '--channels-last channels-last memory layout (default: False)' in text
 
 
 def test_run_files_follow_the_umask(run_dir):

@@ -101,7 +101,9 @@ def _progress_bar(iterable: Optional[Iterable] = None, **kwargs) -> tqdm:
     """A transient progress bar on stderr, redrawn every 0.1 s on a terminal and every `_LOG_REFRESH_S`
     into a log. Set its postfix with `refresh=False`: the next timed redraw shows it."""
     interval = 0.1 if sys.stderr.isatty() else _LOG_REFRESH_S
-    return tqdm(iterable, leave=False, dynamic_ncols=True, mininterval=interval, **kwargs)
+    # maxinterval: tqdm's monitor thread redraws a bar not redrawn for that long (10 s by default)
+    return tqdm(iterable, leave=False, dynamic_ncols=True, mininterval=interval, maxinterval=max(interval, 10.),
+                **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

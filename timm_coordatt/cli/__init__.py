@@ -32,6 +32,16 @@ class _Parser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds an option's default to its help, unless it has none to show (None, empty) or the help already
+    says it in words (`default: the model's`)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default in ({}, [], ()) or 'default' in (action.help or ''):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='timm-coordatt',

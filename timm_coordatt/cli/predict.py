@@ -3,6 +3,7 @@ import argparse
 import json
 import sys
 
+from . import HelpFormatter
 from .validate import add_model_arguments
 
 
@@ -12,7 +13,7 @@ def add_parser(subparsers) -> None:
         description="Classify image files (or every image in a directory) with a model's own data config. "
                     "Labels are the model's label names (a run directory of `train` records them), ImageNet "
                     "class names for 1000-class heads, else class indices.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument('images', nargs='+', metavar='IMAGE', help='image files or directories of images')
     add_model_arguments(p, batch_size=32)
     p.add_argument('--topk', type=int, default=5, help='labels per image')

@@ -9,6 +9,8 @@ import torch
 
 from timm.utils import ParseKwargs
 
+from . import HelpFormatter
+
 DEFAULT_MODEL = 'mobilenetv2_050_ca'
 
 
@@ -30,7 +32,7 @@ def add_parser(subparsers) -> None:
                     'depend on where a target shape is. Writes config.json + model.safetensors (loadable with '
                     '--model local-dir:RUN), best/, metrics.jsonl and a resumable training_state.pt. Launch '
                     'with torchrun --nproc_per_node=N -m timm_coordatt train ... for DistributedDataParallel.',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
 
     g = p.add_argument_group('data')
     g.add_argument('--data-dir', metavar='DIR',

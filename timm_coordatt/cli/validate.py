@@ -3,8 +3,11 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 import torch
+
+from . import HelpFormatter
 
 
 def add_parser(subparsers) -> None:
@@ -14,7 +17,7 @@ def add_parser(subparsers) -> None:
                     "from resolve_data_config). Folder names are matched to the model's label names when its "
                     "config has them (e.g. a run directory of `train`), else taken in sorted order. With no "
                     "--data-dir, evaluates on the embedded grid task's validation split.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     add_model_arguments(p, batch_size=64)
     p.add_argument('--data-dir', metavar='DIR', help='ImageFolder root, or a root with a val/validation folder')
     p.add_argument('--grid', type=int, default=3, help='embedded task: cells per side')
@@ -53,7 +56,12 @@ def _main(args: argparse.Namespace) -> int:
           f'loss {results["loss"]:.4f}  ({results["images"]} images, {results["img_size"]}px)')
     if args.results_file:
         from ..training import write_text
-        write_text(args.results_file, json.dumps(results, indent=2) + '\n')
+        try:
+            write_text(args.results_file, json.dumps(results, indent=2) + '\n')
+        except OSError as e:  # its folder taken away or made read-only during the evaluation
+            print(f'timm-coordatt validate: error: cannot write --results-file {args.results_file} '
+                  f'({e.strerror or e})', file=sys.stderr)
+            return 2
     return 0
 
 
@@ -62,7 +70,13 @@ def _prepare_results_file(path: str) -> None:
     from ..training import UsageError
     if os.path.isdir(path):
         raise UsageError(f'--results-file {path} is a directory; expected a file name')
+    folder = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise UsageError(f'--results-file {path}: cannot create its folder ({e})') from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder):  # what writing it will do: a new file in the folder
+            pass
+    except OSError as e:
+        raise UsageError(f'--results-file {path}: cannot write in {folder} ({e.strerror or e})') from None
