@@ -1049,3 +1049,34 @@ def test_vmap_runs_pytorch_ops():
     with torch.no_grad():
         expected = torch.stack([block(xi) for xi in x])
         torch.testing.assert_close(torch.func.vmap(block)(x), expected)
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_torch_func_over_the_parameters_with_a_plain_input(channels_last):
+    """Transforms that wrap the weights but not x (`grad` of a head's weights on fixed features, a `vmap` ensemble
+    with a shared input) run the PyTorch ops: no data pointers or custom autograd.Function for wrapped weights."""
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 16, 6, 5).contiguous(memory_format=memory_format)
+    blocks = [_randomise_(CoordAttention(16)) for _ in range(3)]
+    authors = AuthorsCoordAtt(16, 16)
+    authors.load_state_dict(blocks[0].state_dict())  # same names: conv1, bn1, conv_h, conv_w
+
+    # grad of the weights (in eval mode: a training-mode batch norm updates its statistics, which torch.func
+    # refuses), as the authors' layout computes them
+    blocks[0].eval(), authors.eval()
+    params = {k: v.detach() for k, v in blocks[0].named_parameters()}
+    grads = torch.func.grad(lambda p: torch.func.functional_call(blocks[0], p, (x,)).square().sum())(params)
+    authors(x).square().sum().backward()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, authors.get_parameter(name).grad, rtol=1e-4, atol=1e-5, msg=name)
+
+    # an ensemble in inference: stacked weights, one input for all
+    stacked = {k: torch.stack([dict(b.named_parameters())[k].detach() for b in blocks]) for k in params}
+    buffers = {k: torch.stack([dict(b.named_buffers())[k] for b in blocks]) for k, _ in blocks[0].named_buffers()}
+    for b in blocks[1:]:
+        b.eval()
+    with torch.no_grad():
+        ensemble = torch.func.vmap(
+            lambda p, bufs: torch.func.functional_call(blocks[0], (p, bufs), (x,)), randomness='same')(stacked, buffers)
+        torch.testing.assert_close(ensemble, torch.stack([b(x.clone()) for b in blocks]), rtol=1e-5, atol=1e-6)

@@ -34,15 +34,17 @@ __all__ = ['CoordAttention', 'CoordAttentionFactory', 'coord_gate']
 # identity, whatever their name here)
 _is_compiling = torch.compiler.is_compiling
 _is_tracing = torch._C._is_tracing  # torch.jit.is_tracing() without its wrapper
-_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+# any transform, not only x's: over the parameters alone (`grad` of a head's weights, a `vmap` ensemble with a
+# shared input) x is a plain tensor and the weights are wrapped
+_functorch_active = torch._C._are_functorch_transforms_active
 # forward-mode AD (`torch.autograd.forward_ad.dual_level()`) is on while its level is >= 0
 _forward_ad = torch.autograd.forward_ad
 
 
 @torch.jit.unused
-def _is_functorch(x: torch.Tensor) -> bool:
+def _is_functorch() -> bool:
     """Inside a torch.func transform (grad, vmap, ...): no data pointers, no custom autograd.Function."""
-    return not _is_compiling() and _is_functorch_wrapped(x)
+    return not _is_compiling() and _functorch_active()
 
 
 def _autocast_on_cpu() -> bool:
@@ -50,7 +52,7 @@ def _autocast_on_cpu() -> bool:
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
-    if not torch.jit.is_scripting() and _is_functorch(x):
+    if not torch.jit.is_scripting() and _is_functorch():
         return False  # vmap cannot answer for channels_last: the contiguous paths take any layout
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
@@ -58,7 +60,7 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 def _is_eager(x: torch.Tensor) -> bool:
     """Plain eager execution: no compiler, exporter, tracer, torch.func transform or forward-mode AD watching
     (the C kernels and the custom autograd Functions, which have no jvp, would drop the tangents)."""
-    return not (_is_compiling() or _is_tracing() or isinstance(x, Proxy) or _is_functorch_wrapped(x)
+    return not (_is_compiling() or _is_tracing() or isinstance(x, Proxy) or _functorch_active()
                 or _forward_ad._current_level >= 0)
 
 
