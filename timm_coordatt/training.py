@@ -884,6 +884,11 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
             reason = (f'{(args.epochs - args.warmup_epochs) * steps:g} updates after the warm-up ({steps} an epoch) '
                       f'are too few for its decay phase; train longer')
         raise UsageError(f'cannot create scheduler {args.sched!r}: {reason}') from None
+    if scheduler is None and args.sched != 'none' and (args.sched != 'constant' or args.warmup_epochs):
+        # older timm returns no scheduler for a name it does not know (1.0.26: 'wsd', 'constant'), which would
+        # train at a fixed --lr; 'constant' without a warm-up is just that
+        raise UsageError(f'--sched {args.sched}: this timm ({timm.__version__}) has no such schedule; upgrade timm '
+                         f'or choose another --sched')
     if scheduler is None:  # timm's schedulers apply --layer-decay's per-group scales; without one, set them once
         for group in optimizer.param_groups:
             group['lr'] *= group.get('lr_scale', 1.)
