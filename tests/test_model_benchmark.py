@@ -392,6 +392,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _blocked_signals(pid: int):
+    """Signal numbers process `pid` blocks (its main thread's mask, from /proc)."""
+    mask = int(Path(f'/proc/{pid}/status').read_text().split('SigBlk:')[1].split()[0], 16)
+    return {n for n in range(1, mask.bit_length() + 1) if mask >> (n - 1) & 1}
+
+
 def _workers_of(pid: int):
     """Live spawned multiprocessing children of process `pid` (from /proc)."""
     found = []
@@ -423,6 +429,8 @@ def test_the_worker_ends_with_the_main_process(stop):
             assert proc.poll() is None and time.monotonic() < deadline, 'no worker started'
             time.sleep(0.05)
         if stop == 'Ctrl-C':
+            # held back from the worker for good, so that it cannot print a traceback before it is stopped
+            assert signal.SIGINT in _blocked_signals(workers[0])
             os.killpg(proc.pid, signal.SIGINT)
         else:
             proc.send_signal(getattr(signal, stop))

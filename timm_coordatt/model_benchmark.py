@@ -21,6 +21,7 @@ import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -407,6 +408,9 @@ def _sigint_held() -> Iterator[None]:
     if not hasattr(signal, 'pthread_sigmask'):  # Windows: no signal masks
         yield
         return
+    # started beforehand: the tracker's first start unblocks SIGINT in this thread when it is done, which
+    # would leave the first worker open to Ctrl-C
+    resource_tracker.ensure_running()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
