@@ -1,5 +1,10 @@
 """ Attention maps: the recorded gates are the real gates of the real blocks, Grad-CAM follows its
 definition, the figures are PNGs of the documented size, and bad input gets a clear error. """
+import os
+import subprocess
+import sys
+import warnings
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
@@ -12,7 +17,8 @@ from timm.data import resolve_data_config
 
 import timm_coordatt  # noqa: F401  (registers the models)
 from timm_coordatt import CoordAttention
-from timm_coordatt.attention_maps import attention_maps, default_blocks, grad_cam, load_image, record_gates
+from timm_coordatt.attention_maps import (
+    GateMaps, attention_maps, default_blocks, grad_cam, load_image, plot_attention_maps, record_gates, save_figure)
 from timm_coordatt.cli import main
 from timm_coordatt.training import create_model, export_model
 
@@ -189,12 +195,68 @@ def test_grad_cam_names_the_models_own_classes(tmp_path):
     assert cam.labels == ('class 5',)
 
 
+def test_grad_cam_of_a_model_not_made_by_create_model():
+    # a classifier built from its class (ByobNet from a config with attn_layer='ca', say) has no pretrained_cfg
+    torch.manual_seed(0)
+    model = timm.create_model(CA_MODEL, num_classes=5)
+    del model.pretrained_cfg
+    cam = grad_cam(model, torch.randn(1, 3, 64, 64), target=4)
+    assert cam.labels == ('class 4',) and cam.cam.shape == (1, 2, 2)
+
+
 def test_grad_cam_needs_a_classifier():
     with pytest.raises(ValueError, match=r'has no classifier \(num_classes=0\)'):
         grad_cam(timm.create_model(CA_MODEL, num_classes=0), torch.randn(1, 3, 32, 32))
     features = timm.create_model(CA_MODEL, features_only=True)
     with pytest.raises(ValueError, match=r'expected class scores \(N, classes\) from .*, got list'):
         grad_cam(features, torch.randn(1, 3, 32, 32), layer='blocks.6')
+    with pytest.raises(ValueError, match=r"expected a \(N, C, H, W\) output from 'global_pool', got \(1, 1280\)"):
+        grad_cam(timm.create_model(CA_MODEL), torch.randn(1, 3, 32, 32), layer='global_pool')
+
+
+def test_top_channels_of_a_1x1_gate():
+    # a gate over one position has no spread in any channel: all 0, without a degrees-of-freedom warning
+    maps = GateMaps('head', torch.rand(1, 4, 1, 1), torch.rand(1, 4, 1, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        idx, top = maps.top_channels(2)
+    assert idx.shape == (1, 2) and top.shape == (1, 2, 1, 1)
+
+
+def test_images_that_cannot_be_read_are_named(image_file, tmp_path):
+    model = timm.create_model(CA_MODEL)
+    with pytest.raises(IsADirectoryError, match=f'expected an image file, got the folder {tmp_path}'):
+        load_image(tmp_path, model)
+    with open(image_file, 'rb') as f:
+        data = f.read()
+    truncated = tmp_path / 'truncated.jpg'
+    truncated.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=f'{truncated} could not be read: image file is truncated'):
+        load_image(truncated, model)
+
+
+def test_figures_leave_pyplot_alone(ca_model, tmp_path):
+    # drawn on figures of their own: none left in pyplot's list, and no backend switched for the caller's
+    x = torch.randn(1, 3, 64, 64)
+    figures = plt.get_fignums()
+    fig = plot_attention_maps(x, resolve_data_config(model=ca_model), attention_maps(ca_model, x))
+    assert plt.get_fignums() == figures
+    save_figure(fig, tmp_path / 'maps.png', dpi=20)
+    with Image.open(tmp_path / 'maps.png') as img:
+        assert img.format == 'PNG'
+    code = ('import matplotlib, timm_coordatt.attention_maps, timm_coordatt.cli; timm_coordatt.cli.build_parser(); '
+            'print(matplotlib.get_backend())')
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, MPLBACKEND='svg'))
+    assert proc.returncode == 0 and proc.stdout.split() == ['svg'], proc.stderr
+
+
+def test_a_figure_that_cannot_be_written_is_named(ca_model, tmp_path):
+    x = torch.randn(1, 3, 32, 32)
+    fig = plot_attention_maps(x, resolve_data_config(model=ca_model), attention_maps(ca_model, x))
+    out = tmp_path / ('x' * 300 + '.png')  # longer than a file name may be: the temporary file beside it fails
+    with pytest.raises(OSError, match=f'cannot write {out}: File name too long'):
+        save_figure(fig, out)
 
 
 def test_16_bit_images_are_scaled_to_8_bits(tmp_path):
@@ -313,6 +375,29 @@ def test_cli_draws_a_fine_tuned_checkpoint_and_run_directory(image_file, tmp_pat
     model = create_model(CA_MODEL, checkpoint=checkpoint).eval()
     x, _ = load_image(image_file, model)
     assert model.num_classes == 9 and grad_cam(model, x).target[0] == tuned.eval()(x).argmax().item()
+
+
+@pytest.mark.parametrize('out, message', [
+    ('{tmp}', 'expected the name of an image file, got a folder'),
+    ('', 'expected the name of an image file, got an empty name'),
+    ('{tmp}/nope/maps.png', 'no folder'),
+    ('{tmp}/maps.xyz', 'expected a file name ending in one of'),
+])
+def test_cli_checks_out_before_the_model_is_built(out, message, image_file, tmp_path, capsys):
+    # the model's name is checked as it is built: a bad --out is reported instead, so before that
+    assert main(['attention', image_file, '--model', 'mobilenetv2_ca_typo', '--out', out.format(tmp=tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and 'unknown model' not in err
+
+
+def test_cli_compare_a_run_folder_with_an_equals_sign(image_file, tmp_path):
+    torch.manual_seed(0)
+    tuned = timm.create_model(CA_MODEL, num_classes=3)
+    export_model(tuned, str(tmp_path / 'lr=0.1'), ['a', 'b', 'c'], resolve_data_config(model=tuned))
+    out = tmp_path / 'compare.png'
+    assert main(['attention', image_file, '--compare', f'local-dir:{tmp_path / "lr=0.1"}', CA_MODEL,
+                 '--out', str(out), '--dpi', str(DPI)]) == 0
+    assert out.is_file()
 
 
 @pytest.mark.parametrize('options, message', [

@@ -165,6 +165,52 @@ def test_run_executes_a_script_with_the_models_registered(tmp_path):
     assert plain.returncode != 0 and 'Unknown model' in plain.stderr
 
 
+POOL_SCRIPT = '''
+import multiprocessing, sys, timm
+def knows(name):
+    return timm.is_model(name)
+if __name__ == '__main__':
+    with multiprocessing.get_context(sys.argv[1]).Pool(1) as pool:
+        print('worker knows the model:', pool.apply(knows, ('mobilenetv2_ca',)))
+'''
+
+
+@pytest.mark.skipif('forkserver' not in __import__('multiprocessing').get_all_start_methods(), reason='POSIX only')
+@pytest.mark.parametrize('start_method', ['fork', 'forkserver'])
+def test_run_workers_of_the_script_know_the_models(start_method, tmp_path):
+    # forkserver: Python 3.14's default on Linux; its server process imports the package before it forks workers
+    script = tmp_path / 'pool_user.py'
+    script.write_text(POOL_SCRIPT)
+    proc = cli('run', str(script), start_method)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split('\n')[0] == 'worker knows the model: True'
+
+
+ECHO_SCRIPT = '''
+import os, sys
+os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a script finding its files after a chdir
+print(repr(sys.argv[1:]), os.path.basename(sys.argv[0]), os.path.isfile(__file__))
+'''
+
+
+def test_run_is_python_script(tmp_path, monkeypatch, capsys):
+    """`run SCRIPT ARGS` gives the script what `python SCRIPT ARGS` would: every argument after SCRIPT (a
+    `--` too), `__file__` absolute (a script finds its files after a chdir), and a folder with a `__main__.py`
+    runs that."""
+    (tmp_path / 'app').mkdir()
+    (tmp_path / 'app' / 'echo.py').write_text(ECHO_SCRIPT)
+    (tmp_path / 'app' / '__main__.py').write_text(ECHO_SCRIPT)
+    args = ['--', '--x', 'a', '--', 'b']
+    for script, expected in ((os.path.join('app', 'echo.py'), f"{args!r} echo.py True"), ('app', f'{args!r} app')):
+        monkeypatch.chdir(tmp_path)
+        python = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300)
+        assert python.returncode == 0, python.stderr
+        monkeypatch.chdir(tmp_path)
+        assert main(['run', script, *args]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(expected) and python.stdout.startswith(expected)
+
+
 @pytest.mark.slow
 def test_run_under_torchrun(tmp_path):
     script = tmp_path / 'user_train.py'
@@ -387,6 +433,7 @@ def test_run_files_follow_the_umask(run_dir):
 
 @pytest.mark.parametrize('argv, message', [
     (['run', str(os.path.join('no', 'such', 'script.py'))], 'no such script'),
+    (['run', os.path.dirname(__file__)], 'is a folder without a __main__.py; expected a Python script'),
     (['run', '-m', 'no_such_module_of_timm_coordatt'], 'no module named no_such_module_of_timm_coordatt'),
     (['run', '-m', 'no_such_package.module'], 'no module named no_such_package.module'),
 ])

@@ -18,23 +18,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-import matplotlib
-matplotlib.use('Agg')  # files only: no display needed, and no GUI backend picked up from the environment
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import torch.nn.functional as F
+from matplotlib.backend_bases import FigureCanvasBase
+from matplotlib.figure import Figure
+from PIL import Image, UnidentifiedImageError
+from torch import nn
 
-from timm.data import create_transform, resolve_data_config  # noqa: E402
-from timm.models._manipulate import group_with_matcher  # noqa: E402
+from timm.data import create_transform, resolve_data_config
+from timm.models._manipulate import group_with_matcher
 
-from .coordinate_attention import CoordAttention  # noqa: E402
-from .training import atomic_write, label_names, to_rgb  # noqa: E402
+from .coordinate_attention import CoordAttention
+from .training import atomic_write, label_names, to_rgb
 
 __all__ = [
     'GateMaps', 'GradCam', 'ca_blocks', 'default_blocks', 'record_gates', 'attention_maps', 'grad_cam',
-    'load_image', 'plot_attention_maps', 'plot_grad_cam_comparison', 'save_figure',
+    'figure_format', 'load_image', 'plot_attention_maps', 'plot_grad_cam_comparison', 'save_figure',
 ]
 
 ALL_BLOCKS = 'all'
@@ -70,7 +69,7 @@ class GateMaps:
         if not 1 <= k <= num_chs:
             raise ValueError(f'top_channels expected 1 <= k <= {num_chs} (channels of {self.name}), got {k}')
         product = self.product
-        idx = product.flatten(2).std(-1).topk(k, dim=1).indices
+        idx = product.flatten(2).std(-1, correction=0).topk(k, dim=1).indices  # 1x1 gates: all 0, no warning
         return idx, product.gather(1, idx[..., None, None].expand(-1, -1, *product.shape[-2:]))
 
 
@@ -220,8 +219,8 @@ def grad_cam(
             handle.remove()
         features = store.get('features')
         if not isinstance(features, torch.Tensor) or features.dim() != 4:
-            raise ValueError(
-                f'Grad-CAM expected a (N, C, H, W) output from {layer!r}, got {type(features).__name__}')
+            got = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ValueError(f'Grad-CAM expected a (N, C, H, W) output from {layer!r}, got {got}')
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise ValueError(f'Grad-CAM expected class scores (N, classes) from {_model_name(model)}, got {got}')
@@ -246,6 +245,8 @@ def load_image(path: Union[str, os.PathLike], model: nn.Module) -> Tuple[torch.T
 
     Returns the (1, 3, H, W) input tensor and the data config used.
     """
+    if os.path.isdir(path):
+        raise IsADirectoryError(f'expected an image file, got the folder {path}')
     if not os.path.isfile(path):
         raise FileNotFoundError(f'image not found: {path}')
     config = resolve_data_config(model=model)
@@ -256,6 +257,8 @@ def load_image(path: Union[str, os.PathLike], model: nn.Module) -> Tuple[torch.T
         raise ValueError(f'{path} is not an image file PIL can read') from e
     except Image.DecompressionBombError as e:
         raise ValueError(f'{path}: {e}') from e
+    except OSError as e:  # a damaged file (truncated, bad data)
+        raise ValueError(f'{path} could not be read: {e}') from e
     return create_transform(**config)(img).unsqueeze(0), config
 
 
@@ -293,7 +296,7 @@ def plot_attention_maps(
         top_channels: int = 0,
         title: str = '',
         cell_size: float = 2.2,
-) -> plt.Figure:
+) -> Figure:
     """One figure: a row per CA block with `a_h`, `a_w` and `a_h * a_w` averaged over channels, then the
     `top_channels` most position-selective channels of the product; a first row with the input and,
     if given, the Grad-CAM. Every map is min-max scaled over the image (its range is in the title).
@@ -309,8 +312,9 @@ def plot_attention_maps(
                          f'got {top_channels}')
     image = _display_image(x[0], config)
     ncols, nrows = 3 + top_channels, 1 + len(maps)
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(cell_size * ncols, cell_size * nrows), squeeze=False, layout='constrained')
+    # a Figure of its own, not pyplot's: files only, and no backend chosen for the caller's other figures
+    fig = Figure(figsize=(cell_size * ncols, cell_size * nrows), layout='constrained')
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes[0]:
         ax.set_axis_off()
     axes[0, 0].imshow(image.numpy())
@@ -336,7 +340,7 @@ def plot_attention_maps(
 def plot_grad_cam_comparison(
         views: Mapping[str, Tuple[torch.Tensor, Mapping, GradCam]],
         cell_size: float = 3.0,
-) -> plt.Figure:
+) -> Figure:
     """Grad-CAM of several models side by side, one panel per model.
 
     `views`: model name -> (its preprocessed input, its data config, its `GradCam`). Each panel shows the
@@ -344,8 +348,8 @@ def plot_grad_cam_comparison(
     """
     if not views:
         raise ValueError('plot_grad_cam_comparison expected at least one model, got none')
-    fig, axes = plt.subplots(
-        1, len(views), figsize=(cell_size * len(views), cell_size), squeeze=False, layout='constrained')
+    fig = Figure(figsize=(cell_size * len(views), cell_size), layout='constrained')
+    axes = fig.subplots(1, len(views), squeeze=False)
     for ax, (name, (x, config, cam)) in zip(axes[0], views.items()):
         _overlay(ax, _display_image(x[0], config), cam.cam[0],
                  f'{name}\nGrad-CAM {cam.layer}\n{_short(cam.labels[0])} ({cam.prob[0]:.2f})', scale=False)
@@ -355,26 +359,36 @@ def plot_grad_cam_comparison(
 MAX_PIXELS = 100_000_000  # a figure's raster at most: a mistyped dpi must not take all memory
 
 
-def save_figure(fig: plt.Figure, path: Union[str, os.PathLike], dpi: int = 100) -> None:
-    """Write `fig` (figure size x dpi pixels, at most `MAX_PIXELS`) atomically, in the format `path`'s
-    extension names (PNG without one), and close it."""
+def figure_format(path: Union[str, os.PathLike]) -> str:
+    """The format a figure written to `path` takes (its extension's, PNG without one); ValueError or
+    FileNotFoundError saying why no figure can be written there, before one is drawn."""
     path = os.fspath(path)
+    if not path or os.path.isdir(path):
+        raise ValueError(f'cannot write {path!r}: expected the name of an image file, got '
+                         + ('a folder' if path else 'an empty name'))
+    ext = os.path.splitext(path)[1][1:].lower() or 'png'
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if ext not in formats:
+        raise ValueError(f'cannot write {path}: expected a file name ending in one of '
+                         f'{", ".join("." + f for f in sorted(formats))}, got .{ext}')
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f'cannot write {path}: no folder {directory}')
+    return ext
+
+
+def save_figure(fig: Figure, path: Union[str, os.PathLike], dpi: int = 100) -> None:
+    """Write `fig` (figure size x dpi pixels, at most `MAX_PIXELS`) atomically, in the format
+    `figure_format(path)` names."""
+    path = os.fspath(path)
+    ext = figure_format(path)
+    width, height = (fig.get_size_inches() * dpi).round().astype(int).tolist()
+    if width * height > MAX_PIXELS:
+        raise ValueError(f'cannot write {path}: expected at most {MAX_PIXELS:,} pixels, got {width}x{height} '
+                         f'at dpi {dpi}; use a lower dpi')
     try:
-        ext = os.path.splitext(path)[1][1:].lower() or 'png'
-        formats = fig.canvas.get_supported_filetypes()
-        if ext not in formats:
-            raise ValueError(f'cannot write {path}: expected a file name ending in one of '
-                             f'{", ".join("." + f for f in sorted(formats))}, got .{ext}')
-        width, height = (fig.get_size_inches() * dpi).round().astype(int).tolist()
-        if width * height > MAX_PIXELS:
-            raise ValueError(f'cannot write {path}: expected at most {MAX_PIXELS:,} pixels, got {width}x{height} '
-                             f'at dpi {dpi}; use a lower dpi')
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f'cannot write {path}: no folder {directory}')
-        try:
-            atomic_write(path, lambda tmp: fig.savefig(tmp, format=ext, dpi=dpi))
-        except RuntimeError as e:  # a format whose backend needs a missing program (pgf: LaTeX)
-            raise ValueError(f'cannot write {path}: {e}') from e
-    finally:
-        plt.close(fig)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=ext, dpi=dpi))
+    except RuntimeError as e:  # a format whose backend needs a missing program (pgf: LaTeX)
+        raise ValueError(f'cannot write {path}: {e}') from e
+    except OSError as e:  # named after the file asked for, not the temporary one beside it
+        raise type(e)(f'cannot write {path}: {e.strerror or e}') from e

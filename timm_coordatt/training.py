@@ -473,8 +473,9 @@ def label_names(model: nn.Module, descriptions: bool = False) -> Optional[List[s
     ImageNet names are WordNet synsets (the folder names of ImageNet), or with `descriptions` their
     readable lemmas.
     """
-    names = model.pretrained_cfg.get('label_names')
-    if names and len(names) == model.num_classes:
+    # any classifier: a model built without timm.create_model has no pretrained_cfg
+    names = (getattr(model, 'pretrained_cfg', None) or {}).get('label_names')
+    if names and len(names) == getattr(model, 'num_classes', None):
         return list(names)
     subset = infer_imagenet_subset(model)
     if subset:

@@ -7,10 +7,11 @@
 import argparse
 import os
 import sys
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 from ..attention_maps import (
-    ALL_BLOCKS, attention_maps, grad_cam, load_image, plot_attention_maps, plot_grad_cam_comparison, save_figure)
+    ALL_BLOCKS, attention_maps, figure_format, grad_cam, load_image, plot_attention_maps, plot_grad_cam_comparison,
+    save_figure)
 from ..pretrained import PretrainedWeightsError
 
 
@@ -18,10 +19,11 @@ def run(args: argparse.Namespace) -> int:
     # timm names, local-dir: and hf-hub: sources; a checkpoint's head (a fine-tuned model's classes) kept
     from ..training import UsageError, create_model
     try:
+        figure_format(args.out)  # before the models run
         if args.compare:
             views = {}
             for spec, title in zip(args.compare, _titles(args.compare)):
-                name, _, checkpoint = spec.partition('=')
+                name, checkpoint = _split(spec)
                 model = create_model(name, pretrained=args.pretrained, checkpoint=checkpoint or None)
                 x, config = load_image(args.image, model)
                 views[title] = (x, config, grad_cam(model, x, target=args.target))
@@ -45,9 +47,17 @@ def _titles(specs: Sequence[str]) -> List[str]:
     """Panel titles: the model name and the checkpoint's file name (whole specs where those coincide)."""
     titles = []
     for spec in specs:
-        name, _, checkpoint = spec.partition('=')
+        name, checkpoint = _split(spec)
         titles.append(f'{name}\n{os.path.basename(checkpoint)}' if checkpoint else name)
     return titles if len(set(titles)) == len(titles) else list(specs)
+
+
+def _split(spec: str) -> Tuple[str, str]:
+    """NAME[=CHECKPOINT] as (NAME, CHECKPOINT or ''); a `local-dir:` run folder whose path has a '=' is a NAME."""
+    if spec.startswith('local-dir:') and os.path.isdir(spec[len('local-dir:'):]):
+        return spec, ''
+    name, _, checkpoint = spec.partition('=')
+    return name, checkpoint
 
 
 def add_parser(subparsers) -> None:
@@ -91,8 +101,8 @@ def _checked_run(parser: argparse.ArgumentParser):
         if args.dpi < 1:
             parser.error(f'--dpi expected a positive integer, got {args.dpi}')
         for spec in args.compare or ():
-            name, eq, checkpoint = spec.partition('=')
-            if not name or (eq and not checkpoint):
+            name, checkpoint = _split(spec)
+            if not name or (spec != name and not checkpoint):
                 parser.error(f'--compare expected NAME or NAME=CHECKPOINT, got {spec!r}')
         if args.compare and len(set(args.compare)) < len(args.compare):
             parser.error(f'--compare expected different models, got {" ".join(args.compare)}')
