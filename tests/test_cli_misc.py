@@ -380,6 +380,35 @@ def test_model_kwargs_train_sets_itself(item, tmp_path, capsys):
     assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.parametrize('command', ['validate', 'predict', 'attention'])
+@pytest.mark.parametrize('item', ['num_classes=5', 'pretrained=True', 'in_chans=1'])
+def test_model_kwargs_the_command_sets_itself(command, item, tmp_path, capsys):
+    argv = {'validate': ['validate'], 'predict': ['predict', __file__],
+            'attention': ['attention', __file__, '--out', str(tmp_path / 'maps.png')]}[command]
+    err = _error(capsys, argv + ['--model', MODEL, '--model-kwargs', item])
+    assert f'--model-kwargs {item.split("=")[0]}: {command} sets it itself' in err
+
+
+def test_model_kwargs_rebuild_the_architecture_of_a_checkpoint(tmp_path, capsys):
+    # a model trained with timm's train.py --model-kwargs (CA in a ResNet's blocks): its checkpoint fits only the
+    # architecture those arguments build
+    kwargs = "block_args={'attn_layer': 'ca'}"
+    torch.manual_seed(0)
+    model = timm.create_model('resnet10t', num_classes=9, block_args={'attn_layer': 'ca'})
+    checkpoint = str(tmp_path / 'resnet10t_ca.safetensors')
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, checkpoint)
+    assert 'does not fit resnet10t' in _error(capsys, ['validate', '--model', 'resnet10t', '--checkpoint', checkpoint])
+    image = tmp_path / 'image.png'
+    Image.fromarray(np.full((40, 40, 3), 100, np.uint8)).save(image)
+    out = tmp_path / 'maps.png'
+    for argv in (['validate', '--grid-val-samples', '8', '--img-size', '48'], ['predict', str(image), '--json'],
+                 ['attention', str(image), '--out', str(out), '--dpi', '20']):
+        assert main(argv + ['--model', 'resnet10t', '--checkpoint', checkpoint, '--model-kwargs', kwargs]) == 0
+        captured = capsys.readouterr()
+        assert 'error' not in captured.err, captured.err
+    assert out.is_file()
+
+
 def test_output_that_cannot_be_created(tmp_path, capsys):
     (tmp_path / 'afile').write_text('')
     err = _error(capsys, ['train', '--output', str(tmp_path / 'afile' / 'run')])

@@ -699,11 +699,16 @@ def _check_options(args: argparse.Namespace, ctx: _Dist) -> None:
         raise UsageError(f'--model-ema-decay must be in (0, 1), got {args.model_ema_decay}')
     if args.freeze < 0:
         raise UsageError(f'--freeze must be >= 0, got {args.freeze}')
-    # set by train itself: the head from the data's classes, the weights from --pretrained, RGB input
-    reserved = {'num_classes': "the data's number of classes", 'pretrained': '--pretrained', 'in_chans': '3, RGB'}
-    clash = sorted(set(args.model_kwargs) & set(reserved))
+    check_model_kwargs(args.model_kwargs, 'train', classes_from="the data's number of classes")
+
+
+def check_model_kwargs(model_kwargs: Dict[str, Any], command: str, classes_from: str) -> None:
+    """UsageError for a `--model-kwargs` key that `command` sets itself: the weights (--pretrained), the
+    head (`classes_from`), the input channels (images are read as RGB)."""
+    reserved = {'pretrained': '--pretrained', 'num_classes': classes_from, 'in_chans': '3, RGB'}
+    clash = sorted(set(model_kwargs) & set(reserved))
     if clash:
-        raise UsageError(f'--model-kwargs {clash[0]}: train sets it itself ({reserved[clash[0]]})')
+        raise UsageError(f'--model-kwargs {clash[0]}: {command} sets it itself ({reserved[clash[0]]})')
 
 
 def _resume_args(args: argparse.Namespace, saved: Dict[str, Any], defaults: Dict[str, Any]) -> argparse.Namespace:
@@ -1159,7 +1164,9 @@ def _eval_model(args: argparse.Namespace) -> Tuple[nn.Module, torch.device]:
         raise UsageError('--pretrained and --checkpoint both give weights; pass one of them')
     if args.use_ema and not args.checkpoint:
         raise UsageError('--use-ema picks the EMA weights of a --checkpoint file, and no --checkpoint was given')
-    model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, use_ema=args.use_ema)
+    check_model_kwargs(args.model_kwargs, args.command, classes_from="the weights' number of classes")
+    model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, use_ema=args.use_ema,
+                         **args.model_kwargs)
     if not (args.pretrained or args.checkpoint or parse_model_name(args.model)[0]):
         print(f'warning: {args.model} has random weights (no --pretrained, --checkpoint, local-dir: or hf-hub:)',
               file=sys.stderr)

@@ -9,6 +9,8 @@ import os
 import sys
 from typing import List, Optional
 
+from timm.utils import ParseKwargs
+
 # subcommand modules, in the order `--help` lists them
 COMMANDS = (
     'train',
@@ -40,6 +42,22 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default in ({}, [], ()) or 'default' in (action.help or ''):
             return action.help
         return super()._get_help_string(action)
+
+
+class _ModelKwargs(ParseKwargs):
+    """timm's KEY=VALUE parser, with a usage error rather than a traceback for an item without '='."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        bad = [value for value in values if value and '=' not in value]
+        if bad:
+            parser.error(f'{option_string} expected KEY=VALUE items, got {" ".join(bad)}')
+        super().__call__(parser, namespace, values, option_string)
+
+
+def add_model_kwargs(parser, example: str) -> None:
+    """`--model-kwargs KEY=VALUE ...`, as timm's scripts take it: extra `timm.create_model` arguments."""
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=_ModelKwargs, metavar='KEY=VALUE',
+                        help=f'extra timm.create_model arguments, e.g. {example}')
 
 
 def build_parser() -> argparse.ArgumentParser:

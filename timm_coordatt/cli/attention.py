@@ -13,23 +13,27 @@ from ..attention_maps import (
     ALL_BLOCKS, attention_maps, figure_format, grad_cam, load_image, plot_attention_maps, plot_grad_cam_comparison,
     save_figure)
 from ..pretrained import PretrainedWeightsError
+from . import add_model_kwargs
 
 
 def run(args: argparse.Namespace) -> int:
     # timm names, local-dir: and hf-hub: sources; a checkpoint's head (a fine-tuned model's classes) kept
-    from ..training import UsageError, create_model
+    from ..training import UsageError, check_model_kwargs, create_model
     try:
         figure_format(args.out)  # before the models run
+        check_model_kwargs(args.model_kwargs, 'attention', classes_from="the weights' number of classes")
         if args.compare:
             views = {}
             for spec, title in zip(args.compare, _titles(args.compare)):
                 name, checkpoint = _split(spec)
-                model = create_model(name, pretrained=args.pretrained, checkpoint=checkpoint or None)
+                model = create_model(
+                    name, pretrained=args.pretrained, checkpoint=checkpoint or None, **args.model_kwargs)
                 x, config = load_image(args.image, model)
                 views[title] = (x, config, grad_cam(model, x, target=args.target))
             fig = plot_grad_cam_comparison(views)
         else:
-            model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
+            model = create_model(
+                args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **args.model_kwargs)
             x, config = load_image(args.image, model)
             maps = attention_maps(model, x, args.blocks)
             fig = plot_attention_maps(
@@ -78,6 +82,7 @@ def add_parser(subparsers) -> None:
         help='models whose Grad-CAMs to put side by side, each optionally with a checkpoint file')
     parser.add_argument('--checkpoint', help='checkpoint file for --model (timm loader: .safetensors or .pth)')
     parser.add_argument('--pretrained', action='store_true', help='load the published weights')
+    add_model_kwargs(parser, example="block_args={'attn_layer': 'ca'} for a model trained with them")
     parser.add_argument('--out', required=True, help='image file to write: PNG, or the format its extension names')
     parser.add_argument(
         '--blocks', nargs='+', metavar='NAME',

@@ -7,21 +7,9 @@ from typing import Set
 
 import torch
 
-from timm.utils import ParseKwargs
-
-from . import HelpFormatter
+from . import HelpFormatter, add_model_kwargs
 
 DEFAULT_MODEL = 'mobilenetv2_050_ca'
-
-
-class _ModelKwargs(ParseKwargs):
-    """timm's KEY=VALUE parser, with a usage error rather than a traceback for an item without '='."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        bad = [value for value in values if value and '=' not in value]
-        if bad:
-            parser.error(f'{option_string} expected KEY=VALUE items, got {" ".join(bad)}')
-        super().__call__(parser, namespace, values, option_string)
 
 
 def add_parser(subparsers) -> None:
@@ -53,8 +41,7 @@ def add_parser(subparsers) -> None:
     g.add_argument('--initial-checkpoint', metavar='FILE',
                    help='start from these weights (safetensors or torch file); the classifier is re-initialised '
                         'when the number of classes differs')
-    g.add_argument('--model-kwargs', nargs='*', default={}, action=_ModelKwargs, metavar='KEY=VALUE',
-                   help='extra timm.create_model arguments, e.g. drop_rate=0.2')
+    add_model_kwargs(g, example='drop_rate=0.2')
     g.add_argument('--freeze', type=int, default=0, metavar='N',
                    help="freeze the first N layer groups of the model's group_matcher (stem = 1), BN statistics "
                         "included")

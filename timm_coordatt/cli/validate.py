@@ -7,7 +7,7 @@ import tempfile
 
 import torch
 
-from . import HelpFormatter
+from . import HelpFormatter, add_model_kwargs
 
 
 def add_parser(subparsers) -> None:
@@ -34,6 +34,7 @@ def add_model_arguments(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument('--use-ema', action='store_true',
                    help="the checkpoint's EMA weights instead of its plain ones, where it has both")
     p.add_argument('--pretrained', action='store_true', help="the model's pretrained weights")
+    add_model_kwargs(p, example="block_args={'attn_layer': 'ca'} for a model trained with them")
     p.add_argument('--img-size', type=int, help="input size (default: the model's data config)")
     p.add_argument('--batch-size', '-b', type=int, default=batch_size, help='images per forward pass')
     p.add_argument('--channels-last', action='store_true', help='channels-last memory layout')
