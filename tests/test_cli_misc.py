@@ -622,6 +622,13 @@ def test_hf_hub_model_with_a_damaged_cached_config_names_the_file(tmp_path, monk
         create_model(f'hf-hub:someone/some-model{revision}')
 
 
+def test_only_attention_imports_matplotlib():
+    # matplotlib writes a cache under $HOME, and warns on stderr where it cannot: not for `models`, `train`, ...
+    code = 'import sys; from timm_coordatt.cli import build_parser; build_parser(); print("matplotlib" in sys.modules)'
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split() == ['False'], proc.stderr
+
+
 def test_output_to_a_closed_pipe_ends_quietly():
     """`timm-coordatt models | head`: the reader may stop before the output ends (here: before it starts)."""
     proc = subprocess.Popen([sys.executable, '-m', 'timm_coordatt', 'models'], stdout=subprocess.PIPE,

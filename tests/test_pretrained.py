@@ -209,7 +209,9 @@ def hub(tmp_path_factory, timm):
 def _client(mode: str, work: Path, cache: Path, **extra_env) -> dict:
     """Run this file as the client script; its directory (with hub_server.py) is first on its sys.path."""
     out = work / f'{mode}.json'
-    env = {k: v for k, v in os.environ.items() if k not in ('HF_ENDPOINT', 'HF_HUB_OFFLINE', 'TIMM_COORDATT_HUB_ORG')}
+    # none of the caller's Hub settings (TRANSFORMERS_OFFLINE=1 turns huggingface_hub offline too)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(('HF_', 'HUGGINGFACE_', 'TRANSFORMERS_')) and k != 'TIMM_COORDATT_HUB_ORG'}
     env.update(HF_HUB_CACHE=str(cache), HF_HUB_DISABLE_TELEMETRY='1', HF_TOKEN='hf_stand_in', **extra_env)
     env['HF_HUB_DISABLE_XET'] = '1'  # uploads take the LFS path the stand-in speaks
     proc = subprocess.run(

@@ -400,22 +400,30 @@ def _measure_pair(pair: Tuple[str, str], mode: str, cfg: BenchmarkConfig) -> Lis
 
 
 @contextmanager
-def _sigint_held() -> Iterator[None]:
-    """SIGINT held back from this thread (delivered when the block ends) and from the processes it starts
-    meanwhile, which keep the mask for good: a terminal's Ctrl-C reaches the whole process group, and
-    the worker, which this process stops, would print a KeyboardInterrupt traceback of its own (the
-    standard library starts its resource tracker so too)."""
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive in the block are handled when it ends, and SIGINT is blocked in the
+    processes it starts, which keep the mask for good: a terminal's Ctrl-C reaches the whole process group,
+    and the worker, which this process stops, would print a traceback of its own (the standard library
+    starts its resource tracker so too). The mask alone would not do: any other thread of this process
+    (torch starts some) takes a process-wide SIGINT, and the exception would interrupt the start halfway."""
     if not hasattr(signal, 'pthread_sigmask'):  # Windows: no signal masks
         yield
         return
     # started beforehand: the tracker's first start unblocks SIGINT in this thread when it is done, which
     # would leave the first worker open to Ctrl-C
     resource_tracker.ensure_running()
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    received = []
+    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous_handlers = {s: signal.signal(s, lambda sig, frame: received.append(sig)) for s in handled}
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+        for sig in received:
+            signal.raise_signal(sig)  # to the handler the caller set (Ctrl-C: KeyboardInterrupt)
 
 
 def _in_fresh_process(pair: Tuple[str, str], mode: str, cfg: BenchmarkConfig) -> List[Result]:
@@ -424,18 +432,21 @@ def _in_fresh_process(pair: Tuple[str, str], mode: str, cfg: BenchmarkConfig) ->
     context = multiprocessing.get_context('spawn')
     receiver, sender = context.Pipe(duplex=False)
     worker = context.Process(target=_worker, args=(pair, mode, cfg, sender))
-    with _sigint_held():
-        worker.start()
-    sender.close()  # the worker's end is then its alone: reading it ends when the worker does
     try:
+        with _signals_deferred():
+            worker.start()
+        sender.close()  # the worker's end is then its alone: reading it ends when the worker does
         outcome = receiver.recv()
     except EOFError:  # the worker ended without reporting
         outcome = None
     except BaseException:  # Ctrl-C, SIGTERM's SystemExit, ...: the measurement is not wanted any more
-        worker.terminate()
+        if worker.pid is not None:
+            worker.terminate()
         raise
     finally:
-        worker.join()
+        sender.close()
+        if worker.pid is not None:
+            worker.join()
         receiver.close()
     if outcome is None:
         what = f'the worker process measuring {pair[0]} vs {pair[1]} ({mode})'

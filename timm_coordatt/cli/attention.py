@@ -9,14 +9,15 @@ import os
 import sys
 from typing import List, Sequence, Tuple
 
-from ..attention_maps import (
-    ALL_BLOCKS, attention_maps, figure_format, grad_cam, load_image, plot_attention_maps, plot_grad_cam_comparison,
-    save_figure)
-from ..pretrained import PretrainedWeightsError
 from . import add_model_kwargs
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported here: matplotlib, which the other commands do not need (it writes a cache under $HOME)
+    from ..attention_maps import (
+        attention_maps, figure_format, grad_cam, load_image, plot_attention_maps, plot_grad_cam_comparison,
+        save_figure)
+    from ..pretrained import PretrainedWeightsError
     # timm names, local-dir: and hf-hub: sources; a checkpoint's head (a fine-tuned model's classes) kept
     from ..training import UsageError, check_model_kwargs, create_model
     try:
@@ -86,7 +87,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument('--out', required=True, help='image file to write: PNG, or the format its extension names')
     parser.add_argument(
         '--blocks', nargs='+', metavar='NAME',
-        help=f'CA module names (e.g. blocks.3.3.se) or "{ALL_BLOCKS}"; default: the last CA block of each stage')
+        help='CA module names (e.g. blocks.3.3.se) or "all"; default: the last CA block of each stage')
     parser.add_argument(
         '--top-channels', type=int, default=0, metavar='K',
         help='also draw the K channels whose a_h * a_w varies most over the image (default: 0)')
