@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from timm_coordatt import CoordAttention
-from timm_coordatt.model_benchmark import PAIRS
+from timm_coordatt.model_benchmark import PAIRS, quiet_profiler_logs
 
+quiet_profiler_logs()  # imported by the scripts only: their tables without the profiler's log lines
 DEFAULT_PAIRS = [f'{ca}:{base}' for ca, base in PAIRS]
 
 

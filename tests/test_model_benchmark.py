@@ -513,3 +513,16 @@ def test_a_script_without_main_guard_is_told_so(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=PACKAGE_ENV)
     assert proc.returncode == 1
     assert "without an `if __name__ == '__main__':` guard" in proc.stderr.splitlines()[-1], proc.stderr[-3000:]
+
+
+def test_stderr_has_the_progress_lines_only():
+    """The profiler's backend logs each profiled call on stderr (`profiler_start`, and `gpuGetDeviceCount
+    failed` on CUDA builds without a GPU): the CLI keeps its workers and itself (`--profile`) quiet."""
+    env = {k: v for k, v in PACKAGE_ENV.items() if k != 'KINETO_LOG_LEVEL'}
+    proc = subprocess.run(
+        [sys.executable, '-m', 'timm_coordatt', 'benchmark', '--pairs', ':'.join(PAIR), '--img-size', '16',
+         '--infer-batch-sizes', '1', '--train-batch-size', '2', '--rounds', '1', '--min-time', '0', '--modes', 'eager',
+         '--threads', '1', '--profile'], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == [f'[{PAIR[0]} vs {PAIR[1]}, eager]'], proc.stderr[-3000:]
+    assert 'train memory b2' in proc.stdout and f'{PAIR[0]} vs {PAIR[1]}' in proc.stdout

@@ -39,7 +39,7 @@ from .recompute import set_recompute_ca_outputs
 __all__ = [
     'BenchmarkConfig', 'Result', 'Failure', 'WorkerError', 'GOALS', 'MODES', 'PAIRS', 'default_pairs', 'peak_memory',
     'run_benchmark', 'profile_overhead', 'profile_mode', 'results_dict', 'format_results', 'format_profile',
-    'add_arguments', 'run_from_args',
+    'add_arguments', 'run_from_args', 'quiet_profiler_logs',
 ]
 
 MODES = ('eager', 'channels_last', 'compile')
@@ -211,6 +211,14 @@ def _time_in_turn(fns: Sequence[Callable[[], None]], device: torch.device, min_t
             totals[i] += times[i][-1]
         if min(totals) >= min_time and len(times[0]) >= min_calls:
             return [statistics.median(t) for t in times]
+
+
+def quiet_profiler_logs() -> None:
+    """Silences the lines the profiler's backend (kineto) writes on stderr each time it runs (`profiler_start`,
+    and `gpuGetDeviceCount failed` on CUDA builds without a GPU), which read like failures between the
+    benchmark's own lines, unless `KINETO_LOG_LEVEL` is set. Kineto reads it once, when the profiler first
+    runs in the process: for processes of the benchmark's own (its CLI, workers and scripts), not a caller's."""
+    os.environ.setdefault('KINETO_LOG_LEVEL', '6')  # above its highest level (5): none
 
 
 def _cpu_allocations(fn: Callable[[], None]) -> List[Tuple[int, int, int]]:
@@ -466,6 +474,7 @@ def _worker(pair: Tuple[str, str], mode: str, cfg: BenchmarkConfig, sender: Conn
     """A worker process's run: `_measure_pair`'s results sent back, or its exception's type name, message
     and traceback (as text: not every exception survives pickling)."""
     threading.Thread(target=_exit_with_parent, daemon=True).start()
+    quiet_profiler_logs()
     try:
         outcome = _measure_pair(pair, mode, cfg), None
     except Exception as e:
@@ -666,6 +675,7 @@ def _sigterm_exits() -> Iterator[None]:
 def run_from_args(args: argparse.Namespace, prog: str) -> int:
     """Run the benchmark described by parsed `add_arguments` options and print the results: 0, or 1 if a
     (pair, mode) failed (each named on stderr, the others' results printed), 2 for bad options."""
+    quiet_profiler_logs()
     try:
         cfg = BenchmarkConfig(
             pairs=tuple(args.pairs) if args.pairs else default_pairs(), img_size=args.img_size,
