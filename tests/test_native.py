@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Dict
 
@@ -161,6 +163,26 @@ def test_same_result_whatever_the_threads(shape, channels_last):
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(outputs[0], y) for y in outputs[1:])
+
+
+def test_one_model_serves_python_threads_at_once():
+    """An inference server's threads call one model at once (the kernels release the GIL): each call's
+    strips and gates stay its own (each thread has its workspace, sized for its inputs) and the folded
+    weights are shared; every output equal to the same call made alone."""
+    m = _randomised(CoordAttention(96)).eval()
+    inputs = [torch.randn(n, 96, h, w) for n, h, w in [(1, 56, 56), (1, 7, 7), (3, 14, 14), (1, 28, 5), (2, 9, 30)]]
+    inputs += [x.contiguous(memory_format=torch.channels_last) for x in inputs]
+    with torch.inference_mode():
+        expected = [m(x) for x in inputs]
+    start = threading.Barrier(len(inputs))
+
+    def serve(i: int) -> bool:
+        start.wait()
+        with torch.inference_mode():
+            return all(torch.equal(m(inputs[i]), expected[i]) for _ in range(30))
+
+    with ThreadPoolExecutor(len(inputs)) as pool:
+        assert list(pool.map(serve, range(len(inputs)))) == [True] * len(inputs)
 
 
 def test_kernel_runs_in_torchs_openmp_threads():
