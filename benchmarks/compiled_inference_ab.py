@@ -9,13 +9,19 @@ session 21 they shared their class's dynamo cache), inference at each batch size
   (`timm_coordatt::coord_attention_block_inference_`);
 - `formulation`: the same CA model with `use_native_kernel = False` on its blocks, so that inductor
   compiles the block's PyTorch ops (means and its 1x1 convs, as compiled training gets them).
+With `--split`, where the kernel op's time goes, three more:
+- `unchecked`: the CA model as it compiles, each block handing the op its folded weights without the
+  check that they are current (each block's `_folded_params` replaced by the weights it returned);
+- `identity`: the CA blocks replaced by identities: the rest of the network, as the baseline;
+- `one_pass`: each CA block replaced by one in-place pass (`x.mul_(1.0)`), which inductor fuses into the
+  kernel before it: the least a block of compiled ops would add.
 Models are `settled` first (benchmarks/in_turn.py): one training-mode forward at batch 32, as the
 benchmark's warm-up leaves them (BN statistics, and the allocator's state, which moves batch 1 most).
 Prints the medians of the per-call times and the medians of the per-call ratios to the baseline.
 Compiling takes about a minute a model and batch size.
 
     python benchmarks/compiled_inference_ab.py [--calls 30] [--batch-sizes 1 32] [--threads 2]
-        [--channels-last] [--pairs mobilenetv2_ca:mobilenetv2_100 ...]
+        [--channels-last] [--split] [--pairs mobilenetv2_ca:mobilenetv2_100 ...]
 """
 import argparse
 from functools import partial
@@ -23,21 +29,33 @@ from typing import Callable, Dict
 
 import timm
 import torch
+from torch import nn
 
 from timm_coordatt import CoordAttention
 from timm_coordatt.model_benchmark import _compiled_alone
 
-from in_turn import add_pairs_argument, model_pairs, positive_int, settled, time_in_turn
+from in_turn import OnePass, add_pairs_argument, model_pairs, positive_int, replace_blocks, settled, time_in_turn
 
 VARIANTS = ('baseline', 'kernel_op', 'formulation')
+SPLIT_VARIANTS = ('unchecked', 'identity', 'one_pass')
 
 
-def _compiled(name: str, memory_format: torch.memory_format, native: bool) -> Callable:
+def _unchecked(block: CoordAttention) -> CoordAttention:
+    params = block._folded_params()
+    block._folded_params = lambda: params
+    return block
+
+
+def _compiled(name: str, memory_format: torch.memory_format, variant: str) -> Callable:
     torch.manual_seed(0)
     model = settled(timm.create_model(name).to(memory_format=memory_format))
-    for block in model.modules():
-        if isinstance(block, CoordAttention):
-            block.use_native_kernel = native
+    if variant == 'formulation':
+        for block in model.modules():
+            if isinstance(block, CoordAttention):
+                block.use_native_kernel = False
+    elif variant in SPLIT_VARIANTS:
+        make = {'unchecked': _unchecked, 'identity': lambda block: nn.Identity(), 'one_pass': lambda block: OnePass()}
+        model = replace_blocks(model, make[variant])
     return _compiled_alone(model)
 
 
@@ -47,6 +65,9 @@ def main():
     parser.add_argument('--batch-sizes', type=positive_int, nargs='+', default=[1, 32])
     parser.add_argument('--threads', type=positive_int, default=2)
     parser.add_argument('--channels-last', action='store_true', help='models and inputs channels_last')
+    parser.add_argument('--split', action='store_true',
+                        help='also the CA model with its weight check skipped, with identities and with one pass in '
+                             "its blocks' place")
     add_pairs_argument(parser)
     args = parser.parse_args()
     pairs = model_pairs(parser, args.pairs)
@@ -54,18 +75,17 @@ def main():
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     print(f'command: python benchmarks/compiled_inference_ab.py --calls {args.calls} --batch-sizes '
           f'{" ".join(map(str, args.batch_sizes))} --threads {args.threads}'
-          + (' --channels-last' if args.channels_last else '') + f' --pairs {" ".join(args.pairs)}')
+          + (' --channels-last' if args.channels_last else '') + (' --split' if args.split else '')
+          + f' --pairs {" ".join(args.pairs)}')
     print(f'torch {torch.__version__}, inductor, {args.threads} threads, 224x224, '
           f'{args.calls} calls of each variant in turn')
-    print(f'{"CA model":>18} | {"batch":>5} | ' + ' | '.join(f'{v + " ms":>14}' for v in VARIANTS)
-          + ' | ' + ' | '.join(f'{v + "/base":>16}' for v in VARIANTS[1:]))
+    variants = VARIANTS + (SPLIT_VARIANTS if args.split else ())
+    print(f'{"CA model":>18} | {"batch":>5} | ' + ' | '.join(f'{v + " ms":>14}' for v in variants)
+          + ' | ' + ' | '.join(f'{v + "/base":>16}' for v in variants[1:]))
     for ca_name, base_name in pairs:
         for batch_size in args.batch_sizes:
             models: Dict[str, Callable] = {
-                'baseline': _compiled(base_name, memory_format, True),
-                'kernel_op': _compiled(ca_name, memory_format, True),
-                'formulation': _compiled(ca_name, memory_format, False),
-            }
+                v: _compiled(base_name if v == 'baseline' else ca_name, memory_format, v) for v in variants}
             x = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=memory_format)
             with torch.inference_mode():  # the warm-up calls compile
                 medians, ratios = time_in_turn({v: partial(m, x) for v, m in models.items()}, args.calls, warmup=3)

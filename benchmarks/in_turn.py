@@ -1,6 +1,7 @@
 """ What the A/B scripts in benchmarks/ share: their options' types, the CA/baseline pairs they take,
-models settled as the benchmark has them, and calls timed in turn. """
+models settled as the benchmark has them, CA blocks replaced, and calls timed in turn. """
 import argparse
+import copy
 import math
 import statistics
 import time
@@ -78,6 +79,23 @@ def settled(model: nn.Module, batch_size: int = 32) -> nn.Module:
     with torch.no_grad():
         model.train()(torch.randn(batch_size, 3, 224, 224))
     return model.eval()
+
+
+class OnePass(nn.Module):
+    """One in-place elementwise pass over the input, torch's: the floor of any block that touches its tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul_(1.0)
+
+
+def replace_blocks(model: nn.Module, make: Callable[[CoordAttention], nn.Module]) -> nn.Module:
+    """A copy of `model` with each CoordAttention block replaced by `make(block)`."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, CoordAttention):
+                setattr(parent, name, make(child))
+    return model
 
 
 def time_in_turn(calls: Dict[str, Callable[[], object]], rounds: int, warmup: int,

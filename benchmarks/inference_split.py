@@ -23,9 +23,8 @@ builds them): their parameters are inference tensors, which have no version coun
         [--pairs mobilenetv2_ca:mobilenetv2_100 ...]
 """
 import argparse
-import copy
 from functools import partial
-from typing import Callable, Dict
+from typing import Dict
 
 import timm
 import torch
@@ -35,7 +34,7 @@ from torch import nn
 import timm_coordatt  # noqa: F401  (registers the models)
 from timm_coordatt import CoordAttention, native
 
-from in_turn import add_pairs_argument, model_pairs, positive_int, settled, time_in_turn
+from in_turn import OnePass, add_pairs_argument, model_pairs, positive_int, replace_blocks, settled, time_in_turn
 
 
 class _KernelOnly(nn.Module):
@@ -49,22 +48,6 @@ class _KernelOnly(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return native.run_inference(x, x, self.weights, not x.is_contiguous())
-
-
-class _OnePass(nn.Module):
-    """One in-place elementwise pass over the input, torch's: the floor of any block that touches its tensor."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mul_(1.0)
-
-
-def _replace_blocks(model: nn.Module, make: Callable[[CoordAttention], nn.Module]) -> nn.Module:
-    model = copy.deepcopy(model)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, CoordAttention):
-                setattr(parent, name, make(child))
-    return model
 
 
 def main():
@@ -98,9 +81,9 @@ def main():
                 models: Dict[str, nn.Module] = {
                     'baseline': prepare(settled(timm.create_model(base_name).to(memory_format=memory_format))),
                     'ca': ca,
-                    'kernel_only': _replace_blocks(ca, _KernelOnly),
-                    'identity': _replace_blocks(ca, lambda block: nn.Identity()),
-                    'one_pass': _replace_blocks(ca, lambda block: _OnePass()),
+                    'kernel_only': replace_blocks(ca, _KernelOnly),
+                    'identity': replace_blocks(ca, lambda block: nn.Identity()),
+                    'one_pass': replace_blocks(ca, lambda block: OnePass()),
                 }
             x = torch.randn(1, 3, 224, 224).contiguous(memory_format=memory_format)
             with torch.inference_mode():  # warm-up: folded weights, allocator, oneDNN primitives

@@ -177,6 +177,35 @@ def test_recompute_ab_takes_each_run_first_in_turn(monkeypatch, capsys, timed_in
     assert names == ['baseline', 'recomputed', 'held'] and orders is None  # time_in_turn's rotation
 
 
+def test_compiled_inference_ab_split_builds_each_variant(monkeypatch, capsys, timed_in_turn):
+    taken = timed_in_turn('compiled_inference_ab')
+    script = importlib.import_module('compiled_inference_ab')
+    built = []
+    monkeypatch.setattr(script, '_compiled_alone', lambda model: built.append(model) or model)  # eager: no compiling
+    _main(monkeypatch, 'compiled_inference_ab', '--calls', 1, '--batch-sizes', 1, '--threads', 1, '--split',
+          '--pairs', 'mobilenetv2_ca:mobilenetv2_100')
+    (names, _), = taken
+    assert names == ['baseline', 'kernel_op', 'formulation', 'unchecked', 'identity', 'one_pass']
+    models = dict(zip(names, built))
+
+    def blocks(variant):
+        return [m for m in models[variant].modules() if isinstance(m, CoordAttention)]
+    assert blocks('baseline') == blocks('identity') == blocks('one_pass') == []
+    assert any(isinstance(m, nn.Identity) for m in models['identity'].modules())
+    assert any(type(m).__name__ == 'OnePass' for m in models['one_pass'].modules())
+    assert [b.use_native_kernel for b in blocks('formulation')] == [False]
+    # the kernel op's block checks its folded weights against the layers, the unchecked one does not
+    for variant, stays in (('kernel_op', False), ('unchecked', True)):
+        block, = blocks(variant)
+        params = block._folded_params()
+        with torch.no_grad():
+            block.conv1.weight.add_(1.0)
+        assert (block._folded_params() is params) == stays, variant
+    assert capsys.readouterr().out.splitlines()[0] == (
+        'command: python benchmarks/compiled_inference_ab.py --calls 1 --batch-sizes 1 --threads 1 --split '
+        '--pairs mobilenetv2_ca:mobilenetv2_100')
+
+
 def test_strip_mlp_ab_prints_its_command(monkeypatch, capsys):
     def stop(*args, **kwargs):
         raise _Stop
