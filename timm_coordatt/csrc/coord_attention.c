@@ -316,26 +316,47 @@ CA_INLINE void ca_scale_planes(const float *x, float *out, const float *ah, cons
 #undef CA_SCALE_CHANNELS
 }
 
+/* Rows a channels_last pooling step reads side by side, so that each position's sums over H are read and
+ * written once for that many rows: a row at a time, every vector of x cost two stores (its row's sum over W
+ * and its column's over H), and the pass ran at the pace of the stores (1.4-2.4x slower hot at batch 1,
+ * `python benchmarks/native_ab.py`) */
+#define CA_POOL_ROWS 4
+
+/* rows [i, i + rows) of one sample (H, W, C) contiguous: their sums over W into rows i.. of s, their
+ * elements added to the sums over H in sw (W, C); rows a constant where inlined */
+CA_INLINE void ca_pool_rows_nhwc(const float *x, float *s, float *sw, int64_t c, int64_t w, int64_t i,
+                                 const int64_t rows, int64_t size, int ahead) {
+    float *sh = s + i * c;
+    const int64_t row = w * c;
+    memset(sh, 0, (size_t)(rows * c) * sizeof(float));
+    for (int64_t j = 0; j < w; j++) {
+        for (int64_t r = 0; r < rows; r++) ca_prefetch_ahead(x, (i + r) * row + j * c, c, size, ahead);
+        const float *px = x + i * row + j * c;
+        float *swj = sw + j * c;
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ch++) {
+            float column = 0.0f;
+            for (int64_t r = 0; r < rows; r++) {
+                const float v = px[r * row + ch];
+                sh[r * c + ch] += v;
+                column += v;
+            }
+            swj[ch] += column;
+        }
+    }
+}
+
 /* pooling of rows [i0, i1) of one sample (H, W, C) contiguous (a channels_last tensor): their
  * means over W into rows [i0, i1) of s (L, C), their sums over H into sw (W, C) */
 CA_INLINE void ca_pool_nhwc(const float *x, float *s, float *sw, int64_t c, int64_t w, int64_t i0, int64_t i1,
                              int64_t size, int ahead) {
     const float inv_w = 1.0f / (float)w;
     memset(sw, 0, (size_t)(w * c) * sizeof(float));
-    for (int64_t i = i0; i < i1; i++) {
-        float *sh = s + i * c;
-        memset(sh, 0, (size_t)c * sizeof(float));
-        for (int64_t j = 0; j < w; j++) {
-            ca_prefetch_ahead(x, (i * w + j) * c, c, size, ahead);
-            const float *px = x + (i * w + j) * c;
-            float *swj = sw + j * c;
-            for (int64_t ch = 0; ch < c; ch++) {
-                sh[ch] += px[ch];
-                swj[ch] += px[ch];
-            }
-        }
-        for (int64_t ch = 0; ch < c; ch++) sh[ch] *= inv_w;
-    }
+    int64_t i = i0;
+    for (; i + CA_POOL_ROWS <= i1; i += CA_POOL_ROWS) ca_pool_rows_nhwc(x, s, sw, c, w, i, CA_POOL_ROWS, size, ahead);
+    for (; i + 2 <= i1; i += 2) ca_pool_rows_nhwc(x, s, sw, c, w, i, 2, size, ahead);
+    for (; i < i1; i++) ca_pool_rows_nhwc(x, s, sw, c, w, i, 1, size, ahead);
+    for (int64_t k = i0 * c; k < i1 * c; k++) s[k] *= inv_w;
 }
 
 /* y[r, l] = acc + b1[r], through hard-swish if `act`, y's rows `stride` apart */
