@@ -316,11 +316,11 @@ CA_INLINE void ca_scale_planes(const float *x, float *out, const float *ah, cons
 #undef CA_SCALE_CHANNELS
 }
 
-/* Rows a channels_last pooling step reads side by side, so that each position's sums over H are read and
- * written once for that many rows: a row at a time, every vector of x cost two stores (its row's sum over W
- * and its column's over H), and the pass ran at the pace of the stores (1.4-2.4x slower hot at batch 1,
- * `python benchmarks/native_ab.py`) */
-#define CA_POOL_ROWS 4
+/* Rows of a channels_last sample that the inference passes read side by side, so that what a position
+ * shares with the rows below it is read (and written) once for them all: the pooling's sums over H, where a
+ * row at a time every vector of x cost two stores and the pass ran at the pace of the stores (1.4-2.4x slower
+ * hot at batch 1, `python benchmarks/native_ab.py`); the product's column gate (1.0-1.1x) */
+#define CA_ROWS 4
 
 /* rows [i, i + rows) of one sample (H, W, C) contiguous: their sums over W into rows i.. of s, their
  * elements added to the sums over H in sw (W, C); rows a constant where inlined */
@@ -353,7 +353,7 @@ CA_INLINE void ca_pool_nhwc(const float *x, float *s, float *sw, int64_t c, int6
     const float inv_w = 1.0f / (float)w;
     memset(sw, 0, (size_t)(w * c) * sizeof(float));
     int64_t i = i0;
-    for (; i + CA_POOL_ROWS <= i1; i += CA_POOL_ROWS) ca_pool_rows_nhwc(x, s, sw, c, w, i, CA_POOL_ROWS, size, ahead);
+    for (; i + CA_ROWS <= i1; i += CA_ROWS) ca_pool_rows_nhwc(x, s, sw, c, w, i, CA_ROWS, size, ahead);
     for (; i + 2 <= i1; i += 2) ca_pool_rows_nhwc(x, s, sw, c, w, i, 2, size, ahead);
     for (; i < i1; i++) ca_pool_rows_nhwc(x, s, sw, c, w, i, 1, size, ahead);
     for (int64_t k = i0 * c; k < i1 * c; k++) s[k] *= inv_w;
@@ -607,16 +607,29 @@ CA_INLINE void ca_outer_sums(const float *u, int64_t u_stride, const float *v, i
     }
 }
 
-/* the product for rows [i0, i1) of one sample (H, W, C) contiguous */
-CA_INLINE void ca_product_nhwc(const float *x, float *out, const float *a, int64_t c, int64_t h, int64_t w,
-                               int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; i++) {
-        for (int64_t j = 0; j < w; j++) {
-            const float *px = x + (i * w + j) * c, *gh = a + i * c, *gw = a + (h + j) * c;
-            float *po = out + (i * w + j) * c;
-            for (int64_t ch = 0; ch < c; ch++) po[ch] = px[ch] * gh[ch] * gw[ch];
+/* the product for rows [i, i + rows) of one sample (H, W, C) contiguous, rows a constant where inlined: each
+ * position's column gate loaded once for those rows (three loads a vector of x, a row at a time) */
+CA_INLINE void ca_product_rows_nhwc(const float *x, float *out, const float *a, int64_t c, int64_t h, int64_t w,
+                                    int64_t i, const int64_t rows) {
+    const int64_t row = w * c;
+    for (int64_t j = 0; j < w; j++) {
+        const float *px = x + i * row + j * c, *gh = a + i * c, *gw = a + (h + j) * c;
+        float *po = out + i * row + j * c;
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ch++) {
+            const float g = gw[ch];
+            for (int64_t r = 0; r < rows; r++) po[r * row + ch] = px[r * row + ch] * gh[r * c + ch] * g;
         }
     }
+}
+
+/* the product for rows [i0, i1) of one sample (H, W, C) contiguous, CA_ROWS rows at a time */
+CA_INLINE void ca_product_nhwc(const float *x, float *out, const float *a, int64_t c, int64_t h, int64_t w,
+                               int64_t i0, int64_t i1) {
+    int64_t i = i0;
+    for (; i + CA_ROWS <= i1; i += CA_ROWS) ca_product_rows_nhwc(x, out, a, c, h, w, i, CA_ROWS);
+    for (; i + 2 <= i1; i += 2) ca_product_rows_nhwc(x, out, a, c, h, w, i, 2);
+    for (; i < i1; i++) ca_product_rows_nhwc(x, out, a, c, h, w, i, 1);
 }
 
 /* The product y = x * a_h * a_w for training (PyTorch's rounding: (x * a_h) * a_w, so autograd's
