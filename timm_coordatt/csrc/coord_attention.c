@@ -316,10 +316,11 @@ CA_INLINE void ca_scale_planes(const float *x, float *out, const float *ah, cons
 #undef CA_SCALE_CHANNELS
 }
 
-/* Rows of a channels_last sample that the inference passes read side by side, so that what a position
- * shares with the rows below it is read (and written) once for them all: the pooling's sums over H, where a
- * row at a time every vector of x cost two stores and the pass ran at the pace of the stores (1.4-2.4x slower
- * hot at batch 1, `python benchmarks/native_ab.py`); the product's column gate (1.0-1.1x) */
+/* Rows of a channels_last sample that the pooling (inference and training) and the inference product read
+ * side by side, so that what a position shares with the rows below it is read (and written) once for them
+ * all: the pooling's sums over H, where a row at a time every vector of x cost two stores and the pass ran at
+ * the pace of the stores (1.4-2.4x slower hot at batch 1, `python benchmarks/native_ab.py`); the product's
+ * column gate (1.0-1.1x) */
 #define CA_ROWS 4
 
 /* rows [i, i + rows) of one sample (H, W, C) contiguous: their sums over W into rows i.. of s, their
