@@ -12,6 +12,9 @@ session 21 they shared their class's dynamo cache), inference at each batch size
 With `--split`, where the kernel op's time goes, three more:
 - `unchecked`: the CA model as it compiles, each block handing the op its folded weights without the
   check that they are current (each block's `_folded_params` replaced by the weights it returned);
+- `op_call`: each block's call of the op without its work: the block's input made channels_last and
+  handed, with the block's key, to an op of this script's own, defined and registered as the kernel op
+  is, that returns at once (its dispatch from the compiled graph, its guards and the graph around it);
 - `identity`: the CA blocks replaced by identities: the rest of the network, as the baseline;
 - `one_pass`: each CA block replaced by one in-place pass (`x.mul_(1.0)`), which inductor fuses into the
   kernel before it: the least a block of compiled ops would add.
@@ -37,7 +40,34 @@ from timm_coordatt.model_benchmark import _compiled_alone
 from in_turn import OnePass, add_pairs_argument, model_pairs, positive_int, replace_blocks, settled, time_in_turn
 
 VARIANTS = ('baseline', 'kernel_op', 'formulation')
-SPLIT_VARIANTS = ('unchecked', 'identity', 'one_pass')
+SPLIT_VARIANTS = ('unchecked', 'op_call', 'identity', 'one_pass')
+
+
+# `op_call`'s op: the kernel op's schema, defined and registered as timm_coordatt/coordinate_attention.py does it
+_library = torch.library.Library('timm_coordatt_benchmark', 'DEF')
+_library.define('op_call_(Tensor(a!) x, Tensor key) -> ()')
+
+
+def _op_call_(x: torch.Tensor, key: torch.Tensor) -> None:
+    pass
+
+
+_library.impl('op_call_', _op_call_, 'CPU')
+torch.library.register_fake('timm_coordatt_benchmark::op_call_', lambda *args: None, lib=_library)
+
+
+class OpCall(nn.Module):
+    """A CA block's compiled call of the kernel op (an in-place block's: the models' blocks are) without the
+    kernel: the same input, layout and key, an op that returns at once."""
+
+    def __init__(self, block: CoordAttention):
+        super().__init__()
+        self.key = block._kernel_key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        torch.ops.timm_coordatt_benchmark.op_call_.default(x, self.key)
+        return x
 
 
 def _unchecked(block: CoordAttention) -> CoordAttention:
@@ -54,7 +84,8 @@ def _compiled(name: str, memory_format: torch.memory_format, variant: str) -> Ca
             if isinstance(block, CoordAttention):
                 block.use_native_kernel = False
     elif variant in SPLIT_VARIANTS:
-        make = {'unchecked': _unchecked, 'identity': lambda block: nn.Identity(), 'one_pass': lambda block: OnePass()}
+        make = {'unchecked': _unchecked, 'op_call': OpCall, 'identity': lambda block: nn.Identity(),
+                'one_pass': lambda block: OnePass()}
         model = replace_blocks(model, make[variant])
     return _compiled_alone(model)
 
@@ -66,8 +97,8 @@ def main():
     parser.add_argument('--threads', type=positive_int, default=2)
     parser.add_argument('--channels-last', action='store_true', help='models and inputs channels_last')
     parser.add_argument('--split', action='store_true',
-                        help='also the CA model with its weight check skipped, with identities and with one pass in '
-                             "its blocks' place")
+                        help='also the CA model with its weight check skipped, and with an op that does nothing, '
+                             "identities and one pass in its blocks' place")
     add_pairs_argument(parser)
     args = parser.parse_args()
     pairs = model_pairs(parser, args.pairs)

@@ -185,12 +185,17 @@ def test_compiled_inference_ab_split_builds_each_variant(monkeypatch, capsys, ti
     _main(monkeypatch, 'compiled_inference_ab', '--calls', 1, '--batch-sizes', 1, '--threads', 1, '--split',
           '--pairs', 'mobilenetv2_ca:mobilenetv2_100')
     (names, _), = taken
-    assert names == ['baseline', 'kernel_op', 'formulation', 'unchecked', 'identity', 'one_pass']
+    assert names == ['baseline', 'kernel_op', 'formulation', 'unchecked', 'op_call', 'identity', 'one_pass']
     models = dict(zip(names, built))
 
     def blocks(variant):
         return [m for m in models[variant].modules() if isinstance(m, CoordAttention)]
-    assert blocks('baseline') == blocks('identity') == blocks('one_pass') == []
+    assert blocks('baseline') == blocks('op_call') == blocks('identity') == blocks('one_pass') == []
+    # the op's call as the kernel op's block makes it, with a key of the same kind, and nothing done
+    call, = [m for m in models['op_call'].modules() if type(m).__name__ == 'OpCall']
+    assert call.key.shape == blocks('kernel_op')[0]._kernel_key.shape == (1,)
+    x = torch.randn(1, 8, 4, 4)
+    assert torch.equal(call(x.clone()), x) and call(x).is_contiguous(memory_format=torch.channels_last)
     assert any(isinstance(m, nn.Identity) for m in models['identity'].modules())
     assert any(type(m).__name__ == 'OnePass' for m in models['one_pass'].modules())
     assert [b.use_native_kernel for b in blocks('formulation')] == [False]
