@@ -9,7 +9,7 @@ session 21 they shared their class's dynamo cache), inference at each batch size
   (`timm_coordatt::coord_attention_block_inference_`);
 - `formulation`: the same CA model with `use_native_kernel = False` on its blocks, so that inductor
   compiles the block's PyTorch ops (means and its 1x1 convs, as compiled training gets them).
-With `--split`, where the kernel op's time goes, three more:
+With `--split`, where the kernel op's time goes, four more:
 - `unchecked`: the CA model as it compiles, each block handing the op its folded weights without the
   check that they are current (each block's `_folded_params` replaced by the weights it returned);
 - `op_call`: each block's call of the op without its work: the block's input made channels_last and
