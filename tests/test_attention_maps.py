@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.data import resolve_data_config
 
+from model_helpers import randomise_
+
 import timm_coordatt  # noqa: F401  (registers the models)
 from timm_coordatt import CoordAttention
 from timm_coordatt.attention_maps import (
@@ -46,8 +48,10 @@ def reference_gates(block: CoordAttention, x: torch.Tensor):
 @pytest.fixture(scope='module')
 def ca_model():
     torch.manual_seed(0)
-    model = timm.create_model(CA_MODEL).eval()
-    # non-trivial BatchNorm statistics and biases, so a wrong normalisation cannot pass
+    # weights of a scale that gives logits of order one (at timm's initialisation every class scores about
+    # the same), and the CA blocks' BatchNorm statistics and biases wider still, so a wrong normalisation
+    # cannot pass
+    model = randomise_(timm.create_model(CA_MODEL)).eval()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, CoordAttention):
@@ -126,19 +130,20 @@ def test_top_channels_are_the_most_position_selective(ca_model):
 
 def test_grad_cam_follows_its_definition(ca_model):
     x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
-    cam = grad_cam(ca_model, x, target=7)
-    # independently: last-stage features of EfficientNet's forward, gradient of the class-7 score
+    # independently: last-stage features of EfficientNet's forward, gradient of the target's score
     feats = ca_model.blocks(ca_model.bn1(ca_model.conv_stem(x)))
     logits = ca_model.forward_head(ca_model.bn2(ca_model.conv_head(feats)))
-    grads, = torch.autograd.grad(logits[:, 7].sum(), feats)
+    target = int(logits.mean(0).argmax())  # a class both images score high: evidence for it in each
+    cam = grad_cam(ca_model, x, target=target)
+    grads, = torch.autograd.grad(logits[:, target].sum(), feats)
     expected = torch.relu((grads.mean(dim=(2, 3), keepdim=True) * feats).sum(1))
     peaks = expected.amax(dim=(1, 2), keepdim=True)
     assert (peaks > 0).all()  # a map to scale in both images (an all-zero one stays zero)
     expected = expected / peaks
     assert cam.layer == 'blocks.6' and cam.cam.shape == (2, 2, 3)
     torch.testing.assert_close(cam.cam, expected.detach(), rtol=1e-4, atol=1e-5)
-    assert cam.target.tolist() == [7, 7]
-    torch.testing.assert_close(cam.prob, logits.softmax(-1)[:, 7].detach())
+    assert cam.target.tolist() == [target, target]
+    torch.testing.assert_close(cam.prob, logits.softmax(-1)[:, target].detach())
     # default target: each image's top class
     top = grad_cam(ca_model, x)
     assert top.target.tolist() == logits.argmax(-1).tolist()

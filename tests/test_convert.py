@@ -7,7 +7,6 @@ published key/shape/dtype listing before it is used.
 """
 import argparse
 import json
-import math
 import os
 import signal
 import subprocess
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from authors_coordatt import AuthorsCheckpointCoordAtt
+from model_helpers import randomise_
 
 from timm_coordatt.cli import COMMANDS
 from timm_coordatt.cli import convert as convert_cli
@@ -107,24 +107,6 @@ class MBV2_CA(nn.Module):
 
 # --- helpers -----------------------------------------------------------------------------------
 
-def _randomise_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights and BN statistics of a scale that keeps 17 blocks of activations finite and O(1)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            if 'running_var' in name:
-                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
-            elif t.dim() > 1:  # conv / linear weights: unit-gain fan-in scaling
-                t.copy_(torch.randn(t.shape, generator=gen) / math.sqrt(t[0].numel()))
-            elif name.endswith('weight'):  # BN scale
-                t.copy_(torch.rand(t.shape, generator=gen) * 0.5 + 0.75)
-            else:  # biases, running means
-                t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
-    return model.eval()
-
-
 def _read_tsv():
     rows = []
     for line in TSV.read_text().splitlines():
@@ -137,7 +119,7 @@ def _read_tsv():
 
 @pytest.fixture(scope='module')
 def authors():
-    return _randomise_(MBV2_CA())
+    return randomise_(MBV2_CA()).eval()
 
 
 @pytest.fixture(scope='module')
@@ -227,7 +209,7 @@ def test_converted_files_follow_the_umask(converted):
 
 
 def test_convert_other_num_classes(tmp_path):
-    authors = _randomise_(MBV2_CA(num_classes=10), seed=3)
+    authors = randomise_(MBV2_CA(num_classes=10), seed=3).eval()
     torch.save({'state_dict': authors.state_dict()}, tmp_path / 'ckpt.pth')
     # the model card's usage would name this package's ImageNet-1k repository
     with pytest.raises(ConversionError, match="classifier has 10 classes, not ImageNet-1k's 1000: give the Hub "
@@ -242,7 +224,7 @@ def test_convert_other_num_classes(tmp_path):
 
 
 def test_convert_ema_weights_on_request(authors, authors_logits, tmp_path):
-    other = _randomise_(MBV2_CA(), seed=5).state_dict()
+    other = randomise_(MBV2_CA(), seed=5).state_dict()
     torch.save({'state_dict': other, 'state_dict_ema': authors.state_dict(), 'epoch': 3}, tmp_path / 'ckpt.pth')
     _assert_same_logits(_load(convert(tmp_path / 'ckpt.pth', tmp_path / 'ema', use_ema=True)), authors_logits)
     plain = _load(convert(tmp_path / 'ckpt.pth', tmp_path / 'plain'))
