@@ -53,6 +53,16 @@ def test_host_activation_is_ignored_unless_asked():
     assert isinstance(CoordAttention(64, act_layer=nn.SiLU).act, nn.SiLU)
 
 
+def test_factory_keywords_win_over_the_hosts():
+    """What the factory is given is what the user asked for: it wins over what a host passes (an
+    `attn_kwargs` of ByobNet's, say); the host's other keywords pass through."""
+    factory = timm_coordatt.CoordAttentionFactory(reduction=16, gate_layer='hard_sigmoid')
+    ca = factory(256, reduction=8, gate_layer='sigmoid', inplace=True)
+    assert ca.conv1.out_channels == 256 // 16
+    assert type(ca.gate) is type(CoordAttention(8, gate_layer='hard_sigmoid').gate) is not nn.Sigmoid
+    assert ca.inplace
+
+
 @pytest.mark.parametrize('name,cls', EXISTING)
 def test_existing_names_unchanged(name, cls):
     assert get_attn(name) is cls

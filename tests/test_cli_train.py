@@ -82,6 +82,11 @@ def test_train_on_image_folder_writes_a_loadable_run(tmp_path):
     # the EMA weights load the same way and are the training state's EMA
     ema = timm.create_model(f'local-dir:{run}/ema', pretrained=True)
     assert_same_tensors(ema.state_dict(), {k[len('module.'):]: v for k, v in state['model_ema'].items()})
+    # and they are an average of the steps: moved from the initialisation (BN running means start at exactly
+    # zero), not the final weights
+    ema_state = ema.state_dict()
+    assert all(ema_state[k].abs().sum() > 0 for k in ema_state if k.endswith('running_mean'))
+    assert not torch.equal(ema_state['conv_stem.weight'], state['model']['conv_stem.weight'])
 
 
 def test_resume_at_epoch_boundary_is_exact(tmp_path):
@@ -192,6 +197,17 @@ def test_resume_refuses_options_it_cannot_honour(tmp_path, capsys):
     # the same values as the run's: fine (a finished run with fewer epochs asked for: nothing to do, said so)
     assert main(['train', '--resume', run, '--epochs', '1', '--lr', '0.01']) == 0
     assert 'already finished 2 epochs' in capsys.readouterr().err
+
+
+def test_smoothing_changes_the_training_loss(tmp_path):
+    """From the same start, `--smoothing` trains on another loss: the smoothed targets' cross-entropy."""
+    common = ['train', '--model', MODEL, '--epochs', '1', '--grid-samples', '16', '--batch-size', '8', *TINY, *EXACT]
+    losses = []
+    for smoothing in ('0', '0.4'):
+        run = str(tmp_path / smoothing)
+        assert main([*common, '--smoothing', smoothing, '--output', run]) == 0
+        losses.append(read_metrics(run)[0]['train_loss'])
+    assert abs(losses[0] - losses[1]) > 1e-3, losses
 
 
 def test_resume_refuses_changed_classes(tmp_path, capsys):

@@ -62,6 +62,24 @@ def test_params_and_macs(name):
         assert counted.ca_muls == 0 if 'ca' not in name else counted.ca_muls > 0
 
 
+# MobileNetV2's inverted-residual table (expansion t, out channels c, blocks n, stride s) after its stride-2 stem
+MOBILENETV2_BLOCKS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                      (6, 320, 1, 1)]
+
+
+def test_ca_muls_are_two_products_per_element_of_each_blocks_input():
+    """`ca_muls` against a count from the table: CA sits on the hidden (expanded) channels of every block
+    with expansion 6, after the depthwise conv (its stride applied), and multiplies each element twice."""
+    expected, in_chs, size = 0, 32, 224 // 2
+    for t, c, n, s in MOBILENETV2_BLOCKS:
+        for i in range(n):
+            size //= s if i == 0 else 1
+            if t == 6:
+                expected += 2 * in_chs * t * size * size
+            in_chs = c
+    assert count_complexity(timm.create_model('mobilenetv2_ca')).ca_muls == expected
+
+
 def test_macs_of_ca_blocks_whose_convs_run_as_layers():
     # pruning reparametrizes conv1's weight: the block calls its layers (their hooks fire), each MAC counted once
     model = timm.create_model('mobilenetv2_050_ca')
