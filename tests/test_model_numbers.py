@@ -72,8 +72,8 @@ def test_ca_muls_are_two_products_per_element_of_each_blocks_input():
     with expansion 6, after the depthwise conv (its stride applied), and multiplies each element twice."""
     expected, in_chs, size = 0, 32, 224 // 2
     for t, c, n, s in MOBILENETV2_BLOCKS:
-        for i in range(n):
-            size //= s if i == 0 else 1
+        size //= s  # the first block of a stage strides
+        for _ in range(n):
             if t == 6:
                 expected += 2 * in_chs * t * size * size
             in_chs = c
