@@ -202,6 +202,37 @@ def test_inference_follows_parameter_changes(inference_kernel):
     check()
 
 
+@pytest.mark.parametrize('optimizer', [partial(torch.optim.AdamW, lr=0.1, fused=True),
+                                       partial(torch.optim.SGD, lr=0.5, fused=True)])
+@pytest.mark.parametrize('inference_between', [False, True])
+def test_inference_follows_fused_optimizer_steps(optimizer, inference_between, inference_kernel):
+    """Fused optimizer steps write the parameters without bumping their versions; with the norm in eval
+    mode (fine-tuning with BN frozen) nothing else moves them: inference must still see every step, also
+    when it ran between the backward and the step."""
+    torch.manual_seed(0)
+    ours, authors = _pair(24)
+    x = torch.randn(2, 24, 5, 6)
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), authors(x), rtol=1e-5, atol=1e-6)
+
+    for m in (ours, authors):
+        m.eval()
+    check()  # folded
+    optimizers = [optimizer(m.parameters()) for m in (ours, authors)]
+    versions = [p._version for p in ours.parameters()]
+    for step in range(2):
+        for m, opt in zip((ours, authors), optimizers):
+            m(x.requires_grad_()).square().sum().backward()
+        if inference_between:
+            check()
+        for opt in optimizers:
+            opt.step()
+        check()
+    assert [p._version for p in ours.parameters()] == versions  # the steps this test is about
+
+
 def test_inference_refolds_after_to_following_data_writes(inference_kernel):
     """Writes through `.data` (as `torch.nn.utils.vector_to_parameters` makes) bypass the version counters;
     the documented remedy, `model.to(...)` even to where the model is, refolds."""
@@ -642,6 +673,23 @@ def test_autocast_with_float32_input(dtype, tol, memory_format, use_native_kerne
     y1.square().sum().backward()
     y2.square().sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize('use_native_kernel', [True, False])
+@pytest.mark.parametrize('view', [False, True])
+def test_autocast_inference_with_float32_input(dtype, tol, use_native_kernel, view):
+    """Inference under autocast gives a float32 input a float32 output, as the authors' product does, also
+    where the block's small-input path multiplies by the full gate (a strided view of x: no C kernel)."""
+    ours, authors = _pair(32)
+    ours.eval().use_native_kernel = use_native_kernel
+    authors.eval()
+    x = torch.randn(2, 32, 9, 6)
+    x = x[..., :5] if view else x[..., :5].contiguous()
+    with torch.no_grad(), torch.autocast('cpu', dtype=dtype):
+        y1, y2 = ours(x), authors(x)
+    assert y1.dtype == y2.dtype == torch.float32
+    torch.testing.assert_close(y1, y2, rtol=tol, atol=tol)
 
 
 def _gate_inputs(memory_format: torch.memory_format):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.fx import Proxy
 from torch.nn import functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from timm.layers import LayerType, create_act_layer, get_norm_layer, register_notrace_function
@@ -435,10 +436,12 @@ class _FoldedParams(NamedTuple):
 
 
 class _FoldRecord(NamedTuple):
-    """`_FoldedParams` and what they were folded from: the block's layers, each source tensor's owner
-    (a layer's `_parameters` or `_buffers`) and name there, the sources (None: no bias), the tensors
-    among them and their versions, and the norm (None: none) with its eps and whether its mode matters
-    (a batch norm in training mode normalises by the batch's statistics: nothing to fold)."""
+    """`_FoldedParams` and what they were folded from: the optimizer steps taken before (`_optimizer_steps`),
+    the block's layers, each source tensor's owner (a layer's `_parameters` or `_buffers`) and name there,
+    the sources (None: no bias), the tensors among them and their versions, and the norm (None: none) with
+    its eps and whether its mode matters (a batch norm in training mode normalises by the batch's
+    statistics: nothing to fold)."""
+    optimizer_steps: int
     layers: Tuple[nn.Module, ...]
     owners: Tuple[dict, ...]
     names: Tuple[str, ...]
@@ -452,6 +455,19 @@ class _FoldRecord(NamedTuple):
 
 
 _tensor_version = operator.attrgetter('_version')
+
+# Fused optimizer steps (`torch.optim.AdamW(..., fused=True)`, the default of some trainers) write the
+# parameters without bumping their versions: every step of a `torch.optim.Optimizer` is counted, and a
+# block's inference folds again after one.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 # the batch norms inference folds (in eval mode the same map of the running statistics; SyncBatchNorm's
 # training, which reduces across processes, runs as a layer)
@@ -812,17 +828,20 @@ class CoordAttention(nn.Module):
             # the full gate, then a plain product: at this size cheaper than a second product
             # broadcasting over rows of W elements (channels_last rows are C long, no such cost)
             gate = a_h * a_w
-            return x.mul_(gate) if self.inplace else gate.mul_(x)
+            if self.inplace:
+                return x.mul_(gate)
+            # into the gate unless x's dtype is wider (autocast's half-precision gates): x * gate promotes
+            return gate.mul_(x) if gate.dtype == x.dtype else x * gate
         return torch.mul(x, a_h, out=x if self.inplace else None).mul_(a_w)
 
     def _folded_params(self) -> Optional[_FoldedParams]:
         """conv1 with bn1 folded in and conv_h, conv_w stacked; None for a norm that cannot be folded
         or layers whose weights are not plain parameters (`_plain_layers`).
 
-        Cached while the layers and the source tensors stay the same objects at the same versions and the
-        norm keeps its eps and eval mode, so in-place updates (optimizer steps, BN statistics, EMA) and
-        replaced or unregistered parameters or layers fold again; so do moving the module (`_apply`) and
-        loading a state dict. Writes through `.data`, which PyTorch leaves out of the version counters,
+        Cached while the layers and the source tensors stay the same objects at the same versions, the
+        norm keeps its eps and eval mode and no optimizer steps, so in-place updates (optimizer steps, fused
+        ones too, BN statistics, EMA) and replaced or unregistered parameters or layers fold again; so do
+        moving the module (`_apply`) and loading a state dict. Writes through `.data`, which PyTorch leaves out of the version counters,
         are not seen, nor are in-place writes to inference tensors (parameters created under
         `torch.inference_mode()`, which can change only in place inside it, and have no versions): those
         are checked by identity.
@@ -833,7 +852,8 @@ class CoordAttention(nn.Module):
             # caches, and every step of a Python loop over them adds misses (docs/benchmark-results.md)
             norm = cached.norm
             try:
-                current = (tuple(self._modules.values()) == cached.layers
+                current = (cached.optimizer_steps == _optimizer_steps
+                           and tuple(self._modules.values()) == cached.layers
                            and all(map(operator.is_, map(operator.getitem, cached.owners, cached.names),
                                        cached.sources))
                            and tuple(map(_tensor_version, cached.tensors)) == cached.versions
@@ -856,6 +876,7 @@ class CoordAttention(nn.Module):
     def _fold_record(self) -> Optional[_FoldRecord]:
         """What the folded weights are folded from, read from the layers' own dicts (`params` left to fill
         in); None where a statistic is not registered."""
+        optimizer_steps = _optimizer_steps
         modules = self._modules
         owners = [(modules[name]._parameters, key)
                   for name in ('conv1', 'conv_h', 'conv_w') for key in ('weight', 'bias')]
@@ -875,7 +896,7 @@ class CoordAttention(nn.Module):
             versions = tuple(map(_tensor_version, tensors))
         except KeyError:
             return None
-        return _FoldRecord(tuple(modules.values()), tuple(o for o, _ in owners), tuple(n for _, n in owners),
+        return _FoldRecord(optimizer_steps, tuple(modules.values()), tuple(o for o, _ in owners), tuple(n for _, n in owners),
                            sources, tensors, versions, norm, 0.0 if norm is None else norm.eps,
                            type(bn) in _BATCH_NORMS, None)
 
