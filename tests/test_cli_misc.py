@@ -589,6 +589,21 @@ def test_checkpoint_is_never_unpickled(tmp_path, capsys):
     assert not os.path.exists(payload.marker)
 
 
+@pytest.mark.parametrize('content', [b'', b'not a checkpoint\n', None], ids=['empty', 'text', 'png'])
+def test_a_file_that_is_no_checkpoint_is_named_so(tmp_path, content):
+    """Not a refusal of unsafe globals, whatever the unpickler raised on the bytes (timm raises torch's
+    refusal again as a RuntimeError)."""
+    from timm_coordatt.training import UsageError, create_model
+    path = tmp_path / 'weights.pth'
+    if content is None:
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path, format='PNG')
+    else:
+        path.write_bytes(content)
+    with pytest.raises(UsageError) as info:
+        create_model(MODEL, checkpoint=str(path))
+    assert str(info.value) == f'cannot read checkpoint {path}: not a file torch.save wrote (or damaged)'
+
+
 def test_checkpoint_folder_is_refused_with_a_hint(run_dir, capsys):
     run, data = run_dir
     err = _error(capsys, ['predict', '--model', MODEL, '--checkpoint', run, os.path.join(data, 'dog', '0.png')])

@@ -8,6 +8,7 @@ published key/shape/dtype listing before it is used.
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -255,6 +256,21 @@ def test_refuses_a_state_dict_with_other_things_beside_it_naming_them(authors, t
     _assert_refused(tmp_path, dict(authors.state_dict(), epoch=3), "entries 'epoch' are not tensors")
 
 
+def test_refuses_a_dict_with_keys_that_are_not_names(authors, tmp_path):
+    _assert_refused(tmp_path, dict(authors.state_dict(), **{'0': None}) | {0: torch.zeros(3)},
+                    "entries '0', 0 are not tensors under names")
+
+
+@pytest.mark.parametrize('repo_id', ['not a valid repo!!', 'birds', 'me/birds/v2'])
+def test_refuses_a_repo_id_the_hub_would_refuse(authors, tmp_path, repo_id):
+    """The model card names the repository: checked before anything is written, as `publish` checks it."""
+    torch.save(authors.state_dict(), tmp_path / 'ckpt.pth')
+    expected = f'expected a Hub repository id <user or org>/<name>, got {repo_id!r}'
+    with pytest.raises(ConversionError, match=re.escape(expected)):
+        convert(tmp_path / 'ckpt.pth', tmp_path / 'out', repo_id=repo_id)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt.pth']
+
+
 def test_refuses_missing_key(authors, tmp_path):
     sd = dict(authors.state_dict())
     del sd['features.5.conv.6.conv3.bias']
@@ -280,10 +296,10 @@ def test_refuses_pickled_module(authors, tmp_path):
                     'it holds a test_convert.MBV2_CA, which only unpickling arbitrary code could read')
 
 
-@pytest.mark.parametrize('content, error', [(b'', 'EOFError'), (b'hello', 'KeyError')])
-def test_refuses_files_that_are_not_checkpoints(content, error, tmp_path):
+@pytest.mark.parametrize('content', [b'', b'hello'])  # the unpickler raises EOFError, KeyError
+def test_refuses_files_that_are_not_checkpoints(content, tmp_path):
     (tmp_path / 'bad.pth').write_bytes(content)
-    with pytest.raises(ConversionError, match=f'is not a PyTorch checkpoint .* can read .*: {error}'):
+    with pytest.raises(ConversionError, match=r'not a PyTorch checkpoint .* can read .*: not a file torch\.save wrote'):
         convert(tmp_path / 'bad.pth', tmp_path / 'out')
     assert sorted(p.name for p in tmp_path.iterdir()) == ['bad.pth']
 

@@ -27,7 +27,7 @@ from timm.models._helpers import clean_state_dict
 
 from .hub import hub_id
 from .pretrained import list_package_models, load_error
-from .publish import model_card
+from .publish import model_card, repo_id_error
 from .training import use_default_mode
 
 __all__ = ['ConversionError', 'load_checkpoint', 'authors_to_timm', 'convert']
@@ -85,10 +85,10 @@ def load_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Dict[str, 
                               f"{_shown([repr(k) for k in checkpoint])}. Convert its weights without --use-ema.")
     if found is not None:
         checkpoint = checkpoint[found]
-    others = [k for k, v in checkpoint.items() if not isinstance(v, torch.Tensor)]
+    others = [k for k, v in checkpoint.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
     if others:
-        raise ConversionError(f'{path} holds a dict whose entries {_shown([repr(k) for k in others])} are not tensors, '
-                              f'expected {expected}.')
+        raise ConversionError(f'{path} holds a dict whose entries {_shown([repr(k) for k in others])} are not tensors '
+                              f'under names, expected {expected}.')
     return clean_state_dict(checkpoint)  # timm's: strips DDP 'module.' and torch.compile '_orig_mod.'
 
 
@@ -225,6 +225,9 @@ def convert(
         raise ConversionError(f"Expected model_name to be one of {', '.join(convertible)}, got '{model_name}'.")
     if out_dir.exists():
         raise ConversionError(f'{out_dir} already exists; give a new folder to write the converted model to.')
+    error = None if repo_id is None else repo_id_error(repo_id)  # the model card names it
+    if error:
+        raise ConversionError(error)
     state_dict = load_checkpoint(checkpoint, use_ema=use_ema)
     classifier = state_dict.get('classifier.1.weight')
     num_classes = classifier.shape[0] if classifier is not None and classifier.dim() == 2 else 1000

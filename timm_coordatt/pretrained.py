@@ -170,13 +170,19 @@ def read_weights(path: Union[str, os.PathLike], use_ema: bool = False) -> Dict[s
         return load_state_dict(os.fspath(path), use_ema=use_ema, weights_only=True)
 
 
+# what unpickling bytes that are no pickle raises (an image, text, an empty file)
+_NOT_A_PICKLE = (pickle.UnpicklingError, EOFError, KeyError)
+
+
 def load_error(e: Exception) -> str:
     """What made a torch file unreadable, in one line: torch's refusals under `weights_only=True` run to a
     paragraph of advice, on unpickling it with `weights_only=False` among it."""
-    unsafe = re.search(r'Unsupported globals?: (?:GLOBAL )?([\w.]*\w)', str(e))  # torch's words, or timm's
-    if unsafe:
-        return f'it holds a {unsafe.group(1)}, which only unpickling arbitrary code could read'
-    if isinstance(e, pickle.UnpicklingError):
+    errors = (e,) if e.__cause__ is None else (e, e.__cause__)  # timm raises torch's refusal again, from it
+    for error in errors:
+        unsafe = re.search(r'Unsupported globals?: (?:GLOBAL )?([\w.]*\w)', str(error))  # torch's words, or timm's
+        if unsafe:
+            return f'it holds a {unsafe.group(1)}, which only unpickling arbitrary code could read'
+    if any(isinstance(error, _NOT_A_PICKLE) for error in errors):
         return 'not a file torch.save wrote (or damaged)'
     return f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
 

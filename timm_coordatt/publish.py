@@ -127,6 +127,17 @@ def model_card(
     return generate_readme(card, repo_id.split('/')[-1])
 
 
+def repo_id_error(repo_id: str) -> Optional[str]:
+    """Why `repo_id` is not a Hub model repository id <user or org>/<name>, or None where it is one."""
+    try:
+        validate_repo_id(repo_id)
+        if repo_id.count('/') != 1:
+            raise HFValidationError('expected <user or org>/<name>')
+    except HFValidationError as e:
+        return f'expected a Hub repository id <user or org>/<name>, got {repo_id!r} ({e})'
+    return None
+
+
 def publish(
         folder: Union[str, Path],
         repo_id: str,
@@ -144,12 +155,9 @@ def publish(
     server is huggingface_hub's (`HF_ENDPOINT`), the token `token` or the saved/`HF_TOKEN` one.
     """
     folder = Path(folder)
-    try:  # before anything is written or sent: the model card names the repository
-        validate_repo_id(repo_id)
-        if repo_id.count('/') != 1:
-            raise HFValidationError('expected <user or org>/<name>')
-    except HFValidationError as e:
-        raise PublishError(f'expected a Hub repository id <user or org>/<name>, got {repo_id!r} ({e})') from None
+    error = repo_id_error(repo_id)  # before anything is written or sent: the model card names the repository
+    if error:
+        raise PublishError(error)
     if not folder.is_dir():
         raise PublishError(f'{folder} is not a folder; expected a folder written by `timm-coordatt convert` or '
                            f"timm's save_for_hf(model, folder, safe_serialization=True).")
