@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import pkgutil
+import re
 import shutil
 import subprocess
 import sys
@@ -462,6 +463,23 @@ def test_broken_local_safetensors_file_is_named(timm, tmp_path, damage):
     data = path.read_bytes()
     path.write_bytes({'truncated': data[:len(data) // 2], 'garbage': b'\xff' * 3000, 'empty': b''}[damage])
     with pytest.raises(PretrainedWeightsError, match=f'{path} is not a valid safetensors file'):
+        timm.create_model('mobilenetv2_ca', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+@pytest.mark.parametrize('kind', ['missing', 'folder', 'text'])
+def test_local_weights_file_that_cannot_be_read_is_named(timm, tmp_path, kind):
+    """A `file` that is not there, a folder, or a torch file that is no pickle: named, not timm's empty
+    FileNotFoundError or the unpickler's KeyError."""
+    from timm_coordatt.pretrained import PretrainedWeightsError
+
+    path = tmp_path / ('weights' if kind == 'folder' else 'weights.pth')
+    if kind == 'folder':
+        path.mkdir()
+    elif kind == 'text':
+        path.write_text('not weights\n')
+    expected = {'missing': f"got '{path}', which does not exist", 'folder': f"got '{path}', which is not a file",
+                'text': f'cannot read pretrained weights file {path}: not a file torch.save wrote'}[kind]
+    with pytest.raises(PretrainedWeightsError, match=re.escape(expected)):
         timm.create_model('mobilenetv2_ca', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
 
 

@@ -115,7 +115,10 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -
         load_from, location = 'file', path
     else:
         source = 'the given state_dict' if load_from == 'state_dict' else f'{load_from} {location}'
-        if load_from == 'file' and str(location).endswith('.safetensors') and os.path.isfile(location):
+        if load_from == 'file' and not os.path.isfile(location):  # timm's own error is an empty FileNotFoundError
+            raise PretrainedWeightsError(f'expected a weights file (safetensors or torch), got {location!r}, which '
+                                         f'{"is not a file" if os.path.exists(location) else "does not exist"}')
+        if load_from == 'file' and str(location).endswith('.safetensors'):
             try:  # timm's own error would not name the file
                 with safe_open(location, framework='pt'):
                     pass
@@ -151,8 +154,8 @@ def _head_classes(load_from: str, location: Any, pretrained_cfg: Dict[str, Any])
         else:
             try:
                 weights = read_weights(location)
-            except Exception:  # timm's loader reports it
-                return None
+            except Exception as e:  # timm's loader would report it without the file's name
+                raise PretrainedWeightsError(f'cannot read pretrained weights file {location}: {load_error(e)}') from None
             shape = tuple(weights[key].shape) if key in weights else None
     else:
         return None

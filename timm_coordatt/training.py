@@ -667,6 +667,9 @@ _EVAL_MINIMUMS = {'batch_size': 1, 'img_size': 1}
 
 def _check_options(args: argparse.Namespace, ctx: _Dist) -> None:
     """UsageError for option values and combinations that cannot work."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison below
+            raise UsageError(f'--{name.replace("_", "-")} must be a finite number, got {value}')
     _check_minimums(args, {
         'epochs': 1, 'batch_size': 1, 'grid': 2, 'grid_samples': 1, 'grid_val_samples': 1, 'img_size': 1,
         'workers': 0, 'weight_decay': 0, 'momentum': 0, 'warmup_lr': 0, 'min_lr': 0})
