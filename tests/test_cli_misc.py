@@ -608,6 +608,21 @@ def test_a_file_that_is_no_checkpoint_is_named_so(tmp_path, content):
     assert str(info.value) == f'cannot read checkpoint {path}: not a file torch.save wrote (or damaged)'
 
 
+def test_backbone_checkpoint_fine_tunes_with_a_new_head_and_predicts_nothing(tmp_path):
+    """Weights saved from a model without a classifier (num_classes=0): fine-tuning loads them under a new head,
+    while a model to predict with needs the checkpoint's own."""
+    from timm_coordatt.training import UsageError, create_model
+    backbone = timm.create_model(MODEL, num_classes=0)
+    path = tmp_path / 'backbone.safetensors'
+    safetensors.torch.save_file(backbone.state_dict(), path)
+    model = create_model(MODEL, num_classes=5, checkpoint=str(path))
+    assert model.get_classifier().out_features == 5
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in backbone.state_dict().items())
+    with pytest.raises(UsageError, match=r'has no classifier \(classifier\.weight\), only the weights before it'):
+        create_model(MODEL, checkpoint=str(path))
+
+
 def test_checkpoint_folder_is_refused_with_a_hint(run_dir, capsys):
     run, data = run_dir
     err = _error(capsys, ['predict', '--model', MODEL, '--checkpoint', run, os.path.join(data, 'dog', '0.png')])

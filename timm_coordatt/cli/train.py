@@ -40,7 +40,7 @@ def add_parser(subparsers) -> None:
     g.add_argument('--pretrained', action='store_true', help="start from the model's pretrained weights")
     g.add_argument('--initial-checkpoint', metavar='FILE',
                    help='start from these weights (safetensors or torch file); the classifier is re-initialised '
-                        'when the number of classes differs')
+                        'when the number of classes differs or the file has none (a backbone\'s weights)')
     add_model_kwargs(g, example='drop_rate=0.2')
     g.add_argument('--freeze', type=int, default=0, metavar='N',
                    help="freeze the first N layer groups of the model's group_matcher (stem = 1), BN statistics "
