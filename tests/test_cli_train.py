@@ -226,6 +226,31 @@ def test_resume_refuses_changed_classes(tmp_path, capsys):
     assert read_metrics(run)[-1]['epoch'] == 1
 
 
+def test_resume_from_another_directory_and_with_moved_data(tmp_path, monkeypatch, capsys):
+    """Relative --data-dir and local-dir: paths are recorded absolute: the run resumes from any working
+    directory, not on another ./data; data that moved is given anew with --data-dir."""
+    project, elsewhere = tmp_path / 'project', tmp_path / 'elsewhere'
+    make_image_folder(project / 'data' / 'train', per_class=2)
+    make_image_folder(project / 'data' / 'val', per_class=1, seed=1)
+    make_image_folder(elsewhere / 'data' / 'train', classes=('ant', 'bee', 'cow'), per_class=2)
+    make_image_folder(elsewhere / 'data' / 'val', classes=('ant', 'bee', 'cow'), per_class=1)
+    monkeypatch.chdir(project)
+    common = ['--batch-size', '3', '--img-size', '32', '--workers', '0']
+    assert main(['train', '--data-dir', 'data', '--model', MODEL, *common, '--epochs', '1', '--output', 'run']) == 0
+    assert main(['train', '--data-dir', 'data', '--model', 'local-dir:run/best', *common, '--epochs', '1',
+                 '--output', 'tuned']) == 0
+    monkeypatch.chdir(elsewhere)  # its ./data has other classes: resuming must not read it
+    for run in ('run', 'tuned'):
+        assert main(['train', '--resume', str(project / run), '--epochs', '2']) == 0, capsys.readouterr().err
+        assert read_metrics(str(project / run))[-1]['epoch'] == 2
+    os.rename(project / 'data', tmp_path / 'moved')
+    assert main(['train', '--resume', str(project / 'run'), '--epochs', '3']) == 2
+    assert 'does not exist' in capsys.readouterr().err
+    moved = str(tmp_path / 'moved')
+    assert main(['train', '--resume', str(project / 'run'), '--epochs', '3', '--data-dir', moved]) == 0
+    assert read_metrics(str(project / 'run'))[-1]['epoch'] == 3
+
+
 CTRL_C_ON_TRAINING_FORWARD = []  # set to [True] to have the probe model below send itself one Ctrl-C
 
 

@@ -841,10 +841,10 @@ class CoordAttention(nn.Module):
         Cached while the layers and the source tensors stay the same objects at the same versions, the
         norm keeps its eps and eval mode and no optimizer steps, so in-place updates (optimizer steps, fused
         ones too, BN statistics, EMA) and replaced or unregistered parameters or layers fold again; so do
-        moving the module (`_apply`) and loading a state dict. Writes through `.data`, which PyTorch leaves out of the version counters,
-        are not seen, nor are in-place writes to inference tensors (parameters created under
-        `torch.inference_mode()`, which can change only in place inside it, and have no versions): those
-        are checked by identity.
+        moving the module (`_apply`) and loading a state dict. Writes through `.data`, which PyTorch leaves
+        out of the version counters, are not seen, nor are in-place writes to inference tensors (parameters
+        created under `torch.inference_mode()`, which can change only in place inside it, and have no
+        versions): those are checked by identity.
         """
         cached = self._inference_params
         if cached is not None:
@@ -896,9 +896,9 @@ class CoordAttention(nn.Module):
             versions = tuple(map(_tensor_version, tensors))
         except KeyError:
             return None
-        return _FoldRecord(optimizer_steps, tuple(modules.values()), tuple(o for o, _ in owners), tuple(n for _, n in owners),
-                           sources, tensors, versions, norm, 0.0 if norm is None else norm.eps,
-                           type(bn) in _BATCH_NORMS, None)
+        return _FoldRecord(optimizer_steps, tuple(modules.values()), tuple(o for o, _ in owners),
+                           tuple(n for _, n in owners), sources, tensors, versions, norm,
+                           0.0 if norm is None else norm.eps, type(bn) in _BATCH_NORMS, None)
 
     def _fold(self, bn: nn.Module) -> _FoldedParams:
         stats = (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps) if type(bn) in _FOLDED_NORMS else None

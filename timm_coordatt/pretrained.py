@@ -155,7 +155,8 @@ def _head_classes(load_from: str, location: Any, pretrained_cfg: Dict[str, Any])
             try:
                 weights = read_weights(location)
             except Exception as e:  # timm's loader would report it without the file's name
-                raise PretrainedWeightsError(f'cannot read pretrained weights file {location}: {load_error(e)}') from None
+                raise PretrainedWeightsError(
+                    f'cannot read pretrained weights file {location}: {load_error(e)}') from None
             shape = tuple(weights[key].shape) if key in weights else None
     else:
         return None

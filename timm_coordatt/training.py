@@ -80,8 +80,8 @@ _STATE_KEYS = ('args', 'model', 'model_ema', 'optimizer', 'scheduler', 'scaler',
 _TRAIN_DIRS = ('train', 'training')
 _VAL_DIRS = ('validation', 'val', 'valid', 'eval')
 # options that may differ from the interrupted run's when resuming (recompute_ca only trades
-# memory for time: its gradients are bit-identical)
-RESUME_OVERRIDES = ('epochs', 'workers', 'device', 'recompute_ca', 'resume', 'output')
+# memory for time: its gradients are bit-identical; data_dir, the data moved: its class folders are checked)
+RESUME_OVERRIDES = ('epochs', 'workers', 'device', 'recompute_ca', 'data_dir', 'resume', 'output')
 
 
 class UsageError(Exception):
@@ -732,7 +732,7 @@ def _resume_args(args: argparse.Namespace, saved: Dict[str, Any], defaults: Dict
         elif given and value != saved[key]:
             conflicts.append(f'--{key.replace("_", "-")} {value} (the run used {saved[key]})')
     if conflicts:
-        changeable = ', '.join(f'--{k.replace("_", "-")}' for k in RESUME_OVERRIDES[:4])
+        changeable = ', '.join(f'--{k.replace("_", "-")}' for k in RESUME_OVERRIDES[:5])
         raise UsageError(f'a resumed run keeps its options, only {changeable} may change; got ' + '; '.join(conflicts))
     return merged
 
@@ -820,6 +820,12 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
             raise UsageError(f'--output {out_dir} exists and is not a directory')
         _check_creatable(out_dir)
         out_existed = os.path.isdir(out_dir)
+    # the run records them: a resumed run reads them wherever it is resumed from
+    if args.data_dir is not None:
+        args.data_dir = os.path.abspath(args.data_dir)
+    source, name = parse_model_name(args.model)
+    if source == 'local-dir':
+        args.model = f'local-dir:{os.path.abspath(name)}'
     _check_options(args, ctx)
     if args.amp and args.amp_dtype is None:
         # recorded: a run resumed on another --device keeps its precision (and its loss scaler's state)
