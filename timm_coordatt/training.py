@@ -459,15 +459,15 @@ def create_model(
     head_weight = state_dict.get(f'{heads[0]}.weight') if heads else None
     # a backbone's weights (saved with num_classes=0) for a model with a head: fine-tuning gives it a new one
     headless = head_weight is None and bool(heads) and f'{heads[0]}.weight' in model.state_dict()
+    ckpt_classes = 0 if headless else (
+        head_weight.shape[0] if head_weight is not None and head_weight.ndim >= 1 else model.num_classes)
+    if num_classes is None and not headless and ckpt_classes != model.num_classes:
+        model.reset_classifier(ckpt_classes)
+    _check_fits(model, state_dict, heads if ckpt_classes != model.num_classes else (), f'checkpoint {checkpoint}')
     if headless and num_classes is None:
         raise UsageError(f'checkpoint {checkpoint} has no classifier ({heads[0]}.weight), only the weights before '
                          f'it; expected a checkpoint with its classifier (train --initial-checkpoint fine-tunes '
                          f'from it with a new one)')
-    ckpt_classes = 0 if headless else (
-        head_weight.shape[0] if head_weight is not None and head_weight.ndim >= 1 else model.num_classes)
-    if num_classes is None and ckpt_classes != model.num_classes:
-        model.reset_classifier(ckpt_classes)
-    _check_fits(model, state_dict, heads if ckpt_classes != model.num_classes else (), f'checkpoint {checkpoint}')
     # timm's loader: drops the classifier when the number of classes differs
     cfg = {**model.pretrained_cfg, 'state_dict': state_dict, 'num_classes': ckpt_classes}
     load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes, in_chans=kwargs.get('in_chans', 3))
