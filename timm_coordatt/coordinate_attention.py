@@ -456,8 +456,8 @@ class _FoldRecord(NamedTuple):
 
 _tensor_version = operator.attrgetter('_version')
 
-# Fused optimizer steps (`torch.optim.AdamW(..., fused=True)`, the default of some trainers) write the
-# parameters without bumping their versions: every step of a `torch.optim.Optimizer` is counted, and a
+# Fused optimizer steps (`torch.optim.AdamW(..., fused=True)`, and SGD's, Adam's) write the parameters
+# without bumping their versions: every step of a `torch.optim.Optimizer` is counted, and a
 # block's inference folds again after one.
 _optimizer_steps = 0
 
