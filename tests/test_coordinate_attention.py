@@ -222,8 +222,8 @@ def test_inference_follows_fused_optimizer_steps(optimizer, inference_between, i
     check()  # folded
     optimizers = [optimizer(m.parameters()) for m in (ours, authors)]
     versions = [p._version for p in ours.parameters()]
-    for step in range(2):
-        for m, opt in zip((ours, authors), optimizers):
+    for _ in range(2):
+        for m in (ours, authors):
             m(x.requires_grad_()).square().sum().backward()
         if inference_between:
             check()
