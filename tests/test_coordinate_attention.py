@@ -640,6 +640,16 @@ def test_channels_last(training):
     torch.testing.assert_close(xc.grad, x.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize('training, grad', [(False, False), (False, True), (True, True)])
+def test_empty_batch_keeps_the_layout(memory_format, training, grad):
+    m = CoordAttention(32).train(training)
+    x = torch.randn(0, 32, 8, 6).contiguous(memory_format=memory_format).requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        y = m(x)
+    assert y.shape == x.shape and y.stride() == x.stride()
+
+
 @pytest.mark.parametrize('dtype,tol', [(torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
 @pytest.mark.parametrize('training', [False, True])
 def test_low_precision(dtype, tol, training):

@@ -55,7 +55,9 @@ def _autocast_on_cpu() -> bool:
 def _is_channels_last(x: torch.Tensor) -> bool:
     if not torch.jit.is_scripting() and _is_functorch():
         return False  # vmap cannot answer for channels_last: the contiguous paths take any layout
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    # an empty tensor is contiguous in every format: its strides say which it was made in
+    return x.is_contiguous(memory_format=torch.channels_last) and (
+        not x.is_contiguous() or x.numel() == 0 and x.stride(1) < x.stride(3))
 
 
 def _is_eager(x: torch.Tensor) -> bool:
