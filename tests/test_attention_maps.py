@@ -20,7 +20,8 @@ from model_helpers import randomise_
 import timm_coordatt  # noqa: F401  (registers the models)
 from timm_coordatt import CoordAttention
 from timm_coordatt.attention_maps import (
-    GateMaps, attention_maps, default_blocks, grad_cam, load_image, plot_attention_maps, record_gates, save_figure)
+    GateMaps, attention_maps, default_blocks, grad_cam, load_image, plot_attention_maps, plot_grad_cam_comparison,
+    record_gates, save_figure)
 from timm_coordatt.cli import main
 from timm_coordatt.training import create_model, export_model
 
@@ -185,6 +186,18 @@ def test_calls_restore_each_modules_mode(ca_model):
     assert frozen and modes[''] and not any(modes[n] for n, m in ca_model.named_modules() if m in frozen)
 
 
+@pytest.mark.parametrize('name', [CA_MODEL, 'resnet10t'])
+def test_grad_cam_with_gradient_checkpointing(name):
+    # timm's checkpoint_seq calls a stage's blocks itself, past the hook on the stage
+    torch.manual_seed(0)
+    model = timm.create_model(name)
+    x = torch.randn(1, 3, 64, 64)
+    expected = grad_cam(model, x)
+    model.set_grad_checkpointing(True)
+    torch.testing.assert_close(grad_cam(model, x).cam, expected.cam)
+    assert model.grad_checkpointing  # switched back on
+
+
 @pytest.mark.parametrize('context', [torch.enable_grad, torch.no_grad, torch.inference_mode])
 def test_maps_can_be_edited_in_place(ca_model, context):
     with context():
@@ -266,6 +279,18 @@ def test_figures_leave_pyplot_alone(ca_model, tmp_path):
     assert proc.returncode == 0 and proc.stdout.split() == ['svg'], proc.stderr
 
 
+def test_figures_of_a_bfloat16_model(tmp_path):
+    model = timm.create_model(CA_MODEL).eval().to(torch.bfloat16)
+    config = resolve_data_config(model=model)
+    x = torch.randn(1, 3, 64, 64, dtype=torch.bfloat16)
+    maps, cam = attention_maps(model, x), grad_cam(model, x)
+    for i, fig in enumerate([plot_attention_maps(x, config, maps, cam),
+                             plot_grad_cam_comparison({CA_MODEL: (x, config, cam)})]):
+        save_figure(fig, tmp_path / f'{i}.png')
+        with Image.open(tmp_path / f'{i}.png') as img:
+            assert img.format == 'PNG'
+
+
 def test_a_figure_that_cannot_be_written_is_named(ca_model, tmp_path):
     x = torch.randn(1, 3, 32, 32)
     fig = plot_attention_maps(x, resolve_data_config(model=ca_model), attention_maps(ca_model, x))
@@ -287,6 +312,14 @@ def test_16_bit_images_are_scaled_to_8_bits(tmp_path):
     Image.fromarray(np.ones((8, 8), np.float32)).save(tmp_path / 'float.tif')
     with pytest.raises(ValueError, match=r'expected an 8- or 16-bit image, got floating-point pixels'):
         load_image(tmp_path / 'float.tif', model)
+    # 32-bit integers (mode I): 16-bit data as older Pillows read 16-bit PNGs, else refused
+    Image.fromarray(ramp.astype(np.int32)).save(tmp_path / 'ramp32.tif')
+    with Image.open(tmp_path / 'ramp32.tif') as img:
+        assert img.mode == 'I'
+    torch.testing.assert_close(load_image(tmp_path / 'ramp32.tif', model)[0], x8, atol=0.02, rtol=0)
+    Image.fromarray(ramp.astype(np.int32) * 16).save(tmp_path / 'wide32.tif')
+    with pytest.raises(ValueError, match=r'got 32-bit integer pixels \(PIL mode I\) from 0 to 1048560, beyond'):
+        load_image(tmp_path / 'wide32.tif', model)
 
 
 def test_record_gates_refuses_training_mode(ca_model):
@@ -303,6 +336,8 @@ def test_api_errors(ca_model):
         attention_maps(timm.create_model(PLAIN_MODEL), torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match='not CoordAttention blocks of this model: blocks.1.0.conv_pw'):
         attention_maps(ca_model, torch.randn(1, 3, 32, 32), blocks=['blocks.1.0.conv_pw'])
+    with pytest.raises(ValueError, match="'all' picks every CoordAttention block and goes alone, got it with blocks"):
+        attention_maps(ca_model, torch.randn(1, 3, 32, 32), blocks=['all', 'blocks.2.2.se'])
 
 
 def test_cli_figure_is_a_png_of_the_documented_size(image_file, tmp_path):

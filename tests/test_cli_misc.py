@@ -393,6 +393,16 @@ def test_model_kwargs_the_command_sets_itself(command, item, tmp_path, capsys):
     assert f'--model-kwargs {item.split("=")[0]}: {command} sets it itself' in err
 
 
+@pytest.mark.parametrize('command', ['validate', 'predict'])
+def test_evaluation_needs_a_classifier_and_a_size_the_model_takes(command, capsys):
+    argv = {'validate': ['validate'], 'predict': ['predict', __file__]}[command]
+    err = _error(capsys, argv + ['--model', MODEL, '--model-kwargs', 'features_only=True'])
+    assert f'{command} needs class scores, but {MODEL} has no classifier (a features_only model)' in err
+    # a ViT's patch grid is fixed at its default size
+    err = _error(capsys, argv + ['--model', 'vit_tiny_patch16_224', '--img-size', '96'])
+    assert "vit_tiny_patch16_224 cannot take --img-size 96 (AssertionError: Input height (96) doesn't match" in err
+
+
 def test_model_kwargs_rebuild_the_architecture_of_a_checkpoint(tmp_path, capsys):
     # a model trained with timm's train.py --model-kwargs (CA in a ResNet's blocks): its checkpoint fits only the
     # architecture those arguments build
@@ -511,8 +521,9 @@ def test_predict_reads_a_batch_of_images_at_a_time(tmp_path, capsys, monkeypatch
     original_open = Image.open
     monkeypatch.setattr(Image, 'open', lambda *a, **k: opened.append(a[0]) or original_open(*a, **k))
 
-    def first_forward(module, args):  # of the model (torchvision's transforms are modules too)
-        if isinstance(module, timm.models.EfficientNet) and not at_first_forward:
+    def first_forward(module, args):  # of the model (torchvision's transforms are modules too) on the images
+        # (not on the blank image that checks --img-size)
+        if isinstance(module, timm.models.EfficientNet) and args[0].shape[0] == 2 and not at_first_forward:
             at_first_forward.append(len(opened))
     handle = torch.nn.modules.module.register_module_forward_pre_hook(first_forward)
     try:

@@ -80,6 +80,16 @@ def test_ca_muls_are_two_products_per_element_of_each_blocks_input():
     assert count_complexity(timm.create_model('mobilenetv2_ca')).ca_muls == expected
 
 
+def test_counting_leaves_each_modules_mode():
+    # fine-tuning with a frozen BatchNorm: the model trains, that layer stays in eval mode
+    model = timm.create_model('mobilenetv2_050_ca').train()
+    model.bn1.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    count_complexity(model)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert modes[''] and not modes['bn1']
+
+
 def test_macs_of_ca_blocks_whose_convs_run_as_layers():
     # pruning reparametrizes conv1's weight: the block calls its layers (their hooks fire), each MAC counted once
     model = timm.create_model('mobilenetv2_050_ca')

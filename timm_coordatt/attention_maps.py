@@ -28,6 +28,7 @@ from torch import nn
 from timm.data import create_transform, resolve_data_config
 from timm.models._manipulate import group_with_matcher
 
+from ._modes import eval_mode, no_grad_checkpointing
 from .coordinate_attention import CoordAttention
 from .training import atomic_write, label_names, to_rgb
 
@@ -116,6 +117,9 @@ def _resolve_blocks(model: nn.Module, blocks: Optional[Union[str, Sequence[str]]
         names = default_blocks(model)
     elif list(names) == [ALL_BLOCKS]:
         names = list(available)
+    elif ALL_BLOCKS in names:
+        raise ValueError(f'{ALL_BLOCKS!r} picks every CoordAttention block and goes alone, got it with '
+                         f'{", ".join(n for n in names if n != ALL_BLOCKS)}')
     else:
         unknown = [n for n in names if n not in available]
         if unknown:
@@ -159,18 +163,6 @@ def record_gates(
             h.remove()
 
 
-@contextmanager
-def _eval(model: nn.Module) -> Iterator[nn.Module]:
-    # each module's own mode comes back: a fine-tuning model may keep frozen BatchNorms in eval mode
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 def attention_maps(
         model: nn.Module,
         x: torch.Tensor,
@@ -181,7 +173,7 @@ def attention_maps(
     `blocks`: module names, `'all'`, or None for the last CA block of each stage (`default_blocks`).
     """
     # ordinary tensors, which the caller may edit in place, also when called in inference mode
-    with _eval(model), record_gates(model, blocks) as maps, torch.inference_mode(False), torch.no_grad():
+    with eval_mode(model), record_gates(model, blocks) as maps, torch.inference_mode(False), torch.no_grad():
         model(x)
     return maps
 
@@ -212,12 +204,15 @@ def grad_cam(
     store = {}
     handle = module.register_forward_hook(lambda m, args, output: store.update(features=output))
     # an input that needs grad keeps the graph even when the weights are frozen
-    with _eval(model), torch.inference_mode(False), torch.enable_grad():
+    with eval_mode(model), no_grad_checkpointing(model), torch.inference_mode(False), torch.enable_grad():
         try:
             logits = model(x.detach().clone().requires_grad_())
         finally:
             handle.remove()
-        features = store.get('features')
+        if 'features' not in store:
+            raise ValueError(f'Grad-CAM expected {layer!r} to run in the forward pass of {_model_name(model)}, '
+                             f'but it was not called')
+        features = store['features']
         if not isinstance(features, torch.Tensor) or features.dim() != 4:
             got = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
             raise ValueError(f'Grad-CAM expected a (N, C, H, W) output from {layer!r}, got {got}')
@@ -264,9 +259,9 @@ def load_image(path: Union[str, os.PathLike], model: nn.Module) -> Tuple[torch.T
 
 def _display_image(x: torch.Tensor, config: Mapping) -> torch.Tensor:
     """Undo the normalisation of one (3, H, W) input: (H, W, 3) in [0, 1]."""
-    mean = torch.tensor(config['mean'], dtype=x.dtype)[:, None, None]
-    std = torch.tensor(config['std'], dtype=x.dtype)[:, None, None]
-    return (x.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0)
+    mean = torch.tensor(config['mean'])[:, None, None]
+    std = torch.tensor(config['std'])[:, None, None]
+    return (x.detach().float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0)
 
 
 def _overlay(ax, image: torch.Tensor, heat: torch.Tensor, title: str, scale: bool = True) -> None:

@@ -10,6 +10,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
+from ._modes import eval_mode
 from .coordinate_attention import CoordAttention
 
 __all__ = ['Complexity', 'count_complexity']
@@ -54,13 +55,11 @@ def count_complexity(model: nn.Module, input_size: Tuple[int, int, int] = (3, 22
     handles = [
         m.register_forward_hook(hook) for m in model.modules()
         if isinstance(m, (nn.Conv2d, nn.Linear, CoordAttention)) and id(m) not in strip_convs]
-    was_training = model.training
     try:
-        model.eval()
-        param = next(model.parameters())
-        model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+        with eval_mode(model):
+            param = next(model.parameters())
+            model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return Complexity(sum(p.numel() for p in model.parameters()), counts['macs'], counts['ca_muls'])

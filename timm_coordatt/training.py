@@ -269,9 +269,15 @@ _INTEGER_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """`img` as 8-bit RGB, with 16-bit images scaled to 8 bits (where `convert('RGB')` alone would clip
-    them, leaving most of a 16-bit photo white)."""
+    them, leaving most of a 16-bit photo white); ValueError for pixels of no fixed range (floating point,
+    32-bit integers beyond 16 bits)."""
     if img.mode in _INTEGER_MODES:
-        img = Image.fromarray((np.asarray(img, dtype=np.float32) / 257).clip(0, 255).round().astype(np.uint8))
+        pixels = np.asarray(img)
+        # mode I holds 32-bit integers: 16-bit PNGs as older Pillows read them, or wider data with no fixed range
+        if img.mode == 'I' and pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+            raise ValueError(f'expected an 8- or 16-bit image, got 32-bit integer pixels (PIL mode I) from '
+                             f'{pixels.min()} to {pixels.max()}, beyond the 16-bit range 0-65535')
+        img = Image.fromarray((pixels.astype(np.float32) / 257).clip(0, 255).round().astype(np.uint8))
     elif img.mode == 'F':
         raise ValueError('expected an 8- or 16-bit image, got floating-point pixels (PIL mode F), which have no '
                          'fixed range to scale to 8 bits')
@@ -1183,6 +1189,11 @@ def _eval_model(args: argparse.Namespace) -> Tuple[nn.Module, torch.device]:
     check_model_kwargs(args.model_kwargs, args.command, classes_from="the weights' number of classes")
     model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, use_ema=args.use_ema,
                          **args.model_kwargs)
+    classes = getattr(model, 'num_classes', None)
+    if not classes:  # features_only in --model-kwargs; a headless local-dir: model
+        raise UsageError(f'{args.command} needs class scores, but {args.model} has no classifier '
+                         f'({"a features_only model" if classes is None else "num_classes=0"}); '
+                         f'expected a model with a head')
     if not (args.pretrained or args.checkpoint or parse_model_name(args.model)[0]):
         print(f'warning: {args.model} has random weights (no --pretrained, --checkpoint, local-dir: or hf-hub:)',
               file=sys.stderr)
@@ -1190,6 +1201,20 @@ def _eval_model(args: argparse.Namespace) -> Tuple[nn.Module, torch.device]:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     return model, device
+
+
+def _eval_data_config(model: nn.Module, args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+    """The model's eval data config at `--img-size`; UsageError for a size the model cannot take (a ViT's fixed
+    patch grid, say), found by one forward of a blank image rather than a traceback in the first batch."""
+    data_config = resolve_data_config({'img_size': args.img_size}, model=model)
+    if args.img_size is not None:
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, *data_config['input_size'], device=device))
+        except (AssertionError, RuntimeError, ValueError) as e:
+            raise UsageError(f'{args.model} cannot take --img-size {args.img_size} '
+                             f'({type(e).__name__}: {e}); expected a size the model accepts') from None
+    return data_config
 
 
 def _class_map(model: nn.Module, classes: Sequence[str], root: str) -> Dict[str, int]:
@@ -1224,7 +1249,7 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
         root = root or args.data_dir
         classes = check_image_folder(root)
     model, device = _eval_model(args)
-    data_config = resolve_data_config({'img_size': args.img_size}, model=model)
+    data_config = _eval_data_config(model, args, device)
     img_size = data_config['input_size'][-1]
     if args.data_dir is None:
         if model.num_classes != args.grid ** 2:
@@ -1275,7 +1300,7 @@ def predict(args: argparse.Namespace) -> List[Dict[str, Any]]:
     _check_minimums(args, {**_EVAL_MINIMUMS, 'topk': 1})
     files = _image_files(args.images)
     model, device = _eval_model(args)
-    data_config = resolve_data_config({'img_size': args.img_size}, model=model)
+    data_config = _eval_data_config(model, args, device)
     transform = create_transform(**data_config, is_training=False)
     names = label_names(model, descriptions=True)
     k = min(args.topk, model.num_classes)
