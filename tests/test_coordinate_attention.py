@@ -780,6 +780,18 @@ def test_torchscript():
         torch.testing.assert_close(x1.grad, x2.grad)
 
 
+@pytest.mark.parametrize('grad', [False, True])
+def test_jit_trace_passes_its_check(grad):
+    # torch.jit.trace checks its trace by tracing again under no_grad: both traces must record the same ops
+    ours = _randomise_(CoordAttention(24)).eval()
+    x = torch.randn(2, 24, 6, 11)
+    with torch.set_grad_enabled(grad):
+        traced = torch.jit.trace(ours, x)  # check_trace=True: raises TracingCheckError where the traces differ
+    y = torch.randn(2, 24, 6, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(y), ours(y))
+
+
 def test_fx_trace():
     ours = _randomise_(CoordAttention(24)).eval()
     traced = torch.fx.symbolic_trace(ours)

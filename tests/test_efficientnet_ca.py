@@ -161,6 +161,14 @@ def test_torchscript():
     torch.testing.assert_close(torch.jit.script(model)(x), model(x))
 
 
+def test_jit_trace():
+    model = randomise_(timm.create_model('mobilenetv2_050_ca')).eval()
+    x = torch.randn(1, 3, 64, 64)
+    traced = torch.jit.trace(model, x)  # with its check: a second trace under no_grad records the same ops
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x))
+
+
 def test_torch_export_and_onnx(tmp_path):
     model = randomise_(timm.create_model('mobilenetv2_050_ca')).eval()
     dims = {'x': {2: torch.export.Dim('h', min=64, max=512), 3: torch.export.Dim('w', min=64, max=512)}}

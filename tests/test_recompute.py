@@ -212,6 +212,26 @@ def test_no_scope_outlives_a_forward():
     assert not recompute_active()
 
 
+@pytest.mark.parametrize('name, feature_cls', [
+    ('mobilenext_050_ca', None), ('mobilenext_050_ca', 'dict'), ('mobilenext_050_ca', 'getter'),
+    ('mobilenetv2_050_ca', None), ('mobilenetv2_050_ca', 'getter'),
+])
+def test_feature_wrappers_script_and_train_with_their_hooks(name, feature_cls):
+    # TorchScript compiles the exit hook with the wrapper: its output must be typed as the wrapper's forward returns
+    torch.manual_seed(0)
+    kwargs = dict(feature_cls=feature_cls) if feature_cls else {}
+    model = timm.create_model(name, features_only=True, out_indices=(1, 3), **kwargs)
+    x = torch.randn(2, 3, 64, 64)
+    features = model.train()(x)
+    features = features.values() if isinstance(features, dict) else features
+    sum(f.sum() for f in features).backward()
+    assert not recompute_active() and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    model.eval()
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+
+
 def test_nested_models_close_only_their_own_scopes():
     """A CA model inside another's training forward: run in eval mode (its hooks then record nothing)
     or raising, it leaves the outer model's scope open until the outer forward ends."""

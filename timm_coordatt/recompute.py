@@ -20,10 +20,12 @@ import sys
 import threading
 import typing
 from contextlib import contextmanager
-from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
+
+from timm.models._features import FeatureGetterNet
 
 from . import native
 
@@ -169,7 +171,8 @@ def _exit_model(module: nn.Module) -> None:
 
 
 # Forward hooks typed for TorchScript, which compiles a module's hooks with it (their bodies are
-# skipped there): one exit hook per output type of the supported forwards.
+# skipped there) and wants the exit hook's output typed as the forward returns it: one exit hook per
+# output type of the supported forwards (models, timm's feature wrappers).
 def _recompute_pre_hook(module: nn.Module, args: Tuple[torch.Tensor]) -> None:
     if not torch.jit.is_scripting():
         _enter_model(module)
@@ -185,7 +188,39 @@ def _recompute_features_hook(module: nn.Module, args: Tuple[torch.Tensor], outpu
         _exit_model(module)
 
 
-_EXIT_HOOKS = (_recompute_hook, _recompute_features_hook)
+def _recompute_feature_dict_hook(
+        module: nn.Module, args: Tuple[torch.Tensor], output: Dict[str, torch.Tensor]) -> None:
+    if not torch.jit.is_scripting():
+        _exit_model(module)
+
+
+def _recompute_intermediates_hook(
+        module: nn.Module,
+        args: Tuple[torch.Tensor],
+        output: Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]],
+) -> None:
+    if not torch.jit.is_scripting():
+        _exit_model(module)
+
+
+# by the forward's return type; others (and none) get `_recompute_hook`
+_EXIT_HOOKS = {
+    List[torch.Tensor]: _recompute_features_hook,
+    list: _recompute_features_hook,
+    Dict[str, torch.Tensor]: _recompute_feature_dict_hook,
+    Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]: _recompute_intermediates_hook,
+}
+
+
+def _forward_returns(model: nn.Module):
+    """The annotated return type of `model`'s forward, None if it has none or one that cannot be resolved
+    (which TorchScript would not take either). timm's `FeatureGetterNet` returns what the wrapped model's
+    `forward_intermediates` does, and TorchScript types its unannotated forward so."""
+    forward = type(model.model).forward_intermediates if isinstance(model, FeatureGetterNet) else type(model).forward
+    try:
+        return typing.get_type_hints(forward).get('return')
+    except (NameError, TypeError):
+        return None
 
 
 def set_recompute_ca_outputs(model: nn.Module, enabled: bool = True) -> nn.Module:
@@ -197,15 +232,12 @@ def set_recompute_ca_outputs(model: nn.Module, enabled: bool = True) -> nn.Modul
     Returns `model`.
     """
     for hooks in (model._forward_pre_hooks, model._forward_hooks):
-        for key in [k for k, hook in hooks.items() if hook is _recompute_pre_hook or hook in _EXIT_HOOKS]:
+        for key in [k for k, hook in hooks.items()
+                    if hook is _recompute_pre_hook or hook is _recompute_hook or hook in _EXIT_HOOKS.values()]:
             del hooks[key]
             model._forward_hooks_always_called.pop(key, None)
     if enabled:
-        try:
-            returns = typing.get_type_hints(type(model).forward).get('return')
-        except (NameError, TypeError):  # unresolvable annotations: TorchScript would not take them either
-            returns = None
-        exit_hook = _recompute_features_hook if returns in (List[torch.Tensor], list) else _recompute_hook
+        exit_hook = _EXIT_HOOKS.get(_forward_returns(model), _recompute_hook)
         model.register_forward_pre_hook(_recompute_pre_hook)
         # also after an exception in forward: the scope must not outlive the call
         model.register_forward_hook(exit_hook, always_call=True)
