@@ -319,6 +319,50 @@ def test_features_only(feature_cls, layout):
     assert [tuple(o.shape) for o in outs] == [(2, c, 64 // r, 64 // r) for c, r in zip(channels, reductions)]
 
 
+# the paper's stages: blocks n and stride s of the first block
+PAPER_STAGES = [(1, 2), (1, 1), (3, 2), (3, 2), (4, 1), (4, 2), (3, 1), (1, 1)]
+
+
+@pytest.mark.parametrize('output_stride', [16, 8])
+@pytest.mark.parametrize('layout', ['paper', 'authors'])
+def test_output_stride_dilates_past_it(output_stride, layout):
+    torch.manual_seed(0)
+    reference = randomise_(timm.create_model('mobilenext_050_ca', features_only=True, layout=layout)).eval()
+    model = timm.create_model('mobilenext_050_ca', features_only=True, layout=layout, output_stride=output_stride)
+    model.load_state_dict(reference.state_dict())  # the same weights: dilation changes no shape
+    model.eval()
+    # DeepLab's rule: a stride that would pass output_stride becomes 1; that block keeps the dilation before it,
+    # the later blocks' depthwise convs dilate by the stride
+    expected, stride, dilation = [], 2, 1
+    for n, s in PAPER_STAGES:
+        next_dilation = dilation
+        if stride * s > output_stride:
+            next_dilation, s = dilation * s, 1
+        stride *= s
+        expected += [(s, dilation)] + [(1, next_dilation)] * (n - 1)
+        dilation = next_dilation
+    blocks = [m for m in model.modules() if isinstance(m, SandglassBlock)]
+    assert len(blocks) == len(expected)
+    for block, (s, d) in zip(blocks, expected):
+        depthwise = [m.conv for m in (block.conv_dw1, block.conv_dw2) if not isinstance(m, nn.Identity)]
+        if isinstance(block.conv_dw2, nn.Identity):
+            assert s == 1  # the authors' layout drops the last depthwise conv only where it does not stride
+        else:
+            assert block.conv_dw2.conv.stride == (s, s)
+        assert all(c.dilation == (d, d) for c in depthwise)
+    assert model.feature_info.reduction() == [min(r, output_stride) for r in EXPECTED_FEATURES_050['reduction']]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        outs, reference_outs = model(x), reference(x)
+    assert [tuple(o.shape[-2:]) for o in outs] == [(64 // r, 64 // r) for r in model.feature_info.reduction()]
+    # the levels before output_stride are the same computation
+    kept = sum(r < output_stride for r in EXPECTED_FEATURES_050['reduction']) + 1
+    for o, r in zip(outs[:kept], reference_outs[:kept]):
+        torch.testing.assert_close(o, r)
+    with pytest.raises(ValueError, match='MobileNeXt output_stride must be 8, 16 or 32, got 4'):
+        timm.create_model('mobilenext_050', output_stride=4)
+
+
 def test_grad_checkpointing_equal():
     torch.manual_seed(0)
     model = timm.create_model('mobilenext_050_ca', drop_rate=0.).train()

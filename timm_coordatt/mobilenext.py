@@ -76,6 +76,7 @@ class SandglassBlock(nn.Module):
             in_chs: int,
             out_chs: int,
             stride: int = 1,
+            dilation: int = 1,
             reduction: int = 6,
             dw_first: bool = True,
             dw_last: bool = True,
@@ -92,6 +93,7 @@ class SandglassBlock(nn.Module):
             in_chs: Input channels M.
             out_chs: Output channels N.
             stride: Stride of the last depthwise conv.
+            dilation: Dilation of both depthwise convs.
             reduction: Reduction ratio t of the hidden width (see `sandglass_hidden_chs`).
             dw_first: Keep the first depthwise conv (False only in the authors' stage-entry blocks).
             dw_last: Keep the last depthwise conv (False only in the authors' stride-1 stage-entry blocks).
@@ -121,14 +123,15 @@ class SandglassBlock(nn.Module):
                 f'for the shortcut (round({out_chs} * {identity_tensor_multiplier!r}) = 0)')
 
         self.conv_dw1 = ConvNormAct(
-            in_chs, in_chs, 3, groups=in_chs, norm_layer=norm_layer, act_layer=act_layer, **dd,
+            in_chs, in_chs, 3, dilation=dilation, groups=in_chs, norm_layer=norm_layer, act_layer=act_layer, **dd,
         ) if dw_first else nn.Identity()
         attn = create_attn(attn_layer, in_chs, **dd)
         self.attn = attn if attn is not None else nn.Identity()
         self.conv_pwl = ConvNormAct(in_chs, hidden_chs, 1, norm_layer=norm_layer, apply_act=False, **dd)
         self.conv_pw = ConvNormAct(hidden_chs, out_chs, 1, norm_layer=norm_layer, act_layer=act_layer, **dd)
         self.conv_dw2 = ConvNormAct(
-            out_chs, out_chs, 3, stride=stride, groups=out_chs, norm_layer=norm_layer, apply_act=False, **dd,
+            out_chs, out_chs, 3, stride=stride, dilation=dilation, groups=out_chs, norm_layer=norm_layer,
+            apply_act=False, **dd,
         ) if dw_last else nn.Identity()
         self.drop_path = DropPath(drop_path_rate) if self.has_skip and drop_path_rate > 0. else nn.Identity()
 
@@ -160,6 +163,7 @@ class MobileNeXt(nn.Module):
             self,
             num_classes: int = 1000,
             in_chans: int = 3,
+            output_stride: int = 32,
             width_multiplier: float = 1.0,
             layout: str = 'paper',
             attn_layer: Optional[LayerType] = None,
@@ -176,6 +180,9 @@ class MobileNeXt(nn.Module):
         Args:
             num_classes: Number of classifier classes, 0 for no classifier.
             in_chans: Number of input channels.
+            output_stride: Reduction of the last feature map: 32, or 16 or 8 for dense prediction, where the
+                stages past it keep their resolution and dilate their depthwise convs instead (as timm's
+                EfficientNet builder does).
             width_multiplier: Channel multiplier; stem and stage widths are rounded to multiples of 8, the
                 last stage keeps 1280 channels for multipliers below 1.
             layout: `'paper'` (every block is the full sandglass) or `'authors'` (the authors' code, whose
@@ -195,6 +202,8 @@ class MobileNeXt(nn.Module):
             raise ValueError(f'MobileNeXt layout must be one of {LAYOUTS}, got {layout!r}')
         if width_multiplier <= 0:
             raise ValueError(f'MobileNeXt width_multiplier must be > 0, got {width_multiplier!r}')
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f'MobileNeXt output_stride must be 8, 16 or 32, got {output_stride!r}')
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.layout = layout
@@ -207,10 +216,15 @@ class MobileNeXt(nn.Module):
 
         num_blocks = sum(n for _, _, n, _, _ in _ARCH)
         block_idx = 0
-        net_stride = 2
+        net_stride, dilation = 2, 1
         prev_chs = stem_chs
         stages = []
         for stage_idx, (t, c, n, s, authors_entry) in enumerate(_ARCH):
+            # past output_stride the stage keeps the resolution; its first block's depthwise convs keep the
+            # dilation before (the last one was the strided conv), the later blocks' dilate by the stride
+            next_dilation = dilation
+            if net_stride * s > output_stride:
+                next_dilation, s = dilation * s, 1
             out_chs = make_divisible(c * width_multiplier, 8)
             if stage_idx == len(_ARCH) - 1:
                 out_chs = max(c, out_chs)  # the feature width is not reduced below 1280
@@ -222,6 +236,7 @@ class MobileNeXt(nn.Module):
                     prev_chs,
                     out_chs,
                     stride=s if i == 0 else 1,
+                    dilation=dilation if i == 0 else next_dilation,
                     reduction=t,
                     dw_first=dw_first,
                     dw_last=entry.endswith('dw'),
@@ -236,6 +251,7 @@ class MobileNeXt(nn.Module):
                 prev_chs = out_chs
                 block_idx += 1
             net_stride *= s
+            dilation = next_dilation
             stages.append(nn.Sequential(*blocks))
             # one feature level per reduction: the last stage before the next downsampling
             if stage_idx == len(_ARCH) - 1 or _ARCH[stage_idx + 1][3] > 1:
