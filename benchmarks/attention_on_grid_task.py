@@ -91,6 +91,20 @@ def main() -> int:
     parser.add_argument('--results-file', help='write the per-run results as JSON lines here')
     args, train_args = parser.parse_known_args()
     # every other option goes to `timm-coordatt train` unchanged, e.g. --epochs 4 --img-size 48
+    # (argparse takes abbreviations: --mod is --model to train)
+    options = [a.split('=')[0] for a in train_args if a.startswith('--') and len(a.split('=')[0]) > 2]
+    own = sorted({r for a in options for r in ('--model', '--seed', '--output', '--resume') if r.startswith(a)})
+    if own:
+        parser.error(f'{", ".join(own)}: set by this script for each run; expected other train options')
+    for name in ('seeds', 'attention'):
+        values = getattr(args, name)
+        if len(set(values)) != len(values):
+            parser.error(f'--{name} expected distinct values, got {" ".join(map(str, values))}')
+    if args.results_file:
+        try:  # before hours of training
+            open(args.results_file, 'a').close()
+        except OSError as e:
+            parser.error(f'--results-file {args.results_file}: {e.strerror}')
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -224,6 +224,21 @@ def test_strip_mlp_ab_prints_its_command(monkeypatch, capsys):
         '--pairs mobilenetv2_ca:mobilenetv2_100')
 
 
+@pytest.mark.parametrize('args, message', [
+    (['--model', 'mobilenetv2_050'], '--model: set by this script for each run'),
+    (['--epochs', '1', '--resume=runs'], '--resume: set by this script for each run'),
+    (['--seeds', '0', '0'], '--seeds expected distinct values, got 0 0'),
+    (['--attention', 'ca', 'ca'], '--attention expected distinct values, got ca ca'),
+    (['--results-file', 'missing/results.jsonl'], '--results-file missing/results.jsonl: No such file or directory'),
+])
+def test_attention_on_grid_task_checks_its_options_before_training(args, message, tmp_path):
+    # a fresh interpreter, as the script registers its models
+    run = subprocess.run([sys.executable, str(BENCHMARKS / 'attention_on_grid_task.py'), *args],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 2 and message in run.stderr.splitlines()[-1], run.stderr
+    assert list(tmp_path.iterdir()) == []  # no run trained or written
+
+
 def test_attention_on_grid_task_counts_the_parameters_of_the_tasks_head(tmp_path):
     # --grid 2: four classes, not the default grid's nine; a fresh interpreter, as the script registers its models
     train = ['--grid', '2', '--img-size', '16', '--epochs', '1', '--batch-size', '2', '--grid-samples', '4',

@@ -157,6 +157,9 @@ def test_peak_memory_ignores_frees_of_earlier_profiled_memory():
 def test_bad_input(capsys):
     assert main(['benchmark', '--pairs', 'mobilenetv2_ca:no_such_model']) == 2
     assert 'unknown model(s): no_such_model' in capsys.readouterr().err
+    # an A/A run would time one model as both (the samples are kept by model name)
+    assert main(['benchmark', '--pairs', 'mobilenetv2_050:mobilenetv2_050']) == 2
+    assert 'pairs mobilenetv2_050:mobilenetv2_050 pair a model with itself' in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(['benchmark', '--pairs', 'mobilenetv2_ca'])
     assert 'expected CA_MODEL:BASELINE' in capsys.readouterr().err

@@ -89,6 +89,9 @@ class BenchmarkConfig:
         unknown = [n for p in self.pairs for n in p if not timm.is_model(n)]
         if unknown:
             raise ValueError(f'unknown model(s): {", ".join(unknown)}; expected registered timm model names')
+        same = [f'{ca}:{base}' for ca, base in self.pairs if ca == base]
+        if same:  # each model's samples are kept under its name: one model would be timed as both
+            raise ValueError(f'pairs {", ".join(same)} pair a model with itself; expected two different models')
         bad_modes = [m for m in self.modes if m not in MODES]
         if not self.modes or bad_modes:
             raise ValueError(f'modes must be a non-empty subset of {MODES}, got {list(self.modes)}')
