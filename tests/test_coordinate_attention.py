@@ -234,16 +234,34 @@ def test_inference_follows_fused_optimizer_steps(optimizer, inference_between, i
 
 
 def test_inference_refolds_after_to_following_data_writes(inference_kernel):
-    """Writes through `.data` (as `torch.nn.utils.vector_to_parameters` makes) bypass the version counters;
-    the documented remedy, `model.to(...)` even to where the model is, refolds."""
+    """In-place writes through `.data` bypass the version counters; the documented remedy, `model.to(...)`
+    even to where the model is, refolds."""
     ours, authors = _pair(24)
     x = torch.randn(2, 24, 5, 6)
     with torch.no_grad():
         ours.eval()(x)  # folded
         for m in (ours, authors):
-            torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(m.parameters()) * 1.5,
-                                                m.parameters())
+            for p in m.parameters():
+                p.data.mul_(1.5)
         ours.to('cpu')
+        torch.testing.assert_close(ours(x), authors.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('swap', ['vector_to_parameters', 'data', 'swap_tensors'])
+def test_inference_follows_memory_swapped_in(swap, inference_kernel):
+    ours, authors = _pair(24)
+    x = torch.randn(2, 24, 5, 6)
+    with torch.no_grad():
+        ours.eval()(x)  # folded
+        for m in (ours, authors):
+            if swap == 'vector_to_parameters':  # assigns `.data`
+                torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(m.parameters()) * 1.5,
+                                                    m.parameters())
+            for p in m.parameters():
+                if swap == 'data':
+                    p.data = p * 1.5
+                elif swap == 'swap_tensors':
+                    torch.utils.swap_tensors(p, nn.Parameter(p * 1.5))
         torch.testing.assert_close(ours(x), authors.eval()(x), rtol=1e-5, atol=1e-6)
 
 
@@ -346,6 +364,23 @@ def test_inference_with_norm_in_training_mode(memory_format, folded_before, infe
         for m in (ours, authors):
             m.bn1.eval()
         torch.testing.assert_close(ours(x), authors(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('missing', ['weight', 'bias', 'stats'])
+def test_inference_with_parts_of_the_norm_missing(missing, inference_kernel):
+    # batch norm applies its weight and bias each where given, and without running statistics normalises by
+    # the batch's, in eval mode too
+    ours = _randomise_(CoordAttention(24)).eval()
+    for name in ['running_mean', 'running_var'] if missing == 'stats' else [missing]:
+        setattr(ours.bn1, name, None)
+    x = torch.randn(3, 24, 5, 6)
+    with torch.no_grad():
+        # the paper's block, calling its layers
+        h, w = x.shape[2:]
+        y = torch.cat([x.mean(3, keepdim=True), x.mean(2, keepdim=True).transpose(2, 3)], dim=2)
+        y_h, y_w = ours.act(ours.bn1(ours.conv1(y))).split([h, w], dim=2)
+        expected = x * ours.gate(ours.conv_h(y_h)) * ours.gate(ours.conv_w(y_w)).transpose(2, 3)
+        torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('norm', ['batch', 'frozen'])

@@ -277,6 +277,20 @@ def test_turned_off_runs_pytorch_ops(monkeypatch):
     assert 'sigmoid' in _aten_ops(m, torch.randn(2, 32, 8, 6))
 
 
+def test_kernel_weights_keep_their_memory():
+    # a block without a norm hands over its conv1 bias parameter itself: replacing the parameter's `.data`
+    # must not free what the kernel reads, whatever takes the freed memory after
+    torch.manual_seed(0)
+    w1, b1, wg, bg = torch.randn(8, 16), nn.Parameter(torch.randn(8)), torch.randn(8, 32), torch.randn(32)
+    weights = native.InferenceWeights(w1, b1, wg, bg)
+    x = torch.randn(2, 16, 5, 6)
+    expected = native.coord_attention_inference(x, torch.empty_like(x), weights)
+    b1.data = torch.zeros(8)
+    junk = [torch.full((8,), 100.0) for _ in range(50)]  # noqa: F841  (where the old bias was)
+    torch.testing.assert_close(native.coord_attention_inference(x, torch.empty_like(x), weights), expected,
+                               rtol=0, atol=0)
+
+
 def test_kernel_checks_its_arguments():
     w1, b1, wg, bg = torch.randn(8, 8), torch.randn(8), torch.randn(8, 16), torch.randn(16)
     with pytest.raises(ValueError, match='float32 CPU tensors, got w1: torch.float64'):

@@ -442,7 +442,7 @@ class _FoldedParams(NamedTuple):
 class _FoldRecord(NamedTuple):
     """`_FoldedParams` and what they were folded from: the optimizer steps taken before (`_optimizer_steps`),
     the block's layers, each source tensor's owner (a layer's `_parameters` or `_buffers`) and name there,
-    the sources (None: no bias), the tensors among them and their versions, and the norm (None: none) with
+    the sources (None: no bias), the tensors among them, their versions and memory, and the norm (None: none) with
     its eps and whether its mode matters (a batch norm in training mode normalises by the batch's
     statistics: nothing to fold)."""
     optimizer_steps: int
@@ -452,6 +452,7 @@ class _FoldRecord(NamedTuple):
     sources: Tuple[Optional[torch.Tensor], ...]
     tensors: Tuple[torch.Tensor, ...]
     versions: Tuple[int, ...]
+    data_ptrs: Tuple[int, ...]
     norm: Optional[nn.Module]
     eps: float
     batch_norm: bool
@@ -459,6 +460,7 @@ class _FoldRecord(NamedTuple):
 
 
 _tensor_version = operator.attrgetter('_version')
+_data_ptr = torch.Tensor.data_ptr
 
 # Fused optimizer steps (`torch.optim.AdamW(..., fused=True)`, and SGD's, Adam's) write the parameters
 # without bumping their versions: every step of a `torch.optim.Optimizer` is counted, and a
@@ -502,9 +504,9 @@ def _fold_weights(
         dtype = torch.promote_types(w1.dtype, torch.float32)
         mean, var, gamma, beta, eps = bn
         scale = torch.rsqrt(var.to(dtype) + eps)
-        shift = 0.
-        if gamma is not None:
-            scale, shift = scale * gamma.to(dtype), beta.to(dtype)
+        if gamma is not None:  # each of the affine pair may be None, as batch norm takes them
+            scale = scale * gamma.to(dtype)
+        shift = 0. if beta is None else beta.to(dtype)
         bias = 0. if b1 is None else b1.to(dtype)
         b1 = ((bias - mean.to(dtype)) * scale + shift).to(w1.dtype)
         w1 = (w1.to(dtype) * scale[:, None]).to(w1.dtype)
@@ -845,8 +847,9 @@ class CoordAttention(nn.Module):
         Cached while the layers and the source tensors stay the same objects at the same versions, the
         norm keeps its eps and eval mode and no optimizer steps, so in-place updates (optimizer steps, fused
         ones too, BN statistics, EMA) and replaced or unregistered parameters or layers fold again; so do
-        moving the module (`_apply`) and loading a state dict. Writes through `.data`, which PyTorch leaves
-        out of the version counters, are not seen, nor are in-place writes to inference tensors (parameters
+        moving the module (`_apply`) and loading a state dict; and memory swapped in (`p.data = t`,
+        `vector_to_parameters`, `torch.utils.swap_tensors`). In-place writes through `.data`, which PyTorch
+        leaves out of the version counters, are not seen, nor are in-place writes to inference tensors (parameters
         created under `torch.inference_mode()`, which can change only in place inside it, and have no
         versions): those are checked by identity.
         """
@@ -861,6 +864,7 @@ class CoordAttention(nn.Module):
                            and all(map(operator.is_, map(operator.getitem, cached.owners, cached.names),
                                        cached.sources))
                            and tuple(map(_tensor_version, cached.tensors)) == cached.versions
+                           and tuple(map(_data_ptr, cached.tensors)) == cached.data_ptrs
                            and (norm is None or (norm.eps == cached.eps and not (cached.batch_norm and norm.training))))
             except KeyError:  # a parameter unregistered since (pruning, a parametrization)
                 current = False
@@ -901,8 +905,8 @@ class CoordAttention(nn.Module):
         except KeyError:
             return None
         return _FoldRecord(optimizer_steps, tuple(modules.values()), tuple(o for o, _ in owners),
-                           tuple(n for _, n in owners), sources, tensors, versions, norm,
-                           0.0 if norm is None else norm.eps, type(bn) in _BATCH_NORMS, None)
+                           tuple(n for _, n in owners), sources, tensors, versions, tuple(map(_data_ptr, tensors)),
+                           norm, 0.0 if norm is None else norm.eps, type(bn) in _BATCH_NORMS, None)
 
     def _fold(self, bn: nn.Module) -> _FoldedParams:
         stats = (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps) if type(bn) in _FOLDED_NORMS else None
@@ -916,7 +920,9 @@ class CoordAttention(nn.Module):
         batch and updates its statistics: the block calls it."""
         bn = self.bn1
         return (isinstance(bn, nn.Identity) or type(bn) is FrozenBatchNorm2d
-                or (type(bn) in _BATCH_NORMS and bn.track_running_stats and not bn.training))
+                or (type(bn) in _BATCH_NORMS and not bn.training
+                    # without the statistics batch norm normalises by the batch's in eval mode too
+                    and bn.running_mean is not None and bn.running_var is not None))
 
     def _native_activations(self) -> bool:
         """The C kernel is built and computes this block's activations (the paper's)."""

@@ -76,7 +76,9 @@ class InferenceWeights:
             if tuple(t.shape) != expected[name]:
                 raise ValueError(f'InferenceWeights expected {name} of shape {expected[name]}, got {tuple(t.shape)}')
         self.channels, self.rd_channels = c, rd
-        self.tensors = (w1, b1, w_gates_t, b_gates)
+        # detached: memory of their own to hold while the kernel has its address, even where a tensor is a
+        # parameter (a block's conv1 bias without a norm) whose `.data` is replaced later
+        self.tensors = tuple(None if t is None else t.detach() for t in (w1, b1, w_gates_t, b_gates))
         self.addresses = tuple(0 if t is None else t.data_ptr() for t in self.tensors)
 
 
