@@ -26,8 +26,9 @@ from timm_coordatt.cli import COMMANDS
 from timm_coordatt.cli import convert as convert_cli
 from timm_coordatt.convert import ConversionError, convert
 
-REFERENCE = Path(__file__).resolve().parents[2] / 'shared' / 'reference'
-TSV = REFERENCE / 'official_mbv2_ca_state_dict.tsv'
+# the key/shape listing of the authors' checkpoint, in this project's workspace (not shipped: a clone or an
+# sdist skips the one test that reads it)
+TSV = Path(__file__).resolve().parents[2] / 'shared' / 'reference' / 'official_mbv2_ca_state_dict.tsv'
 
 
 # --- the authors' model, from the spec -------------------------------------------------------
@@ -156,6 +157,7 @@ def _assert_same_logits(model: nn.Module, expected) -> None:
 
 # --- tests -------------------------------------------------------------------------------------
 
+@pytest.mark.skipif(not TSV.is_file(), reason=f'the authors\' checkpoint listing is not at {TSV}')
 def test_reference_model_matches_published_layout(authors):
     rows = _read_tsv()
     assert len(rows) == 490

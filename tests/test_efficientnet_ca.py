@@ -125,6 +125,22 @@ def test_features_only():
         assert f.shape == (1, c, 128 // r, 128 // r)
 
 
+@pytest.mark.parametrize('name', ['mobilenetv2_050_ca', 'efficientnet_b0_ca'])
+@pytest.mark.parametrize('feature_kwargs', [
+    dict(feature_cls='list'), dict(feature_cls='dict'), dict(feature_cls='hook'), dict(feature_cls='getter'),
+    dict(feature_cls='fx'), dict(feature_cfg=dict(feature_cls='list'))], ids=str)
+def test_feature_extractors(name, feature_kwargs):
+    """Every extractor of timm's returns the classifier's intermediates (timm's list and dict ones fail on its
+    own EfficientNets, whose feature_info names modules inside `blocks`)."""
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = randomise_(timm.create_model(name)).eval().forward_intermediates(
+            x, indices=[1, 3], intermediates_only=True)
+        model = randomise_(timm.create_model(name, features_only=True, out_indices=(1, 3), **feature_kwargs)).eval()
+        out = model(x)
+    torch.testing.assert_close(list(out.values()) if isinstance(out, dict) else out, expected)
+
+
 def test_forward_intermediates():
     model = timm.create_model('mobilenetv2_050_ca').eval()
     x = torch.randn(1, 3, 96, 96)

@@ -304,9 +304,10 @@ def test_feature_info_and_intermediates(model_050_ca):
         torch.testing.assert_close(selected, [intermediates[1], intermediates[3]])
 
 
-@pytest.mark.parametrize('feature_cls, layout', [(None, 'paper'), ('getter', 'paper'), (None, 'authors')])
-def test_features_only(feature_cls, layout):
-    kwargs = dict(feature_cls=feature_cls) if feature_cls else {}
+@pytest.mark.parametrize('kwargs, layout', [
+    ({}, 'paper'), (dict(feature_cls='getter'), 'paper'), ({}, 'authors'),
+    (dict(feature_cfg=dict(feature_cls='dict')), 'paper')], ids=str)
+def test_features_only(kwargs, layout):
     out_indices = (1, 3, 4)
     model = timm.create_model(
         'mobilenext_050', features_only=True, out_indices=out_indices, layout=layout, **kwargs).eval()
@@ -316,6 +317,7 @@ def test_features_only(feature_cls, layout):
     assert model.feature_info.reduction() == reductions
     with torch.no_grad():
         outs = model(torch.randn(2, 3, 64, 64))
+    outs = list(outs.values()) if isinstance(outs, dict) else outs
     assert [tuple(o.shape) for o in outs] == [(2, c, 64 // r, 64 // r) for c, r in zip(channels, reductions)]
 
 

@@ -10,6 +10,7 @@ same name and shape as in timm's `mobilenetv2_*` / `efficientnet_b0`.
 Paper: `Coordinate Attention for Efficient Mobile Network Design` - https://arxiv.org/abs/2103.02907
 """
 from functools import partial
+from typing import Any, Dict
 
 from torch import nn
 
@@ -44,6 +45,15 @@ def _with_recompute(model: EfficientNet) -> EfficientNet:
     return model
 
 
+def _flat_feature_cfg(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """`kwargs` with the blocks flattened where timm wraps an EfficientNet in a generic feature extractor
+    (`feature_cls` or `feature_cfg` given): its feature_info names modules inside `blocks`, which the list and
+    dict extractors find only so (timm's own `efficientnet_b0` fails there)."""
+    if kwargs.get('features_only') and ('feature_cls' in kwargs or 'feature_cfg' in kwargs):
+        return {**kwargs, 'feature_cfg': {'flatten_sequential': True, **(kwargs.get('feature_cfg') or {})}}
+    return kwargs
+
+
 def _gen_mobilenetv2_ca(variant: str, channel_multiplier: float = 1.0, pretrained: bool = False, **kwargs):
     """MobileNetV2 (timm's layout) with CA in every expansion-6 block; `_se` marks where it goes."""
     arch_def = [
@@ -64,7 +74,7 @@ def _gen_mobilenetv2_ca(variant: str, channel_multiplier: float = 1.0, pretraine
         norm_layer=kwargs.pop('norm_layer', None) or partial(nn.BatchNorm2d, **resolve_bn_args(kwargs)),
         act_layer=resolve_act_layer(kwargs, 'relu6'),
         se_layer=kwargs.pop('se_layer', _CA_INPLACE),
-        **kwargs,
+        **_flat_feature_cfg(kwargs),
     )
     return _with_recompute(_create_effnet(variant, pretrained, **prepare_pretrained(variant, pretrained, model_kwargs)))
 
@@ -117,6 +127,7 @@ def mobilenetv2_140_ca(pretrained: bool = False, **kwargs) -> EfficientNet:
 @register_model
 def efficientnet_b0_ca(pretrained: bool = False, **kwargs) -> EfficientNet:
     """EfficientNet-B0 with every Squeeze-and-Excitation replaced by Coordinate Attention."""
-    kwargs = prepare_pretrained('efficientnet_b0_ca', pretrained, {'se_layer': _CA_INPLACE, **kwargs})
+    kwargs = prepare_pretrained(
+        'efficientnet_b0_ca', pretrained, {'se_layer': _CA_INPLACE, **_flat_feature_cfg(kwargs)})
     return _with_recompute(_gen_efficientnet(
         'efficientnet_b0_ca', channel_multiplier=1.0, depth_multiplier=1.0, pretrained=pretrained, **kwargs))

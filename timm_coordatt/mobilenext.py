@@ -387,7 +387,7 @@ def _create_mobilenext(variant: str, pretrained: bool = False, **kwargs) -> Mobi
         MobileNeXt,
         variant,
         pretrained,
-        feature_cfg=dict(flatten_sequential=True),
+        feature_cfg={'flatten_sequential': True, **(kwargs.pop('feature_cfg', None) or {})},
         **prepare_pretrained(variant, pretrained, kwargs),
     )
     if any(isinstance(m, CoordAttention) for m in model.modules()):

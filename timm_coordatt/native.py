@@ -13,6 +13,7 @@ Everything else (other dtypes and devices, TorchScript, tracing, torch.compile, 
 transforms, double backward) runs the PyTorch formulation. `TIMM_COORDATT_NATIVE=0` (or `false`, `no`, `off`) in the
 environment when the package is imported, or `timm_coordatt.native.enabled = False` at any time, turns the kernels off.
 """
+import importlib.util
 import os
 import warnings
 from typing import Callable, Optional, Sequence, Tuple
@@ -21,12 +22,14 @@ import torch
 
 try:
     from . import _native
-except ModuleNotFoundError:  # built without a C compiler: the PyTorch ops, quietly
+except ImportError as e:
     _native = None
-except ImportError as e:  # built, but it does not load (damaged, another architecture's)
-    _native = None
-    warnings.warn(f'timm_coordatt: the C kernels do not load ({e}); CoordAttention runs PyTorch ops instead. '
-                  f'Reinstall the package to rebuild them.', RuntimeWarning)
+    # no file at all: built without a C compiler (or a checkout not built), the PyTorch ops, quietly; a file
+    # that does not load is a damaged build, or another architecture's. (`from . import` raises a plain
+    # ImportError for a missing submodule, not ModuleNotFoundError.)
+    if importlib.util.find_spec(f'{__package__}._native') is not None:
+        warnings.warn(f'timm_coordatt: the C kernels do not load ({e}); CoordAttention runs PyTorch ops instead. '
+                      f'Reinstall the package to rebuild them.', RuntimeWarning)
 
 __all__ = [
     'built', 'enabled', 'available', 'layout', 'InferenceWeights', 'coord_attention_inference', 'run_inference',
