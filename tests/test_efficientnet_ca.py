@@ -1,6 +1,7 @@
 """ mobilenetv2_*_ca and efficientnet_b0_ca: where CA sits, names shared with timm's baselines,
 and the timm model API (features, intermediates, checkpointing, heads, export). """
 import copy
+from functools import partial
 
 import onnxruntime as ort
 import pytest
@@ -123,6 +124,19 @@ def test_features_only():
     assert model.feature_info.reduction() == [4, 8, 16, 32]
     for f, c, r in zip(feats, model.feature_info.channels(), model.feature_info.reduction()):
         assert f.shape == (1, c, 128 // r, 128 // r)
+
+
+@pytest.mark.parametrize('name', ['mobilenetv2_050_ca', 'efficientnet_b0_ca'])
+@pytest.mark.parametrize('kwargs', [dict(bn_momentum=0.01, bn_eps=1e-3),
+                                    dict(norm_layer=partial(nn.BatchNorm2d, momentum=0.01, eps=1e-3))], ids=str)
+def test_norm_arguments_reach_ca(name, kwargs):
+    """A model's norm is CA's too: timm's train.py --bn-momentum / --bn-eps, a norm_layer."""
+    model = timm.create_model(name, **kwargs)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    ca_norms = [m.bn1 for m in model.modules() if isinstance(m, CoordAttention)]
+    assert len(ca_norms) == 16
+    assert [(m.momentum, m.eps) for m in norms] == [(0.01, 1e-3)] * len(norms)
+    assert all(any(m is n for n in norms) for m in ca_norms)
 
 
 @pytest.mark.parametrize('name', ['mobilenetv2_050_ca', 'efficientnet_b0_ca'])

@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -302,6 +303,15 @@ def test_feature_info_and_intermediates(model_050_ca):
         torch.testing.assert_close(final, intermediates[-1])
         selected = model.forward_intermediates(x, indices=[1, 3], stop_early=True, intermediates_only=True)
         torch.testing.assert_close(selected, [intermediates[1], intermediates[3]])
+
+
+def test_norm_layer_reaches_ca():
+    """The model's norm is CA's too."""
+    model = timm.create_model('mobilenext_050_ca', norm_layer=partial(nn.BatchNorm2d, momentum=0.01, eps=1e-3))
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    ca_norms = [m.bn1 for m in model.modules() if isinstance(m, CoordAttention)]
+    assert len(ca_norms) == 20 and all(any(m is n for n in norms) for m in ca_norms)
+    assert [(m.momentum, m.eps) for m in norms] == [(0.01, 1e-3)] * len(norms)
 
 
 @pytest.mark.parametrize('kwargs, layout', [

@@ -15,6 +15,7 @@ from typing import Any, Dict
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import LayerType
 from timm.models import register_model
 from timm.models._efficientnet_builder import decode_arch_def, resolve_act_layer, resolve_bn_args, round_channels
 from timm.models._registry import generate_default_cfgs
@@ -33,9 +34,17 @@ PAPER = dict(
     origin_url='https://github.com/houqb/CoordAttention',
 )
 
-# timm's InvertedResidual and DepthwiseSeparableConv never read the attention's input again, so
-# inference can gate in place
-_CA_INPLACE = CoordAttentionFactory(inplace=True)
+
+def _ca_inplace(norm_layer: LayerType) -> CoordAttentionFactory:
+    """CA with the model's norm, so that `bn_momentum`, `bn_eps` and `norm_layer` reach its batch norm too; in
+    place, as timm's InvertedResidual and DepthwiseSeparableConv never read the attention's input again."""
+    return CoordAttentionFactory(inplace=True, norm_layer=norm_layer)
+
+
+def _norm_layer(kwargs: Dict[str, Any]) -> LayerType:
+    """The norm layer timm's EfficientNet builders make of `norm_layer` or the `bn_*` arguments (taken from
+    `kwargs`)."""
+    return kwargs.pop('norm_layer', None) or partial(nn.BatchNorm2d, **resolve_bn_args(kwargs))
 
 
 def _with_recompute(model: EfficientNet) -> EfficientNet:
@@ -66,14 +75,15 @@ def _gen_mobilenetv2_ca(variant: str, channel_multiplier: float = 1.0, pretraine
         ['ir_r1_k3_s1_e6_c320_se0.25'],
     ]
     round_chs_fn = partial(round_channels, multiplier=channel_multiplier)
+    norm_layer = _norm_layer(kwargs)
     model_kwargs = dict(
         block_args=decode_arch_def(arch_def),
         num_features=max(1280, round_chs_fn(1280)),
         stem_size=32,
         round_chs_fn=round_chs_fn,
-        norm_layer=kwargs.pop('norm_layer', None) or partial(nn.BatchNorm2d, **resolve_bn_args(kwargs)),
+        norm_layer=norm_layer,
         act_layer=resolve_act_layer(kwargs, 'relu6'),
-        se_layer=kwargs.pop('se_layer', _CA_INPLACE),
+        se_layer=kwargs.pop('se_layer', _ca_inplace(norm_layer)),
         **_flat_feature_cfg(kwargs),
     )
     return _with_recompute(_create_effnet(variant, pretrained, **prepare_pretrained(variant, pretrained, model_kwargs)))
@@ -127,7 +137,8 @@ def mobilenetv2_140_ca(pretrained: bool = False, **kwargs) -> EfficientNet:
 @register_model
 def efficientnet_b0_ca(pretrained: bool = False, **kwargs) -> EfficientNet:
     """EfficientNet-B0 with every Squeeze-and-Excitation replaced by Coordinate Attention."""
-    kwargs = prepare_pretrained(
-        'efficientnet_b0_ca', pretrained, {'se_layer': _CA_INPLACE, **_flat_feature_cfg(kwargs)})
+    norm_layer = _norm_layer(kwargs)
+    kwargs = prepare_pretrained('efficientnet_b0_ca', pretrained, {
+        'se_layer': _ca_inplace(norm_layer), 'norm_layer': norm_layer, **_flat_feature_cfg(kwargs)})
     return _with_recompute(_gen_efficientnet(
         'efficientnet_b0_ca', channel_multiplier=1.0, depth_multiplier=1.0, pretrained=pretrained, **kwargs))

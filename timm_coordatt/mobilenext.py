@@ -454,33 +454,32 @@ def mobilenext_140(pretrained: bool = False, **kwargs) -> MobileNeXt:
     return _create_mobilenext('mobilenext_140', pretrained, width_multiplier=1.4, **kwargs)
 
 
-# the sandglass block never reads the attention's input again, so inference can gate in place
-_CA_INPLACE = CoordAttentionFactory(inplace=True)
+def _create_mobilenext_ca(variant: str, pretrained: bool = False, **kwargs) -> MobileNeXt:
+    """MobileNeXt with CA, whose norm is the model's (`norm_layer`), gating in place: the sandglass block never
+    reads the attention's input again."""
+    attn_layer = CoordAttentionFactory(inplace=True, norm_layer=kwargs.get('norm_layer', nn.BatchNorm2d))
+    return _create_mobilenext(variant, pretrained, **{'attn_layer': attn_layer, **kwargs})
 
 
 @register_model
 def mobilenext_050_ca(pretrained: bool = False, **kwargs) -> MobileNeXt:
     """MobileNeXt 0.5 + Coordinate Attention."""
-    return _create_mobilenext(
-        'mobilenext_050_ca', pretrained, width_multiplier=0.5, **{'attn_layer': _CA_INPLACE, **kwargs})
+    return _create_mobilenext_ca('mobilenext_050_ca', pretrained, width_multiplier=0.5, **kwargs)
 
 
 @register_model
 def mobilenext_075_ca(pretrained: bool = False, **kwargs) -> MobileNeXt:
     """MobileNeXt 0.75 + Coordinate Attention."""
-    return _create_mobilenext(
-        'mobilenext_075_ca', pretrained, width_multiplier=0.75, **{'attn_layer': _CA_INPLACE, **kwargs})
+    return _create_mobilenext_ca('mobilenext_075_ca', pretrained, width_multiplier=0.75, **kwargs)
 
 
 @register_model
 def mobilenext_ca(pretrained: bool = False, **kwargs) -> MobileNeXt:
     """MobileNeXt 1.0 + Coordinate Attention (CA paper: 4.09M params, 330M M-Adds, 75.2% top-1)."""
-    return _create_mobilenext(
-        'mobilenext_ca', pretrained, width_multiplier=1.0, **{'attn_layer': _CA_INPLACE, **kwargs})
+    return _create_mobilenext_ca('mobilenext_ca', pretrained, width_multiplier=1.0, **kwargs)
 
 
 @register_model
 def mobilenext_140_ca(pretrained: bool = False, **kwargs) -> MobileNeXt:
     """MobileNeXt 1.4 + Coordinate Attention."""
-    return _create_mobilenext(
-        'mobilenext_140_ca', pretrained, width_multiplier=1.4, **{'attn_layer': _CA_INPLACE, **kwargs})
+    return _create_mobilenext_ca('mobilenext_140_ca', pretrained, width_multiplier=1.4, **kwargs)
