@@ -7,6 +7,7 @@ from functools import partial
 import numpy as np
 import onnxruntime as ort
 import pytest
+import timm
 import torch
 from torch import nn
 from torch.autograd import forward_ad
@@ -1146,6 +1147,85 @@ def test_onnx_dynamic(tmp_path):
         x = torch.randn(shape)
         (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         torch.testing.assert_close(torch.from_numpy(out), ours(x), rtol=1e-5, atol=1e-5)
+
+
+class _Wrapped(torch.Tensor):
+    """A wrapper tensor subclass without memory of its own (as tensor-parallel and quantized tensors are),
+    running every op on the tensor it wraps."""
+
+    @staticmethod
+    def __new__(cls, elem: torch.Tensor):
+        return torch.Tensor._make_wrapper_subclass(
+            cls, elem.shape, strides=elem.stride(), dtype=elem.dtype, device=elem.device,
+            requires_grad=elem.requires_grad)
+
+    def __init__(self, elem: torch.Tensor):
+        self.elem = elem
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = partial(torch.utils._pytree.tree_map_only, _Wrapped, lambda t: t.elem)
+        out = func(*unwrap(args), **unwrap(kwargs or {}))
+        return torch.utils._pytree.tree_map_only(torch.Tensor, _Wrapped, out)
+
+
+def _gate_flops(block: CoordAttention, x: torch.Tensor) -> int:
+    """The block's 1x1 convs in FLOPs, from the paper: conv1 on the H + W pooled positions, conv_h on H, conv_w
+    on W."""
+    n, c, h, w = x.shape
+    return 2 * n * (h + w) * (c * block.conv1.out_channels + block.conv1.out_channels * c)
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('training', [False, True])
+def test_dispatch_modes_and_tensor_subclasses_see_the_pytorch_ops(training, channels_last):
+    """Under a dispatch mode (FlopCounterMode, FakeTensorMode) and for a tensor subclass the block runs PyTorch
+    ops, which they see (the C kernels read memory that a fake or wrapper tensor does not have)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    block = _randomise_(CoordAttention(32)).train(training)
+    x = torch.randn(2, 32, 9, 6).contiguous(memory_format=memory_format)
+    with torch.set_grad_enabled(training):
+        expected = copy.deepcopy(block)(x)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = copy.deepcopy(block)(x)
+        torch.testing.assert_close(out, expected)
+        assert counter.get_total_flops() == _gate_flops(block, x)
+
+        wrapped = copy.deepcopy(block)(_Wrapped(x))
+        assert type(wrapped) is _Wrapped
+        torch.testing.assert_close(wrapped.elem, expected)
+
+        copied = copy.deepcopy(block)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            fake = copied(x)
+            if training:
+                fake.sum().backward()
+    assert isinstance(fake, FakeTensor) and fake.shape == x.shape
+
+
+@pytest.mark.parametrize('name, baseline', [('mobilenetv2_050_ca', 'mobilenetv2_050'),
+                                            ('mobilenext_050_ca', 'mobilenext_050')])
+def test_flop_counter_counts_the_blocks(name, baseline):
+    """torch's FlopCounterMode on a CA model in inference: the baseline's FLOPs and the CA blocks' convs."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model, base = timm.create_model(name).eval(), timm.create_model(baseline).eval()
+    inputs = []
+    for m in model.modules():
+        if isinstance(m, CoordAttention):
+            m.register_forward_pre_hook(lambda m, args: inputs.append((m, args[0].shape)))
+    x = torch.randn(1, 3, 96, 96)
+    counts = []
+    with torch.no_grad():
+        for m in (model, base):
+            counter = FlopCounterMode(display=False)
+            with counter:
+                m(x)
+            counts.append(counter.get_total_flops())
+    assert len(inputs) == sum(isinstance(m, CoordAttention) for m in model.modules())
+    assert counts[0] == counts[1] + sum(_gate_flops(m, torch.empty(shape)) for m, shape in inputs)
 
 
 def test_vmap_runs_pytorch_ops():

@@ -18,7 +18,6 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.fx import Proxy
 from torch.nn import functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -38,6 +37,8 @@ _is_tracing = torch._C._is_tracing  # torch.jit.is_tracing() without its wrapper
 # any transform, not only x's: over the parameters alone (`grad` of a head's weights, a `vmap` ensemble with a
 # shared input) x is a plain tensor and the weights are wrapped
 _functorch_active = torch._C._are_functorch_transforms_active
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_Tensor = torch.Tensor
 # forward-mode AD (`torch.autograd.forward_ad.dual_level()`) is on while its level is >= 0
 _forward_ad = torch.autograd.forward_ad
 
@@ -62,9 +63,11 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 def _is_eager(x: torch.Tensor) -> bool:
     """Plain eager execution: no compiler, exporter, tracer, torch.func transform or forward-mode AD watching
-    (the C kernels and the custom autograd Functions, which have no jvp, would drop the tangents)."""
-    return not (_is_compiling() or _is_tracing() or isinstance(x, Proxy) or _functorch_active()
-                or _forward_ad._current_level >= 0)
+    (the C kernels and the custom autograd Functions, which have no jvp, would drop the tangents), no dispatch
+    mode (`FlopCounterMode`, `FakeTensorMode`: the kernels' work is unseen by it, and a fake tensor's memory is
+    not there) and x a plain tensor (a tensor subclass, such as a wrapper without memory of its own, an FX proxy)."""
+    return not (_is_compiling() or _is_tracing() or type(x) is not _Tensor or _dispatch_modes()
+                or _functorch_active() or _forward_ad._current_level >= 0)
 
 
 def _references(t: torch.Tensor) -> Tuple[int, int, int]:

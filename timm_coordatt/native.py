@@ -10,8 +10,9 @@ In eager execution on float32 CPU tensors, contiguous or channels_last, `CoordAt
   small MLP on the strips, forward and backward (`strip_mlp_forward`, `strip_mlp_backward`), in place
   of a dozen small ops.
 Everything else (other dtypes and devices, TorchScript, tracing, torch.compile, export, torch.func
-transforms, double backward) runs the PyTorch formulation. `TIMM_COORDATT_NATIVE=0` (or `false`, `no`, `off`) in the
-environment when the package is imported, or `timm_coordatt.native.enabled = False` at any time, turns the kernels off.
+transforms, dispatch modes, tensor subclasses, double backward) runs the PyTorch formulation.
+`TIMM_COORDATT_NATIVE=0` (or `false`, `no`, `off`) in the environment when the package is imported, or
+`timm_coordatt.native.enabled = False` at any time, turns the kernels off.
 """
 import importlib.util
 import os
