@@ -14,6 +14,7 @@ from torch.autograd import forward_ad
 from torch.nn.utils import parametrizations, parametrize, prune
 
 from authors_coordatt import AuthorsCoordAtt
+from model_helpers import randomise_
 from timm.layers import GroupNorm1, freeze_batch_norm_2d
 from torchvision.ops.misc import FrozenBatchNorm2d
 from timm_coordatt import CoordAttention, coord_gate, coordinate_attention, native
@@ -1226,6 +1227,45 @@ def test_flop_counter_counts_the_blocks(name, baseline):
             counts.append(counter.get_total_flops())
     assert len(inputs) == sum(isinstance(m, CoordAttention) for m in model.modules())
     assert counts[0] == counts[1] + sum(_gate_flops(m, torch.empty(shape)) for m, shape in inputs)
+
+
+@pytest.mark.parametrize('training, grad', [(False, False), (True, False), (True, True)])
+def test_hooks_on_the_layers_see_them_called(training, grad):
+    """MAC counters that hook every layer (thop, ptflops, torchinfo) see the blocks' convs called, also where the
+    folded weights were cached before; without the hooks the blocks fold again."""
+    model = randomise_(timm.create_model('mobilenetv2_050_ca')).train(training)
+    base = randomise_(timm.create_model('mobilenetv2_050')).train(training)
+    x = torch.randn(2, 3, 64, 64)
+    if not training:
+        with torch.no_grad():
+            model(x)  # folded weights cached before the hooks come
+    reference = copy.deepcopy(model)
+
+    def hooked(m):
+        macs, blocks = [0], []
+
+        def count(conv, args, out):
+            macs[0] += out.numel() * conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+        handles = [c.register_forward_hook(count) for c in m.modules() if isinstance(c, nn.Conv2d)]
+        handles += [b.register_forward_pre_hook(lambda b, args: blocks.append((b, args[0].shape)))
+                    for b in m.modules() if isinstance(b, CoordAttention)]
+        with torch.set_grad_enabled(grad):
+            out = m(x)
+        for h in handles:
+            h.remove()
+        return macs[0], blocks, out
+
+    macs, blocks, out = hooked(model)
+    base_macs, _, _ = hooked(base)
+    assert len(blocks) == 16
+    assert macs == base_macs + sum(_gate_flops(b, torch.empty(shape)) // 2 for b, shape in blocks)
+    with torch.set_grad_enabled(grad):
+        # training-mode batch norm over the strips' few positions magnifies the two paths' rounding
+        torch.testing.assert_close(out, reference(x), **(dict(rtol=1e-3, atol=2e-4) if training else {}))
+    if not training:
+        with torch.no_grad():
+            model(x)
+        assert all(b._inference_params is not None for b, _ in blocks)
 
 
 def test_vmap_runs_pytorch_ops():

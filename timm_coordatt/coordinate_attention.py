@@ -462,6 +462,9 @@ class _FoldRecord(NamedTuple):
 
 
 _tensor_version = operator.attrgetter('_version')
+# every hook registered anywhere takes the next number of this counter: while it stands, no hook was added
+_RemovableHandle = torch.utils.hooks.RemovableHandle
+_global_hooks = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
 
 # Fused optimizer steps (`torch.optim.AdamW(..., fused=True)`, and SGD's, Adam's) write the parameters
 # without bumping their versions: every step of a `torch.optim.Optimizer` is counted, and a
@@ -647,6 +650,7 @@ class CoordAttention(nn.Module):
         self.gate = create_act_layer(gate_layer) if gate_layer is not None else nn.Identity()
         self.inplace = inplace
         self._inference_params: Optional[_FoldRecord] = None
+        self._hooks_checked = -1  # the hook counter when the layers were last found without hooks
         self._register()
 
     def _register(self) -> None:
@@ -663,6 +667,7 @@ class CoordAttention(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.__dict__.setdefault('_hooks_checked', -1)  # pickled by a version without it
         self._register()  # a copy (`copy.deepcopy`, pickle) is a block of its own, not the original's
 
     def gates(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -755,13 +760,30 @@ class CoordAttention(nn.Module):
         what the layers would: plain `nn.Conv2d`s (no quantization-aware subclass) whose weights and
         biases are registered parameters, and a batch norm (or frozen one) whose weight and bias are
         registered too. Pruning (`torch.nn.utils.prune`), weight norm and parametrizations compute a
-        weight when the layer is called (pre-hook or property) and unregister the parameter."""
+        weight when the layer is called (pre-hook or property) and unregister the parameter. And no hooks
+        on the layers: MAC counters (thop, ptflops, torchinfo) count what their hooks see called."""
+        if self._hooked_layers():
+            return False
         for conv in (self.conv1, self.conv_h, self.conv_w):
             if type(conv) is not nn.Conv2d or 'weight' not in conv._parameters or 'bias' not in conv._parameters:
                 return False
         bn = self.bn1
         owner = bn._parameters if type(bn) in _BATCH_NORMS else bn._buffers if type(bn) is FrozenBatchNorm2d else None
         return owner is None or ('weight' in owner and 'bias' in owner)
+
+    @torch.jit.unused
+    def _hooked_layers(self) -> bool:
+        """Whether forward hooks or pre-hooks, the block's layers' own or global ones, watch its layers."""
+        return any(_global_hooks) or any(m._forward_hooks or m._forward_pre_hooks for m in self._modules.values())
+
+    @torch.jit.unused
+    def _unhooked(self) -> bool:
+        """No hooks on the layers; noted with the hook counter, so that the check of the folded weights reads
+        only the counter until a hook is added anywhere."""
+        if self._hooked_layers():
+            return False
+        object.__setattr__(self, '_hooks_checked', _RemovableHandle.next_id)  # not through Module.__setattr__
+        return True
 
     @torch.jit.unused
     def _plain_layer_types(self) -> bool:
@@ -862,6 +884,7 @@ class CoordAttention(nn.Module):
             norm = cached.norm
             try:
                 current = (cached.optimizer_steps == _optimizer_steps
+                           and (self._hooks_checked == _RemovableHandle.next_id or self._unhooked())
                            and tuple(self._modules.values()) == cached.layers
                            and all(map(operator.is_, map(operator.getitem, cached.owners, cached.names),
                                        cached.sources))
