@@ -1180,9 +1180,10 @@ def _gate_flops(block: CoordAttention, x: torch.Tensor) -> int:
 @pytest.mark.parametrize('channels_last', [False, True])
 @pytest.mark.parametrize('training', [False, True])
 def test_dispatch_modes_and_tensor_subclasses_see_the_pytorch_ops(training, channels_last):
-    """Under a dispatch mode (FlopCounterMode, FakeTensorMode) and for a tensor subclass the block runs PyTorch
-    ops, which they see (the C kernels read memory that a fake or wrapper tensor does not have)."""
+    """Under a dispatch mode (FlopCounterMode, FakeTensorMode, make_fx's) and for a tensor subclass the block runs
+    PyTorch ops, which they see (the C kernels read memory that a fake or wrapper tensor does not have)."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
     from torch.utils.flop_counter import FlopCounterMode
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     block = _randomise_(CoordAttention(32)).train(training)
@@ -1205,6 +1206,12 @@ def test_dispatch_modes_and_tensor_subclasses_see_the_pytorch_ops(training, chan
             if training:
                 fake.sum().backward()
     assert isinstance(fake, FakeTensor) and fake.shape == x.shape
+    if not training:
+        # make_fx records under a dispatch mode: the graph holds the block's ops, not an empty output
+        with torch.no_grad():
+            graph = make_fx(copy.deepcopy(block))(x)
+            other = torch.randn_like(x)
+            torch.testing.assert_close(graph(other), block(other))
 
 
 @pytest.mark.parametrize('name, baseline', [('mobilenetv2_050_ca', 'mobilenetv2_050'),
