@@ -1275,6 +1275,72 @@ def test_hooks_on_the_layers_see_them_called(training, grad):
         assert all(b._inference_params is not None for b, _ in blocks)
 
 
+@pytest.mark.parametrize('global_hook', [False, True])
+def test_backward_hooks_on_the_layers_fire(global_hook):
+    """Full backward hooks on the block's convs (per-layer gradient monitors), the layers' own or global ones,
+    fire with the gradients the authors' block, which calls its convs, gives them."""
+    ours = _randomise_(CoordAttention(32)).train()
+    authors = AuthorsCoordAtt(32, 32).train()
+    authors.load_state_dict(ours.state_dict())  # same names: conv1, bn1, conv_h, conv_w
+    x, grad = torch.randn(2, 32, 9, 6), torch.randn(2, 32, 9, 6)
+    seen = []
+    for block in (ours, authors):
+        outputs = {}
+        names = {block.get_submodule(name): name for name in ('conv1', 'conv_h', 'conv_w')}
+
+        def hook(module, grad_input, grad_output):
+            if module in names:
+                outputs[names[module]] = grad_output[0].flatten()  # (N, C, W, 1) and (N, C, 1, W) alike
+        handles = ([nn.modules.module.register_module_full_backward_hook(hook)] if global_hook else
+                   [m.register_full_backward_hook(hook) for m in names])
+        try:
+            block(x.clone().requires_grad_()).backward(grad)
+        finally:
+            for h in handles:
+                h.remove()
+        seen.append(outputs)
+    assert set(seen[0]) == {'conv1', 'conv_h', 'conv_w'}
+    for name, expected in seen[1].items():
+        torch.testing.assert_close(seen[0][name], expected, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_saved_tensor_hooks_that_change_the_layout(channels_last):
+    """Saved-tensor hooks may unpack another layout than x's (`save_on_cpu(pin_memory=True)` unpacks contiguous
+    copies): training gives the authors' block's gradients, for a contiguous output gradient too."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    ours = _randomise_(CoordAttention(32)).train()
+    authors = AuthorsCoordAtt(32, 32).train()
+    authors.load_state_dict(ours.state_dict())
+    x, grad = torch.randn(2, 32, 9, 6).contiguous(memory_format=memory_format), torch.randn(2, 32, 9, 6)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    contiguous_copies = (lambda t: t.detach().clone(memory_format=torch.contiguous_format), lambda t: t)
+    with torch.autograd.graph.saved_tensors_hooks(*contiguous_copies):
+        out = ours(xs[0])
+    out.backward(grad)
+    authors(xs[1]).backward(grad)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-4, atol=1e-5)
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, authors.get_parameter(name).grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('training', [False, True])
+def test_batched_backward(training, channels_last):
+    """A batched backward (`is_grads_batched`, as vectorized jacobians run it) through the training paths gives
+    the rows that backward gives one at a time; the custom backward functions run PyTorch ops there."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    block = _randomise_(CoordAttention(16)).train(training)
+    x = torch.randn(2, 16, 3, 4).contiguous(memory_format=memory_format).requires_grad_()
+    out = block(x)
+    rows = torch.randn(5, *out.shape)
+    params = [x, block.conv1.weight, block.conv_h.bias]
+    looped = [torch.autograd.grad(out, params, row, retain_graph=True) for row in rows]
+    batched = torch.autograd.grad(out, params, rows, is_grads_batched=True)
+    for i, grads in enumerate(batched):
+        torch.testing.assert_close(grads, torch.stack([g[i] for g in looped]), rtol=1e-4, atol=1e-5)
+
+
 def test_vmap_runs_pytorch_ops():
     """torch.func.vmap hands the block batched tensors, which have no data pointers for the C kernels."""
     torch.manual_seed(0)

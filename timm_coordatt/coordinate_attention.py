@@ -38,6 +38,9 @@ _is_tracing = torch._C._is_tracing  # torch.jit.is_tracing() without its wrapper
 # shared input) x is a plain tensor and the weights are wrapped
 _functorch_active = torch._C._are_functorch_transforms_active
 _dispatch_modes = torch._C._len_torch_dispatch_stack
+# a batched backward (`torch.autograd.grad(..., is_grads_batched=True)`, vectorized jacobians) hands the backward
+# functions gradients of torch's older vmap, which have no memory of their own either
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 _Tensor = torch.Tensor
 # forward-mode AD (`torch.autograd.forward_ad.dual_level()`) is on while its level is >= 0
 _forward_ad = torch.autograd.forward_ad
@@ -102,6 +105,11 @@ def _owned_gradient_references() -> Tuple[int, int, int]:
     return record[0]
 
 
+def _batched(grad: torch.Tensor) -> bool:
+    """Whether a backward function runs batched (torch.func, or a batched backward): PyTorch ops there."""
+    return not _is_compiling() and (_functorch_active() or _is_legacy_batched(grad))
+
+
 class _GateGradient:
     """The gate product's gradient for x, handed from `_CoordGate`'s backward to `_StripPool`'s.
 
@@ -131,13 +139,16 @@ class _StripPool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_strips: torch.Tensor):
         pending, ctx.gate_gradient.pending = ctx.gate_gradient.pending, None
-        if pending is None and torch.is_grad_enabled():
-            # double backward (then `_CoordGate` kept its part): differentiable ops
+        if pending is None and (torch.is_grad_enabled() or _batched(grad_strips)):
+            # double backward (then `_CoordGate` kept its part), a batched one: differentiable ops
             h, w = ctx.shape[2], ctx.shape[3]
             grad_x = grad_strips[:, :, :h].unsqueeze(3) / w + grad_strips[:, :, h:].unsqueeze(2) / h
             return grad_x, None
-        gated, owned = (None, False) if pending is None else (pending[:3], pending[3])
-        return native.strips_backward(grad_strips, ctx.shape, ctx.channels_last, gated, owned), None
+        if pending is None:
+            return native.strips_backward(grad_strips, ctx.shape, ctx.channels_last), None
+        # in the layout of the product's gradient and saved gates, which saved-tensor hooks may have changed from
+        # x's (`save_on_cpu(pin_memory=True)` unpacks contiguous copies)
+        return native.strips_backward(grad_strips, ctx.shape, native.layout(pending[0]), pending[:3], pending[3]), None
 
 
 class _CoordGate(torch.autograd.Function):
@@ -167,10 +178,11 @@ class _CoordGate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         gate_gradient = ctx.gate_gradient
+        batched = _batched(grad_out)
         # first, as `_owned_gradient_references` measured them
-        owned = gate_gradient is not None and _references(grad_out) == gate_gradient.owned_references
+        owned = gate_gradient is not None and not batched and _references(grad_out) == gate_gradient.owned_references
         x, a_h, a_w = ctx.saved_tensors
-        if (ctx.use_native and not torch.is_grad_enabled()  # double backward needs differentiable ops
+        if (ctx.use_native and not torch.is_grad_enabled() and not batched  # double backward needs differentiable ops
                 and grad_out.dtype == x.dtype and grad_out.stride() == x.stride()):
             if gate_gradient is not None:
                 _, grad_a_h, grad_a_w = native.gate_backward(x, a_h, a_w, grad_out, with_grad_x=False)
@@ -184,7 +196,7 @@ class _CoordGate(torch.autograd.Function):
         gx = grad_a_h = grad_a_w = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             gx = x * grad_out  # in x's memory format
-            if _is_channels_last(gx):
+            if not batched and _is_channels_last(gx):
                 # reductions of (N, H, W, C) views, C contiguous (matmul would copy them to NCHW),
                 # both products in one temporary
                 gx_nhwc = gx.permute(0, 2, 3, 1)
@@ -205,8 +217,8 @@ class _CoordGate(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             # into the buffer of `grad_out * x` once reduced, one fresh full-size tensor rather than
-            # two; not when building a graph for double backward, where `out=` is not differentiable
-            buffer = None if torch.is_grad_enabled() else gx
+            # two; not when building a graph for double backward, where `out=` is not differentiable, nor batched
+            buffer = None if torch.is_grad_enabled() or batched else gx
             grad_x = torch.mul(grad_out, a_h, out=buffer).mul_(a_w)
         return grad_x, grad_a_h, grad_a_w, None, None
 
@@ -264,7 +276,7 @@ class _StripMLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_a_h: torch.Tensor, grad_a_w: torch.Tensor):
-        if torch.is_grad_enabled():  # double backward: differentiable ops
+        if torch.is_grad_enabled() or _batched(grad_a_h):  # double backward, a batched one: differentiable ops
             return _StripMLP._differentiable_backward(ctx, grad_a_h, grad_a_w)
         strips, w1, b1, bn_weight, bn_bias, w_h, b_h, w_w, b_w, y1, z, hh, a_h, a_w, w_gates_t, *statistics = \
             ctx.saved_tensors
@@ -293,17 +305,19 @@ class _StripMLP(torch.autograd.Function):
         inputs = ctx.saved_tensors[:9]  # strips, w1, b1, bn_weight, bn_bias, w_h, b_h, w_w, b_w
         strips, w1, b1, bn_weight, bn_bias, w_h, b_h, w_w, b_w = inputs
         h = ctx.saved_tensors[12].shape[2]
-        y = _conv1x1(strips, w1.flatten(1), b1)
-        if ctx.bn:  # batch statistics again (no running ones to update), or the running ones
-            running = (None, None) if ctx.training else ctx.running
-            y = F.batch_norm(y, *running, bn_weight, bn_bias, ctx.training, 0.0, ctx.eps)
-        y = F.hardswish(y)
-        a_h = torch.sigmoid(_conv1x1(y[:, :, :h], w_h.flatten(1), b_h)).unsqueeze(3)
-        a_w = torch.sigmoid(_conv1x1(y[:, :, h:], w_w.flatten(1), b_w)).unsqueeze(2)
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():  # the forward again, to differentiate (a batched backward runs without grad)
+            y = _conv1x1(strips, w1.flatten(1), b1)
+            if ctx.bn:  # batch statistics again (no running ones to update), or the running ones
+                running = (None, None) if ctx.training else ctx.running
+                y = F.batch_norm(y, *running, bn_weight, bn_bias, ctx.training, 0.0, ctx.eps)
+            y = F.hardswish(y)
+            a_h = torch.sigmoid(_conv1x1(y[:, :, :h], w_h.flatten(1), b_h)).unsqueeze(3)
+            a_w = torch.sigmoid(_conv1x1(y[:, :, h:], w_w.flatten(1), b_w)).unsqueeze(2)
         positions = (0, 3, 4, 5, 6, 7, 8, 9, 10)  # of the inputs among forward's arguments
         wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[positions[i]]]
         grads = torch.autograd.grad((a_h, a_w), [inputs[i] for i in wanted], (grad_a_h, grad_a_w),
-                                    create_graph=True, allow_unused=True)
+                                    create_graph=create_graph, allow_unused=True)
         result: List[Optional[torch.Tensor]] = [None] * 11
         for i, g in zip(wanted, grads):
             result[positions[i]] = g
@@ -464,7 +478,7 @@ class _FoldRecord(NamedTuple):
 _tensor_version = operator.attrgetter('_version')
 # every hook registered anywhere takes the next number of this counter: while it stands, no hook was added
 _RemovableHandle = torch.utils.hooks.RemovableHandle
-_global_hooks = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
+_has_any_global_hook = nn.modules.module._has_any_global_hook
 
 # Fused optimizer steps (`torch.optim.AdamW(..., fused=True)`, and SGD's, Adam's) write the parameters
 # without bumping their versions: every step of a `torch.optim.Optimizer` is counted, and a
@@ -773,8 +787,11 @@ class CoordAttention(nn.Module):
 
     @torch.jit.unused
     def _hooked_layers(self) -> bool:
-        """Whether forward hooks or pre-hooks, the block's layers' own or global ones, watch its layers."""
-        return any(_global_hooks) or any(m._forward_hooks or m._forward_pre_hooks for m in self._modules.values())
+        """Whether hooks, the block's layers' own or global ones, watch its layers: forward hooks and pre-hooks,
+        backward hooks (a full backward hook fires only for a layer called)."""
+        return bool(_has_any_global_hook()) or any(
+            m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+            for m in self._modules.values())
 
     @torch.jit.unused
     def _unhooked(self) -> bool:
