@@ -179,7 +179,7 @@ class _CoordGate(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         gate_gradient = ctx.gate_gradient
         batched = _batched(grad_out)
-        # first, as `_owned_gradient_references` measured them
+        # before anything else holds the gradient, as `_owned_gradient_references` measured it
         owned = gate_gradient is not None and not batched and _references(grad_out) == gate_gradient.owned_references
         x, a_h, a_w = ctx.saved_tensors
         if (ctx.use_native and not torch.is_grad_enabled() and not batched  # double backward needs differentiable ops
