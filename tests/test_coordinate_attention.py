@@ -5,6 +5,7 @@ import pickle
 from functools import partial
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import timm
@@ -467,6 +468,26 @@ def test_layers_computing_their_weights(transform, cached_first, inference_kerne
             torch.testing.assert_close(ours(xm), authors(xm), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+def test_pruning_made_permanent_between_calls(memory_format, inference_kernel):
+    """`prune.remove` right after pruning, with no call between (measure, prune, measure): the block never
+    saw the pruning hook, and the pruned weights reach the parameters through `.data`, unseen by their
+    versions; the folded weights follow them."""
+    torch.manual_seed(0)
+    ours, authors = _pair(40)
+    x = torch.randn(3, 40, 6, 5).contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        ours.eval()(x)
+    for m in (ours, authors):
+        _prune(m)
+        for conv in (m.conv1, m.conv_h, m.conv_w):
+            prune.remove(conv, 'weight')
+            prune.remove(conv, 'bias')
+    assert (ours.conv1.weight == 0).float().mean() == 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), authors.eval()(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('make_copy', [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))])
 def test_copies_fold_their_own_weights(make_copy, inference_kernel):
     """A copy of a block that has folded its weights computes with its own: not with the original's
@@ -704,6 +725,31 @@ def test_low_precision(dtype, tol, training):
     assert xl.grad.dtype == dtype and torch.isfinite(xl.grad.float()).all()
 
 
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize('training', [False, True])
+def test_float16_pooling_of_large_activations(memory_format, training):
+    """A row of 40 activations of 2000 on average sums to 80,000, past float16's 65,504, where their mean is
+    well within it: the strips accumulate in float32, as the authors' mean does. Their block in float16 is
+    the measure of float16's rounding (gate logits of a few thousand)."""
+    torch.manual_seed(0)
+    ours, authors = _pair(16)
+    authors_half = copy.deepcopy(authors).half().train(training)
+    ours.half().train(training)
+    authors.train(training)
+    x = (4000 * torch.rand(1, 16, 40, 40)).contiguous(memory_format=memory_format)
+    xl = x.half().requires_grad_(training)
+    with torch.set_grad_enabled(training):
+        y = ours(xl)
+    with torch.no_grad():
+        expected = authors(x)
+        rounding = (authors_half(x.half()).float() - expected).abs().max()
+    assert torch.isfinite(y).all()
+    assert (y.float() - expected).abs().max() <= 2 * rounding
+    if training:
+        y.float().mean().backward()
+        assert torch.isfinite(xl.grad).all()
+
+
 @pytest.mark.parametrize('dtype,tol', [(torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize('use_native_kernel', [True, False])
@@ -774,6 +820,29 @@ def test_a_backward_of_the_parameters_alone_leaves_nothing_for_the_next(second):
 
 
 @pytest.mark.parametrize('memory_format', MEMORY_FORMATS)
+def test_a_later_backward_from_the_gates_gets_no_earlier_part(memory_format):
+    """The same first backward, then one from the gates (a forward hook exposes them) to x: it reaches the
+    pooling without the product, and x's gradient is the gates' alone: d sum(a_h) / dx of the paper's block."""
+    torch.manual_seed(0)
+    ours, authors = _pair(16)
+    ours.train()
+    x = torch.randn(2, 16, 5, 6).contiguous(memory_format=memory_format)
+    gates = []
+    ours.gate.register_forward_hook(lambda module, args, out: gates.append(out))
+    x1 = x.clone().requires_grad_()
+    y = ours(x1)
+    g = torch.linspace(-1, 1, y.numel()).view(y.shape).contiguous(memory_format=memory_format)
+    torch.autograd.grad(y, ours.conv_h.weight, g, retain_graph=True)
+    grad, = torch.autograd.grad(gates[0].sum(), x1)  # a_h
+    x2 = x.clone().requires_grad_()
+    n, c, h, w = x.shape
+    strips = torch.cat([x2.mean(3, keepdim=True), x2.mean(2, keepdim=True).transpose(2, 3)], dim=2)
+    a_h = torch.sigmoid(authors.conv_h(authors.act(authors.bn1(authors.conv1(strips)))[:, :, :h]))
+    expected, = torch.autograd.grad(a_h.sum(), x2)
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('memory_format', MEMORY_FORMATS)
 def test_coord_gate_gradcheck(memory_format):
     inputs = [t.requires_grad_() for t in _gate_inputs(memory_format)]
     assert torch.autograd.gradcheck(coord_gate, inputs)
@@ -832,11 +901,38 @@ def test_jit_trace_passes_its_check(grad):
 
 
 def test_fx_trace():
+    """The traced graph calls the block's layers, as FX quantization (`prepare_fx`) needs to find its convs."""
     ours = _randomise_(CoordAttention(24)).eval()
     traced = torch.fx.symbolic_trace(ours)
     for shape in [(1, 24, 5, 5), (3, 24, 2, 9)]:
         x = torch.randn(shape)
         torch.testing.assert_close(traced(x), ours(x))
+    called = [n.target for n in traced.graph.nodes if n.op == 'call_module']
+    assert {'conv1', 'bn1', 'act', 'conv_h', 'conv_w'} <= set(called)
+
+
+@pytest.mark.parametrize('backend', ['x86', 'qnnpack'])
+def test_fx_quantization_quantizes_the_convs(backend):
+    """Post-training int8 quantization (FX graph mode) makes the block's three convs quantized convs, conv1 with
+    bn1 fused into it, as for the authors' block: they were left in float, unseen, once."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    torch.manual_seed(0)
+    ours, authors = _pair(32)
+    x = torch.randn(4, 32, 8, 6)
+    quantized = []
+    for m in (ours.eval(), authors.eval()):
+        prepared = prepare_fx(copy.deepcopy(m), get_default_qconfig_mapping(backend), (x,))
+        prepared(x)
+        quantized.append(convert_fx(prepared))
+    kinds = [{name: type(getattr(q, name)).__name__ for name in ('conv1', 'conv_h', 'conv_w')} for q in quantized]
+    assert kinds[0] == kinds[1] == dict.fromkeys(('conv1', 'conv_h', 'conv_w'), 'Conv2d')
+    assert all('quantized' in type(getattr(quantized[0], name)).__module__ for name in ('conv1', 'conv_h', 'conv_w'))
+    assert not hasattr(quantized[0], 'bn1')  # fused into conv1
+    with torch.no_grad():
+        expected = authors(x)
+        errors = [((q(x) - expected).norm() / expected.norm()).item() for q in quantized]
+    assert errors[0] < 1.5 * errors[1], errors
 
 
 def test_compile_fullgraph():
@@ -1115,8 +1211,9 @@ def test_torch_export():
     dims = {'x': {0: torch.export.Dim('batch'), 2: torch.export.Dim('h'), 3: torch.export.Dim('w')}}
     with torch.no_grad():  # as for inference, where torch.compile would call the kernel op
         exported = torch.export.export(ours, (torch.randn(2, 24, 6, 5),), dynamic_shapes=dims)
-    # self-contained: none of this package's ops
+    # self-contained: none of this package's ops; the block's convs as convs (pt2e quantizers look for them)
     assert not [n for n in exported.graph.nodes if 'timm_coordatt' in str(n.target)]
+    assert sum(n.target is torch.ops.aten.conv2d.default for n in exported.graph.nodes) == 3
     for shape in [(1, 24, 3, 9), (4, 24, 12, 7)]:
         x = torch.randn(shape)
         torch.testing.assert_close(exported.module()(x), ours(x))
@@ -1143,6 +1240,9 @@ def test_onnx_dynamic(tmp_path):
     path = tmp_path / 'ca.onnx'
     dims = {'x': {0: torch.export.Dim('batch'), 2: torch.export.Dim('h'), 3: torch.export.Dim('w')}}
     torch.onnx.export(ours, (torch.randn(2, 24, 6, 5),), str(path), dynamic_shapes=dims, dynamo=True)
+    # convs as Conv nodes, which runtimes fuse with the norm and quantizers quantize (MatMuls stayed float)
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count('Conv') == 3 and 'MatMul' not in ops
     session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     for shape in [(1, 24, 7, 7), (3, 24, 20, 5), (2, 24, 1, 33)]:
         x = torch.randn(shape)
@@ -1349,6 +1449,26 @@ def test_vmap_runs_pytorch_ops():
     with torch.no_grad():
         expected = torch.stack([block(xi) for xi in x])
         torch.testing.assert_close(torch.func.vmap(block)(x), expected)
+
+
+def test_built_or_copied_inside_a_transform():
+    """A block built or deep-copied inside a torch.func transform (a meta-learning inner loop) works as any layer
+    does, there and after it (its weights then have no memory of their own to point at)."""
+    block = _randomise_(CoordAttention(16)).eval()
+    x = torch.randn(1, 16, 4, 5)
+    copies = []
+
+    def loss(t):
+        torch.manual_seed(0)
+        copies.append(copy.deepcopy(block))
+        return (copies[-1](t) + CoordAttention(16).eval()(t)).sum()
+
+    x1 = x.clone().requires_grad_()
+    loss(x1).backward()
+    torch.testing.assert_close(torch.func.grad(loss)(x), x1.grad)
+    torch.testing.assert_close(torch.func.jacrev(loss)(x), x1.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(copies[-1](x), block(x))
 
 
 @pytest.mark.parametrize('channels_last', [False, True])

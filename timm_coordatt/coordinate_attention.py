@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils._python_dispatch import _disable_current_modes
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from timm.layers import LayerType, create_act_layer, get_norm_layer, register_notrace_function
@@ -105,6 +106,10 @@ def _owned_gradient_references() -> Tuple[int, int, int]:
     return record[0]
 
 
+# which backward (graph task) runs: `_GateGradient`'s part is for the pooling's backward in the same one
+_graph_task_id = torch._C._current_graph_task_id
+
+
 def _batched(grad: torch.Tensor) -> bool:
     """Whether a backward function runs batched (torch.func, or a batched backward): PyTorch ops there."""
     return not _is_compiling() and (_functorch_active() or _is_legacy_batched(grad))
@@ -118,12 +123,14 @@ class _GateGradient:
     part is made of, and `_StripPool`, whose backward autograd runs later (the gates depend on the
     strips), writes x's whole gradient in one pass: over the product's gradient where nothing else
     holds that, which saves a full-size allocation a block (and the page faults of its first writes).
+    Only within one backward: one that stops short of the pooling (the gradients of CA's weights alone)
+    leaves its part to no later one.
     """
     __slots__ = ('pending', 'owned_references')
 
     def __init__(self):
-        # the product's gradient, a_h, a_w, and whether autograd alone held that gradient
-        self.pending: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = None
+        # the product's gradient, a_h, a_w, whether autograd alone held that gradient, and the backward's id
+        self.pending: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, int]] = None
         self.owned_references = _owned_gradient_references()
 
 
@@ -139,6 +146,8 @@ class _StripPool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_strips: torch.Tensor):
         pending, ctx.gate_gradient.pending = ctx.gate_gradient.pending, None
+        if pending is not None and pending[4] != _graph_task_id():
+            pending = None
         if pending is None and (torch.is_grad_enabled() or _batched(grad_strips)):
             # double backward (then `_CoordGate` kept its part), a batched one: differentiable ops
             h, w = ctx.shape[2], ctx.shape[3]
@@ -186,7 +195,7 @@ class _CoordGate(torch.autograd.Function):
                 and grad_out.dtype == x.dtype and grad_out.stride() == x.stride()):
             if gate_gradient is not None:
                 _, grad_a_h, grad_a_w = native.gate_backward(x, a_h, a_w, grad_out, with_grad_x=False)
-                gate_gradient.pending = (grad_out, a_h, a_w, owned)
+                gate_gradient.pending = (grad_out, a_h, a_w, owned, _graph_task_id())
                 return None, grad_a_h, grad_a_w, None, None
             return (*native.gate_backward(x, a_h, a_w, grad_out), None, None)
         if gate_gradient is not None:
@@ -372,10 +381,18 @@ torch.fx.wrap('coord_gate')
 def _strips_nlc(x: torch.Tensor) -> torch.Tensor:
     """Both strips of a channels_last `x`, (N, H + W, C): reduced in its (N, H, W, C) view, where C
     is contiguous; reducing the NCHW view of such a tensor is 3-4x slower."""
-    h, w = x.shape[-2:]
     # a view per sum: one shared view would add their full-size (expanded) gradients out of place
     # before passing them on; separate ones are added in place into x's gradient
-    return torch.cat([x.permute(0, 2, 3, 1).sum(2).div_(w), x.permute(0, 2, 3, 1).sum(1).div_(h)], dim=1)
+    return torch.cat([_mean_by_sum(x.permute(0, 2, 3, 1), 2), _mean_by_sum(x.permute(0, 2, 3, 1), 1)], dim=1)
+
+
+def _mean_by_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x's mean over `dim` as a sum divided in place: its backward is a free expand, where mean's writes a
+    full-size tensor. Half-precision sums accumulate in float32, as `mean` does: a row of 56 activations
+    of 1200 overflows float16."""
+    if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
+        return x.sum(dim, dtype=torch.float32).div_(x.shape[dim]).to(x.dtype)
+    return x.sum(dim).div_(x.shape[dim])
 
 
 @functools.lru_cache(maxsize=32)
@@ -396,8 +413,7 @@ def _pool_strips(x: torch.Tensor, matmul_max_hw: int = 16) -> torch.Tensor:
     Small maps (H + W <= `matmul_max_hw`) pool in one matmul with an averaging matrix: H + W
     multiply-adds an element, but no reductions over rows of a few elements (which vectorise
     poorly), no cat, no divides. Eager only: a traced or exported graph would keep the matrix of
-    one size. Otherwise sums divided in place: their backward is a free expand, where mean's
-    writes a full-size tensor.
+    one size. Otherwise sums divided in place (`_mean_by_sum`).
     """
     if _is_channels_last(x):
         return _strips_nlc(x).transpose(1, 2)
@@ -406,7 +422,7 @@ def _pool_strips(x: torch.Tensor, matmul_max_hw: int = 16) -> torch.Tensor:
         if _is_eager(x) and h + w <= matmul_max_hw:  # eager first: no guard on symbolic sizes
             pooling = _pooling_matrix(h, w, x.dtype, x.device)
             return torch.mm(x.reshape(n * c, h * w), pooling).view(n, c, h + w)
-    return torch.cat([x.sum(3).div_(w), x.sum(2).div_(h)], dim=2)
+    return torch.cat([_mean_by_sum(x, 3), _mean_by_sum(x, 2)], dim=2)
 
 
 torch.fx.wrap('_pool_strips')
@@ -459,8 +475,8 @@ class _FoldedParams(NamedTuple):
 class _FoldRecord(NamedTuple):
     """`_FoldedParams` and what they were folded from: the optimizer steps taken before (`_optimizer_steps`),
     the block's layers, each source tensor's owner (a layer's `_parameters` or `_buffers`) and name there,
-    the sources (None: no bias), the tensors among them and their versions, and the norm (None: none) with
-    its eps and whether its mode matters (a batch norm in training mode normalises by the batch's
+    the sources (None: no bias), the tensors among them, their versions and data pointers, and the norm (None:
+    none) with its eps and whether its mode matters (a batch norm in training mode normalises by the batch's
     statistics: nothing to fold)."""
     optimizer_steps: int
     layers: Tuple[nn.Module, ...]
@@ -469,6 +485,7 @@ class _FoldRecord(NamedTuple):
     sources: Tuple[Optional[torch.Tensor], ...]
     tensors: Tuple[torch.Tensor, ...]
     versions: Tuple[int, ...]
+    data_ptrs: Tuple[int, ...]
     norm: Optional[nn.Module]
     eps: float
     batch_norm: bool
@@ -476,6 +493,8 @@ class _FoldRecord(NamedTuple):
 
 
 _tensor_version = operator.attrgetter('_version')
+_data_ptr = torch.Tensor.data_ptr
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 # every hook registered anywhere takes the next number of this counter: while it stands, no hook was added
 _RemovableHandle = torch.utils.hooks.RemovableHandle
 _has_any_global_hook = nn.modules.module._has_any_global_hook
@@ -670,7 +689,10 @@ class CoordAttention(nn.Module):
     def _register(self) -> None:
         """Registers the block for compiled graphs' kernel op, with a key of its own."""
         number = next(_next_key)
-        self._kernel_key = torch.tensor([number], device='cpu')
+        # a plain CPU tensor also where the block is built (or copied) inside a torch.func transform or a
+        # dispatch mode (FakeTensorMode): the op finds the block by its memory
+        with torch._C._DisableFuncTorch(), _disable_current_modes():
+            self._kernel_key = torch.tensor([number], device='cpu')
         _blocks_by_key[number] = self
         _blocks_by_key_address[self._kernel_key.data_ptr()] = self
 
@@ -689,8 +711,10 @@ class CoordAttention(nn.Module):
         _check_input(x, self.channels)
         h, w = x.shape[-2:]
         if not torch.jit.is_scripting():
-            if _compiling_for_inductor():
-                # means and the block's own 1x1 convs: the eager formulation's strided sums and batched
+            if not _is_eager(x):
+                # graphs (compiled, exported, traced) get means and the block's own 1x1 convs: quantizers (FX,
+                # PT2E, ONNX Runtime) quantize the convs and fuse conv1 with bn1, exporters write them as convs,
+                # and inductor compiles them well, where the eager formulation's strided sums and batched
                 # matmuls compile to slow kernels (MobileNetV2's compiled training step at 1.23-1.32x its
                 # baseline's, against 1.05-1.06x this way); the strips as the authors lay them out, (N, C,
                 # H + W, 1) from the start: made from (N, C, H + W) strips, inductor failed to compile the
@@ -794,10 +818,13 @@ class CoordAttention(nn.Module):
             for m in self._modules.values())
 
     @torch.jit.unused
-    def _unhooked(self) -> bool:
-        """No hooks on the layers; noted with the hook counter, so that the check of the folded weights reads
-        only the counter until a hook is added anywhere."""
-        if self._hooked_layers():
+    def _unhooked(self, cached: _FoldRecord) -> bool:
+        """No hooks on the layers and the folded tensors' memory where it was; noted with the hook counter, so
+        that the check of the folded weights reads only the counter until a hook is added anywhere. Tools that
+        work through hooks write through `.data`, unseen by the versions: `torch.nn.utils.prune.remove` puts
+        the pruned weight into the parameter so, and with no call between pruning and it the block never saw
+        the pruning hook."""
+        if self._hooked_layers() or tuple(map(_data_ptr, cached.tensors)) != cached.data_ptrs:
             return False
         object.__setattr__(self, '_hooks_checked', _RemovableHandle.next_id)  # not through Module.__setattr__
         return True
@@ -889,7 +916,8 @@ class CoordAttention(nn.Module):
         ones too, BN statistics, EMA) and replaced or unregistered parameters or layers fold again; so do
         moving the module (`_apply`) and loading a state dict. Writes through `.data` (`p.data = t` as
         `vector_to_parameters` makes, `p.data.mul_(2)`), which PyTorch leaves out of the version counters, are
-        not seen (reading the data pointers too cost 0.5-1.5 points of channels_last batch 1), nor are tensors
+        not seen (reading the data pointers on every call cost 0.5-1.5 points of channels_last batch 1; they are
+        read after a hook was registered anywhere, as pruning does: `_unhooked`), nor are tensors
         swapped by `torch.utils.swap_tensors` at equal versions, nor in-place writes to inference tensors (parameters
         created under `torch.inference_mode()`, which can change only in place inside it, and have no
         versions): those are checked by identity.
@@ -901,7 +929,7 @@ class CoordAttention(nn.Module):
             norm = cached.norm
             try:
                 current = (cached.optimizer_steps == _optimizer_steps
-                           and (self._hooks_checked == _RemovableHandle.next_id or self._unhooked())
+                           and (self._hooks_checked == _RemovableHandle.next_id or self._unhooked(cached))
                            and tuple(self._modules.values()) == cached.layers
                            and all(map(operator.is_, map(operator.getitem, cached.owners, cached.names),
                                        cached.sources))
@@ -945,8 +973,11 @@ class CoordAttention(nn.Module):
             versions = tuple(map(_tensor_version, tensors))
         except KeyError:
             return None
+        if any(map(_is_functorch_wrapped, tensors)):  # made inside a torch.func transform: no memory to point at
+            return None
+        data_ptrs = tuple(map(_data_ptr, tensors))
         return _FoldRecord(optimizer_steps, tuple(modules.values()), tuple(o for o, _ in owners),
-                           tuple(n for _, n in owners), sources, tensors, versions, norm,
+                           tuple(n for _, n in owners), sources, tensors, versions, data_ptrs, norm,
                            0.0 if norm is None else norm.eps, type(bn) in _BATCH_NORMS, None)
 
     def _fold(self, bn: nn.Module) -> _FoldedParams:
