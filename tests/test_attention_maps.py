@@ -1,6 +1,7 @@
 """ Attention maps: the recorded gates are the real gates of the real blocks, Grad-CAM follows its
 definition, the figures are PNGs of the documented size, and bad input gets a clear error. """
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -349,6 +350,30 @@ def test_cli_figure_is_a_png_of_the_documented_size(image_file, tmp_path):
         # (3 + top channels) columns, a row for the input and one per default block (6 CA stages)
         assert img.size == (round(CELL * (3 + 2) * DPI), round(CELL * (1 + 6) * DPI))
     assert [p.name for p in tmp_path.iterdir() if p.suffix == '.png'] == ['maps.png']  # no temp file left
+
+
+STOP_WHILE_WRITING = """
+import os, signal, sys
+from matplotlib.figure import Figure
+savefig = Figure.savefig
+def save_then_stop(self, fname, **kwargs):
+    savefig(self, fname, **kwargs)
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+Figure.savefig = save_then_stop
+from timm_coordatt.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize('stop', ['SIGINT', 'SIGTERM'])
+def test_cli_stopped_while_writing_leaves_nothing(stop, image_file, tmp_path):
+    """Ctrl-C or SIGTERM (`kill`, `timeout`) with the figure half written: no temporary file is left, Ctrl-C
+    shows no traceback, and the exit status is the shell's for the signal."""
+    proc = subprocess.run([sys.executable, '-c', STOP_WHILE_WRITING, stop, 'attention', image_file, '--model', CA_MODEL,
+                           '--out', str(tmp_path / 'maps.png')], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 128 + getattr(signal, stop), proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ['image.jpg']
 
 
 def test_cli_compare_grad_cams(image_file, tmp_path):

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 
@@ -393,6 +394,17 @@ def test_model_kwargs_the_command_sets_itself(command, item, tmp_path, capsys):
     assert f'--model-kwargs {item.split("=")[0]}: {command} sets it itself' in err
 
 
+@pytest.mark.parametrize('command', ['train', 'predict', 'attention'])
+@pytest.mark.parametrize('item', ['drop_rate=abc', 'drop_path_rate=-5', 'drop_rate=1.5'])
+def test_model_kwargs_drop_rates_are_probabilities(command, item, tmp_path, capsys):
+    """Which the model would take, then fail on in its forward (a string) or ignore."""
+    argv = {'train': ['train', '--output', str(tmp_path / 'run')], 'predict': ['predict', __file__, '--model', MODEL],
+            'attention': ['attention', __file__, '--model', MODEL, '--out', str(tmp_path / 'maps.png')]}[command]
+    err = _error(capsys, argv + ['--model-kwargs', item])
+    assert f'--model-kwargs {item.split("=")[0]} expected a probability in [0, 1), got' in err
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize('command', ['validate', 'predict'])
 def test_evaluation_needs_a_classifier_and_a_size_the_model_takes(command, capsys):
     argv = {'validate': ['validate'], 'predict': ['predict', __file__]}[command]
@@ -453,6 +465,30 @@ def test_results_file_that_cannot_be_written_is_refused_before_evaluating(run_di
     assert json.loads(results.read_text())['images'] > 0
 
 
+def test_results_file_through_a_link_or_into_a_pipe(run_dir, tmp_path, capsys):
+    """Through a symbolic link the file it points to is written; a FIFO and the process's own stdout (`/dev/fd/1`,
+    as `/dev/stdout`) are written as they are: none is replaced by a file."""
+    run, data = run_dir
+    argv = ['validate', '--model', f'local-dir:{run}', '--data-dir', data, '--workers', '0', '--results-file']
+    target, link = tmp_path / 'real.json', tmp_path / 'link.json'
+    target.write_text('old results')
+    link.symlink_to(target)
+    assert main(argv + [str(link)]) == 0
+    assert link.is_symlink() and json.loads(target.read_text())['images'] > 0
+    fifo = tmp_path / 'fifo.json'
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # open, so that the writer does not wait; the pipe holds it
+    try:
+        assert main(argv + [str(fifo)]) == 0
+        assert json.loads(os.read(reader, 1 << 16))['images'] > 0
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    proc = cli(*argv, '/dev/fd/1')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout[proc.stdout.index('{'):])['images'] > 0
+
+
 @pytest.mark.parametrize('command', ['train', 'validate', 'predict'])
 def test_help_gives_each_default_once(command, capsys):
     with pytest.raises(SystemExit):
@@ -488,10 +524,19 @@ def test_nothing_written_is_lost(run_dir, tmp_path, capsys):
     run, data = run_dir
     before = digest(run)
     # a new run into a used directory, and a resume that changes the run's options: both refused
-    assert 'not empty' in _error(capsys, ['train', '--data-dir', data, '--output', run])
+    assert 'not empty; pass --resume' in _error(capsys, ['train', '--data-dir', data, '--output', run])
     err = _error(capsys, ['train', '--resume', run, '--lr', '0.5'])
     assert '--lr 0.5' in err
     assert digest(run) == before
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_named(tmp_path, capsys):
+    """A run interrupted twice before its first checkpoint leaves some files but nothing to resume."""
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'config.json').write_text('{}')
+    err = _error(capsys, ['train', '--output', str(out)])
+    assert f'output directory {out} is not empty and holds no training_state.pt to resume' in err
 
 
 def test_bad_input_from_the_console_has_no_traceback(tmp_path):

@@ -39,7 +39,7 @@ from .recompute import set_recompute_ca_outputs
 __all__ = [
     'BenchmarkConfig', 'Result', 'Failure', 'WorkerError', 'GOALS', 'MODES', 'PAIRS', 'default_pairs', 'peak_memory',
     'run_benchmark', 'profile_overhead', 'profile_mode', 'results_dict', 'format_results', 'format_profile',
-    'add_arguments', 'run_from_args', 'quiet_profiler_logs',
+    'add_arguments', 'run_from_args', 'quiet_profiler_logs', 'sigterm_exits',
 ]
 
 MODES = ('eager', 'channels_last', 'compile')
@@ -663,8 +663,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @contextmanager
-def _sigterm_exits() -> Iterator[None]:
-    """SIGTERM (`kill`, `timeout`, a job scheduler's stop) unwinds like Ctrl-C, stopping the worker process."""
+def sigterm_exits() -> Iterator[None]:
+    """SIGTERM (`kill`, `timeout`, a job scheduler's stop) unwinds like Ctrl-C: worker processes stop, temporary
+    files go."""
     def stop(signum, frame):
         raise SystemExit(128 + signum)
 
@@ -692,7 +693,7 @@ def run_from_args(args: argparse.Namespace, prog: str) -> int:
     failures: List[Failure] = []
     profiles = {}
     try:
-        with _sigterm_exits():
+        with sigterm_exits():
             results = run_benchmark(cfg, lambda line: print(f'[{line}]', file=sys.stderr, flush=True), failures)
             for pair in cfg.pairs if args.profile else ():
                 try:

@@ -25,6 +25,7 @@ import math
 import os
 import random
 import signal
+import stat
 import sys
 import threading
 import time
@@ -63,7 +64,7 @@ from .pretrained import load_error, read_weights
 from .recompute import recompute_ca_outputs, set_recompute_ca_outputs
 
 __all__ = [
-    'UsageError', 'atomic_write', 'write_text', 'use_default_mode', 'save_weights', 'export_model',
+    'UsageError', 'atomic_write', 'written_in_place', 'write_text', 'use_default_mode', 'save_weights', 'export_model',
     'check_image_folder', 'create_model', 'label_names', 'to_rgb', 'evaluate', 'fit',
     'STATE_FILE', 'METRICS_FILE', 'WEIGHTS_FILE', 'CONFIG_FILE',
 ]
@@ -126,7 +127,12 @@ def use_default_mode(path: Union[str, os.PathLike]) -> None:
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)`, then move the finished file onto `path` in one step, with the permissions of
-    a new file under the user's umask."""
+    a new file under the user's umask. Through a symbolic link the file it points to is replaced, not the
+    link; what is not a regular file (`/dev/stdout`, a FIFO) is written as it is: there is no file to replace."""
+    if written_in_place(path):
+        write(path)
+        return
+    path = os.path.realpath(path)
     tmp = f'{path}.tmp-{os.getpid()}'
     try:
         write(tmp)
@@ -138,6 +144,16 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def written_in_place(path: str) -> bool:
+    """Devices, FIFOs, the process's own descriptors (`/dev/stdout`, `/dev/fd/N`, `/proc/self/fd/N`, which lead to
+    a file the shell opened: replacing it by name would leave the shell's descriptor on the old one)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # a new file (or a link to one), or one that cannot be: the folder says why
+        return False
+    return not stat.S_ISREG(mode) or os.path.abspath(path).startswith(('/dev/', '/proc/'))
 
 
 def write_text(path: str, text: str) -> None:
@@ -720,11 +736,16 @@ def _check_options(args: argparse.Namespace, ctx: _Dist) -> None:
 
 def check_model_kwargs(model_kwargs: Dict[str, Any], command: str, classes_from: str) -> None:
     """UsageError for a `--model-kwargs` key that `command` sets itself: the weights (--pretrained), the
-    head (`classes_from`), the input channels (images are read as RGB)."""
+    head (`classes_from`), the input channels (images are read as RGB); or for a drop rate that is not a
+    probability (the model would take it and fail, or do nothing, only in its forward)."""
     reserved = {'pretrained': '--pretrained', 'num_classes': classes_from, 'in_chans': '3, RGB'}
     clash = sorted(set(model_kwargs) & set(reserved))
     if clash:
         raise UsageError(f'--model-kwargs {clash[0]}: {command} sets it itself ({reserved[clash[0]]})')
+    for key in ('drop_rate', 'drop_path_rate', 'drop_block_rate'):
+        value = model_kwargs.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise UsageError(f'--model-kwargs {key} expected a probability in [0, 1), got {value!r}')
 
 
 def _resume_args(args: argparse.Namespace, saved: Dict[str, Any], defaults: Dict[str, Any]) -> argparse.Namespace:
@@ -820,6 +841,10 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
     else:
         out_dir = args.output or _default_output(args)
         if os.path.isdir(out_dir) and os.listdir(out_dir):
+            if not os.path.exists(os.path.join(out_dir, STATE_FILE)):
+                raise UsageError(f'output directory {out_dir} is not empty and holds no {STATE_FILE} to resume (a run '
+                                 f'stopped before its first checkpoint, or another folder); remove it or choose '
+                                 f'another --output')
             raise UsageError(f'output directory {out_dir} is not empty; pass --resume {out_dir} to continue that run '
                              f'or choose another --output')
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):

@@ -72,9 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from ..model_benchmark import sigterm_exits
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with sigterm_exits():  # `train` stops after its step instead, within
+            return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: what was being written is removed (`atomic_write`), no traceback
+        print(f'timm-coordatt {args.command}: interrupted', file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `timm-coordatt models | head`: the reader stopped early, fine for a Unix tool
         # Python's advice: stdout to devnull, so that the flush at exit does not fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -4,26 +4,18 @@
     timm-coordatt publish mobilenetv2_ca.in1k/ <org>/mobilenetv2_ca.in1k
 """
 import argparse
-import signal
 import sys
 
 from ..convert import ConversionError, convert
 
 
-def _stop(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds like Ctrl-C, so convert removes its temporary folder
-
-
 def run(args: argparse.Namespace) -> int:
-    previous = signal.signal(signal.SIGTERM, _stop)  # `kill`, `timeout`, a job scheduler's stop
     try:
         out_dir = convert(args.checkpoint, args.out_dir, model_name=args.model, repo_id=args.repo_id,
                           use_ema=args.use_ema)
     except ConversionError as e:
         print(f'timm-coordatt convert: error: {e}', file=sys.stderr)
         return 2
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print(f'wrote {out_dir} (config.json, model.safetensors, README.md); the converted model reproduces the '
           f"authors' logits")
     return 0

@@ -106,5 +106,5 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f'timm-coordatt train: error: {e}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print('timm-coordatt train: aborted; the last saved checkpoint is kept', file=sys.stderr)
+        print('timm-coordatt train: aborted; the checkpoint saved last (if any) is kept', file=sys.stderr)
         return 130

@@ -68,10 +68,14 @@ def _main(args: argparse.Namespace) -> int:
 
 def _prepare_results_file(path: str) -> None:
     """The folder of `path` created; UsageError where the file cannot go."""
-    from ..training import UsageError
+    from ..training import UsageError, written_in_place
     if os.path.isdir(path):
         raise UsageError(f'--results-file {path} is a directory; expected a file name')
-    folder = os.path.dirname(os.path.abspath(path))
+    if written_in_place(path):  # /dev/stdout, a FIFO
+        if not os.access(path, os.W_OK):
+            raise UsageError(f'--results-file {path}: cannot write to it')
+        return
+    folder = os.path.dirname(os.path.realpath(path))  # through a link: where the file it points to goes
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
