@@ -1,4 +1,5 @@
 """ Shared by the CLI tests: small image folders, a console runner, one thread per process. """
+import hashlib
 import os
 import subprocess
 import sys
@@ -31,6 +32,16 @@ def make_image_folder(root, classes=('cat', 'dog', 'fox'), per_class=3, size=40,
             pixels = np.clip(base + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(os.path.join(root, name, f'{i}.png'))
     return str(root)
+
+
+def digest(path):
+    """Content hashes of every file under `path`."""
+    out = {}
+    for d, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, path)] = hashlib.sha256(open(p, 'rb').read()).hexdigest()
+    return out
 
 
 def cli(*args):

@@ -1,6 +1,5 @@
 """ `timm-coordatt validate / predict / run`, the embedded dataset, and bad input for every command. """
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -20,7 +19,7 @@ from timm.data import ImageNetInfo, create_dataset, create_transform, resolve_da
 from timm_coordatt.cli import main
 from timm_coordatt.datasets import GridShapes
 
-from cli_helpers import cli, make_image_folder, one_thread, torchrun  # noqa: F401  (one_thread: an autouse fixture)
+from cli_helpers import cli, digest, make_image_folder, one_thread, torchrun  # noqa: F401  (one_thread: autouse)
 
 MODEL = 'mobilenetv2_050_ca'
 
@@ -34,16 +33,6 @@ def run_dir(tmp_path_factory):
     assert main(['train', '--data-dir', data, '--val-fraction', '0.34', '--model', MODEL, '--epochs', '1',
                  '--batch-size', '3', '--img-size', '32', '--workers', '0', '--output', run]) == 0
     return run, data
-
-
-def digest(path):
-    """Content hashes of every file under `path`."""
-    out = {}
-    for d, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(d, f)
-            out[os.path.relpath(p, path)] = hashlib.sha256(open(p, 'rb').read()).hexdigest()
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from timm_coordatt import training
 from timm_coordatt.cli import main
 from timm_coordatt.recompute import recompute_active
 
-from cli_helpers import make_image_folder, one_thread, torchrun  # noqa: F401  (one_thread: an autouse fixture)
+from cli_helpers import digest, make_image_folder, one_thread, torchrun  # noqa: F401  (one_thread: an autouse fixture)
 
 MODEL = 'mobilenetv2_050_ca'
 # small, fast, and on the embedded task: a handful of steps per epoch at 32 px
@@ -197,6 +197,25 @@ def test_resume_refuses_options_it_cannot_honour(tmp_path, capsys):
     # the same values as the run's: fine (a finished run with fewer epochs asked for: nothing to do, said so)
     assert main(['train', '--resume', run, '--epochs', '1', '--lr', '0.01']) == 0
     assert 'already finished 2 epochs' in capsys.readouterr().err
+
+
+def test_resume_refuses_an_optimizer_state_of_another_model(tmp_path, capsys):
+    """A training state whose optimizer state is another model's (pieced together from two run folders): one line
+    naming it, nothing written (its weights are checked as every checkpoint's are)."""
+    runs = {name: str(tmp_path / name) for name in (MODEL, 'mobilenetv2_050')}
+    for name, run in runs.items():
+        assert main(['train', '--model', name, '--grid-samples', '16', '--batch-size', '8', *TINY, '--epochs', '1',
+                     '--output', run]) == 0
+    path = os.path.join(runs[MODEL], 'training_state.pt')
+    state = torch.load(path, weights_only=True)
+    other = torch.load(os.path.join(runs['mobilenetv2_050'], 'training_state.pt'), weights_only=True)
+    state['optimizer'] = other['optimizer']
+    torch.save(state, path)
+    before = digest(runs[MODEL])
+    capsys.readouterr()
+    assert main(['train', '--resume', runs[MODEL], '--epochs', '2']) == 2
+    assert f'cannot resume: {path} is not the state of a {MODEL} run with these options (' in capsys.readouterr().err
+    assert digest(runs[MODEL]) == before
 
 
 def test_smoothing_changes_the_training_loss(tmp_path):

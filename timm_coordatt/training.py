@@ -952,17 +952,21 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
     rng_state = None
     if resume is not None:
         progress = _resumed_progress(_Progress(**resume['progress']), steps, len(resume['rng']), ctx)
-        model.load_state_dict(resume['model'])
-        optimizer.load_state_dict(resume['optimizer'])
-        if scheduler is not None:
-            if resume['scheduler'] is not None and resume['args']['epochs'] == args.epochs and \
-                    resume['progress']['steps'] == steps:
-                scheduler.load_state_dict(resume['scheduler'])
-            # else rebuilt above for the new length: its rate where the run stopped
-            scheduler.step_update(num_updates=progress.num_updates)
-        scaler.load_state_dict(resume['scaler'])
-        if model_ema is not None:
-            model_ema.load_state_dict(resume['model_ema'])
+        try:
+            model.load_state_dict(resume['model'])
+            optimizer.load_state_dict(resume['optimizer'])
+            if scheduler is not None:
+                if resume['scheduler'] is not None and resume['args']['epochs'] == args.epochs and \
+                        resume['progress']['steps'] == steps:
+                    scheduler.load_state_dict(resume['scheduler'])
+                # else rebuilt above for the new length: its rate where the run stopped
+                scheduler.step_update(num_updates=progress.num_updates)
+            scaler.load_state_dict(resume['scaler'])
+            if model_ema is not None:
+                model_ema.load_state_dict(resume['model_ema'])
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:  # another run's state, or edited
+            raise UsageError(f'cannot resume: {os.path.join(out_dir, STATE_FILE)} is not the state of a {args.model} '
+                             f'run with these options ({str(e).splitlines()[0]})') from None
         if 0 < progress.step < steps:  # stopped mid-training (not in validation): its RNG goes on
             rng_state = resume['rng'][ctx.rank]
 
