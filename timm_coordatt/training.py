@@ -197,8 +197,7 @@ def _load_training_state(path: str) -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        reason = str(e) or type(e).__name__  # an empty file's EOFError has no text
-        raise UsageError(f'cannot resume: {path} is not a readable training state ({reason})') from None
+        raise UsageError(f'cannot resume: {path} is not a readable training state ({load_error(e)})') from None
     if not isinstance(state, dict) or state.get('version') != STATE_VERSION:
         raise UsageError(f'cannot resume: {path} is not a training state of this version of timm-coordatt')
     missing = [key for key in _STATE_KEYS if key not in state]
