@@ -376,12 +376,18 @@ def test_cli_stopped_while_writing_leaves_nothing(stop, image_file, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ['image.jpg']
 
 
-def test_cli_compare_grad_cams(image_file, tmp_path):
+def test_cli_compare_grad_cams(image_file, tmp_path, capsys):
     out = tmp_path / 'compare.png'
-    assert main(['attention', image_file, '--compare', PLAIN_MODEL, CA_MODEL, '--out', str(out),
+    weights = tmp_path / 'ca.safetensors'
+    safetensors.torch.save_file(timm.create_model(CA_MODEL).state_dict(), weights)
+    assert main(['attention', image_file, '--compare', PLAIN_MODEL, f'{CA_MODEL}={weights}', '--out', str(out),
                  '--dpi', str(DPI)]) == 0
     with Image.open(out) as img:
         assert img.format == 'PNG' and img.size == (3 * 2 * DPI, 3 * DPI)  # documented: 3 inches per model
+    # as predict and validate say: pictures of random weights mean nothing
+    warnings = [line for line in capsys.readouterr().err.splitlines() if 'random weights' in line]
+    assert warnings == [f'warning: {PLAIN_MODEL} has random weights (no --pretrained, --checkpoint, local-dir: or '
+                        f'hf-hub:)']
 
 
 @pytest.mark.parametrize('case, message', [

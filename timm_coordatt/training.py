@@ -65,7 +65,7 @@ from .recompute import recompute_ca_outputs, set_recompute_ca_outputs
 
 __all__ = [
     'UsageError', 'atomic_write', 'written_in_place', 'write_text', 'use_default_mode', 'save_weights', 'export_model',
-    'check_image_folder', 'create_model', 'label_names', 'to_rgb', 'evaluate', 'fit',
+    'check_image_folder', 'create_model', 'warn_of_random_weights', 'label_names', 'to_rgb', 'evaluate', 'fit',
     'STATE_FILE', 'METRICS_FILE', 'WEIGHTS_FILE', 'CONFIG_FILE',
 ]
 
@@ -733,6 +733,14 @@ def _check_options(args: argparse.Namespace, ctx: _Dist) -> None:
     check_model_kwargs(args.model_kwargs, 'train', classes_from="the data's number of classes")
 
 
+def warn_of_random_weights(name: str, pretrained: bool, checkpoint: Optional[str]) -> None:
+    """A warning on stderr where `create_model(name, ...)` gives a model as initialised: what it computes means
+    nothing."""
+    if not (pretrained or checkpoint or parse_model_name(name)[0]):
+        print(f'warning: {name} has random weights (no --pretrained, --checkpoint, local-dir: or hf-hub:)',
+              file=sys.stderr)
+
+
 def check_model_kwargs(model_kwargs: Dict[str, Any], command: str, classes_from: str) -> None:
     """UsageError for a `--model-kwargs` key that `command` sets itself: the weights (--pretrained), the
     head (`classes_from`), the input channels (images are read as RGB); or for a drop rate that is not a
@@ -1222,9 +1230,7 @@ def _eval_model(args: argparse.Namespace) -> Tuple[nn.Module, torch.device]:
         raise UsageError(f'{args.command} needs class scores, but {args.model} has no classifier '
                          f'({"a features_only model" if classes is None else "num_classes=0"}); '
                          f'expected a model with a head')
-    if not (args.pretrained or args.checkpoint or parse_model_name(args.model)[0]):
-        print(f'warning: {args.model} has random weights (no --pretrained, --checkpoint, local-dir: or hf-hub:)',
-              file=sys.stderr)
+    warn_of_random_weights(args.model, args.pretrained, args.checkpoint)
     model.to(device).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
         save_figure)
     from ..pretrained import PretrainedWeightsError
     # timm names, local-dir: and hf-hub: sources; a checkpoint's head (a fine-tuned model's classes) kept
-    from ..training import UsageError, check_model_kwargs, create_model
+    from ..training import UsageError, check_model_kwargs, create_model, warn_of_random_weights
     try:
         figure_format(args.out)  # before the models run
         check_model_kwargs(args.model_kwargs, 'attention', classes_from="the weights' number of classes")
@@ -29,12 +29,14 @@ def run(args: argparse.Namespace) -> int:
                 name, checkpoint = _split(spec)
                 model = create_model(
                     name, pretrained=args.pretrained, checkpoint=checkpoint or None, **args.model_kwargs)
+                warn_of_random_weights(name, args.pretrained, checkpoint)
                 x, config = load_image(args.image, model)
                 views[title] = (x, config, grad_cam(model, x, target=args.target))
             fig = plot_grad_cam_comparison(views)
         else:
             model = create_model(
                 args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **args.model_kwargs)
+            warn_of_random_weights(args.model, args.pretrained, args.checkpoint)
             x, config = load_image(args.image, model)
             maps = attention_maps(model, x, args.blocks)
             fig = plot_attention_maps(
