@@ -36,3 +36,11 @@ def projected(out: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """A loss: `out` projected on a fixed random tensor, whose gradient no batch norm cancels."""
     projection = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
     return (out * projection.to(out.device)).sum()
+
+
+def add_to_parameters(model: nn.Module, value: float) -> None:
+    """Adds `value` to every parameter in place: what a process sharing the model's memory (a Hogwild
+    trainer) writes, given as a spawned process's target."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(value)

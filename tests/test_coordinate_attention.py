@@ -3,6 +3,7 @@ bad input and export/compilation paths. """
 import copy
 import pickle
 from functools import partial
+from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
 import onnx
@@ -15,7 +16,7 @@ from torch.autograd import forward_ad
 from torch.nn.utils import parametrizations, parametrize, prune
 
 from authors_coordatt import AuthorsCoordAtt
-from model_helpers import randomise_
+from model_helpers import add_to_parameters, randomise_
 from timm.layers import GroupNorm1, freeze_batch_norm_2d
 from torchvision.ops.misc import FrozenBatchNorm2d
 from timm_coordatt import CoordAttention, coord_gate, coordinate_attention, native
@@ -501,15 +502,39 @@ def test_copies_fold_their_own_weights(make_copy, inference_kernel):
     x = torch.randn(2, 40, 6, 5)
     with torch.no_grad():
         block(x)  # folds
+        folded = block._inference_params.params
         twin = make_copy(block)
-        for t in block._inference_params.params:  # the original's folded weights, overwritten
+        for t in folded:  # the original's folded weights, overwritten
             if isinstance(t, torch.Tensor):
                 t.fill_(float('nan'))
-        if block._inference_params.params.native is not None:
-            for t in block._inference_params.params.native.tensors:
+        if folded.native is not None:
+            for t in folded.native.tensors:
                 if t is not None:
                     t.fill_(float('nan'))
         torch.testing.assert_close(twin(x), authors.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('share', ['share_memory', 'pickled'])
+def test_inference_follows_other_processes_writing_shared_memory(share):
+    """Another process writing the parameters through shared memory (Hogwild training after
+    `model.share_memory()`; a block pickled to a spawned process, which moves its tensors to shared memory)
+    bumps no version in this one: the block folds shared weights at every call."""
+    ours, authors = _pair(24)
+    ours.eval()
+    authors.eval()
+    x = torch.randn(2, 24, 5, 6)
+    if share == 'share_memory':
+        ours.share_memory()
+    with torch.no_grad():
+        ours(x)  # folds
+        ours(x)  # and the fold checked
+    writer = torch.multiprocessing.get_context('spawn').Process(target=add_to_parameters, args=(ours, 0.25))
+    writer.start()
+    writer.join()
+    assert writer.exitcode == 0 and ours.conv1.weight.is_shared()
+    add_to_parameters(authors, 0.25)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), authors(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('kwargs', [
@@ -828,14 +853,14 @@ def test_a_later_backward_from_the_gates_gets_no_earlier_part(memory_format):
     ours.train()
     x = torch.randn(2, 16, 5, 6).contiguous(memory_format=memory_format)
     gates = []
-    ours.gate.register_forward_hook(lambda module, args, out: gates.append(out))
+    ours.gate.register_forward_hook(lambda module, args, out: gates.append(out))  # a_h, then a_w, flattened
     x1 = x.clone().requires_grad_()
     y = ours(x1)
     g = torch.linspace(-1, 1, y.numel()).view(y.shape).contiguous(memory_format=memory_format)
     torch.autograd.grad(y, ours.conv_h.weight, g, retain_graph=True)
-    grad, = torch.autograd.grad(gates[0].sum(), x1)  # a_h
-    x2 = x.clone().requires_grad_()
     n, c, h, w = x.shape
+    grad, = torch.autograd.grad(gates[0][:n * c * h].sum(), x1)  # a_h
+    x2 = x.clone().requires_grad_()
     strips = torch.cat([x2.mean(3, keepdim=True), x2.mean(2, keepdim=True).transpose(2, 3)], dim=2)
     a_h = torch.sigmoid(authors.conv_h(authors.act(authors.bn1(authors.conv1(strips)))[:, :, :h]))
     expected, = torch.autograd.grad(a_h.sum(), x2)
@@ -1193,6 +1218,17 @@ def test_compiled_inference_inductor():
         torch.testing.assert_close(compiled(x), authors.eval()(x), rtol=1e-5, atol=1e-6)
 
 
+def test_pickling_for_another_process_leaves_the_kernel_key():
+    """torch.multiprocessing's pickler moves the tensors it pickles to shared memory: the block's key, by whose
+    address the compiled graphs' op finds the block, stays where it was (the copy registers its own)."""
+    block = CoordAttention(8).eval()
+    address = block._kernel_key.data_ptr()
+    twin = ForkingPickler.loads(ForkingPickler.dumps(block))
+    assert block._kernel_key.data_ptr() == address and not block._kernel_key.is_shared()
+    assert coordinate_attention._blocks_by_key_address[address] is block
+    assert coordinate_attention._blocks_by_key_address[twin._kernel_key.data_ptr()] is twin
+
+
 def test_kernel_op_bad_input():
     op = torch.ops.timm_coordatt.coord_attention_block_inference_
     block = CoordAttention(8).eval()
@@ -1373,6 +1409,28 @@ def test_hooks_on_the_layers_see_them_called(training, grad):
         with torch.no_grad():
             model(x)
         assert all(b._inference_params is not None for b, _ in blocks)
+
+
+@pytest.mark.parametrize('training, grad', [(False, False), (False, True), (True, True)])
+def test_hooked_layers_are_called_once(training, grad):
+    """Attribution methods that keep a layer's input and output per call (captum's DeepLift and DeepLiftShap
+    hook the sigmoid) need each layer called once a forward: the gate on both directions' logits, a_h's then
+    a_w's, as the authors' block computes them."""
+    ours, authors = _pair(16)
+    ours.train(training)
+    authors.train(training)
+    x = torch.randn(2, 16, 5, 6)
+    outputs = {name: [] for name, _ in ours.named_children()}
+    for name, layer in ours.named_children():
+        layer.register_forward_hook(lambda layer, args, out, name=name: outputs[name].append(out))
+    with torch.set_grad_enabled(grad):
+        ours(x.clone().requires_grad_(grad))
+        h, w = x.shape[2:]
+        strips = torch.cat([x.mean(3, keepdim=True), x.mean(2, keepdim=True).transpose(2, 3)], dim=2)
+        y_h, y_w = authors.act(authors.bn1(authors.conv1(strips))).split([h, w], dim=2)
+        expected = torch.cat([authors.conv_h(y_h).sigmoid().flatten(), authors.conv_w(y_w).sigmoid().flatten()])
+    assert {name: len(outs) for name, outs in outputs.items()} == dict.fromkeys(outputs, 1)
+    torch.testing.assert_close(outputs['gate'][0], expected, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize('global_hook', [False, True])

@@ -697,8 +697,13 @@ class CoordAttention(nn.Module):
         _blocks_by_key_address[self._kernel_key.data_ptr()] = self
 
     def __getstate__(self):
+        # a copy folds its own weights; and this block folds again: pickled for another process
+        # (torch.multiprocessing), its tensors move to shared memory, which `_fold_record` keeps no fold of
+        self._inference_params = None
         state = self.__dict__.copy()
-        state['_inference_params'] = None  # the addresses of this block's folded weights: a copy folds its own
+        # a copy registers a key of its own; pickled, this one's would move to shared memory (the op finds
+        # blocks by their keys' addresses)
+        del state['_kernel_key']
         return state
 
     def __setstate__(self, state):
@@ -790,7 +795,14 @@ class CoordAttention(nn.Module):
         # contiguous: CPU batch norm's backward is wrong where its input and gradient differ in memory format
         y = self.act(self.bn1(self.conv1(y.contiguous())))
         y_h, y_w = torch.split(y, [h, w], dim=2)
-        return self.gate(self.conv_h(y_h)), self.gate(self.conv_w(y_w)).transpose(2, 3)
+        z_h, z_w = self.conv_h(y_h), self.conv_w(y_w)
+        if _is_compiling():
+            # compiled training saves the gates apart from a tensor they would be views of (+1 gates' memory)
+            return self.gate(z_h), self.gate(z_w).transpose(2, 3)
+        # the gate called once, on both: attribution methods that keep a layer's input and output per call
+        # (captum's DeepLift) refuse a layer called twice; flattened, so that each gate is contiguous
+        a_h, a_w = torch.split(self.gate(torch.cat([z_h.flatten(), z_w.flatten()])), [z_h.numel(), z_w.numel()])
+        return a_h.view(z_h.shape), a_w.view(z_w.shape[0], z_w.shape[1], 1, w)
 
     @torch.jit.unused
     def _plain_layers(self) -> bool:
@@ -974,6 +986,10 @@ class CoordAttention(nn.Module):
         except KeyError:
             return None
         if any(map(_is_functorch_wrapped, tensors)):  # made inside a torch.func transform: no memory to point at
+            return None
+        # in shared memory (`model.share_memory()`, tensors received from another process) other processes
+        # write unseen by this one's versions (Hogwild training, a spawned worker's model): folded every call
+        if any(t.is_cpu and t.untyped_storage().is_shared() for t in tensors):
             return None
         data_ptrs = tuple(map(_data_ptr, tensors))
         return _FoldRecord(optimizer_steps, tuple(modules.values()), tuple(o for o, _ in owners),
