@@ -6,6 +6,7 @@ import re
 import stat
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -120,6 +121,20 @@ def test_predict_uses_the_run_label_names(run_dir, capsys):
         names = ['cat', 'dog', 'fox']
         assert [p['label'] for p in result['predictions']] == [names[i] for i in order]
         assert [p['probability'] for p in result['predictions']] == pytest.approx(probs[order].tolist(), abs=1e-6)
+
+
+def test_main_runs_off_the_main_thread(run_dir, capsys):
+    """`main` called from a worker thread (a notebook's, a job runner's) runs the command: Python installs signal
+    handlers from the main thread only, so the host's handling stays."""
+    run, data = run_dir
+    image = os.path.join(data, 'dog', '0.png')
+    results = []
+    worker = threading.Thread(target=lambda: results.append(
+        main(['predict', '--model', f'local-dir:{run}', '--device', 'cpu', '--json', image])))
+    worker.start()
+    worker.join()
+    assert results == [0]
+    assert [r['file'] for r in json.loads(capsys.readouterr().out)] == [image]
 
 
 def test_predict_names_imagenet_classes_for_a_1000_class_head(tmp_path, capsys):

@@ -665,10 +665,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 @contextmanager
 def sigterm_exits() -> Iterator[None]:
     """SIGTERM (`kill`, `timeout`, a job scheduler's stop) unwinds like Ctrl-C: worker processes stop, temporary
-    files go."""
+    files go. Off the main thread (the CLI's `main` called from a worker thread) the host's handling stays: Python
+    runs signal handlers in the main thread only."""
     def stop(signum, frame):
         raise SystemExit(128 + signum)
 
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield
