@@ -6,8 +6,12 @@ absolute tolerances; and in training mode the gradients of `out.sum()` all but c
 before the head (MobileNeXt's median 2e-6). `randomise_` and `projected` give outputs and gradients of
 order one.
 """
+import json
 import math
+from pathlib import Path
 
+import safetensors.torch
+import timm
 import torch
 from torch import nn
 
@@ -44,3 +48,15 @@ def add_to_parameters(model: nn.Module, value: float) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(value)
+
+
+def create_as_transformers_does(folder) -> nn.Module:
+    """The model of a timm Hub folder as transformers' timm wrapper (`TimmWrapperForImageClassification`) builds
+    it: `timm.create_model(architecture, pretrained=False, num_classes=<the config's>, **model_args)`, then
+    the weights."""
+    folder = Path(folder)
+    config = json.loads((folder / 'config.json').read_text(encoding='utf-8'))
+    model = timm.create_model(config['architecture'], pretrained=False, num_classes=config['num_classes'],
+                              **config.get('model_args', {}))
+    model.load_state_dict(safetensors.torch.load_file(folder / 'model.safetensors'))
+    return model

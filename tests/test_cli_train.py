@@ -24,6 +24,7 @@ from timm_coordatt.cli import main
 from timm_coordatt.recompute import recompute_active
 
 from cli_helpers import digest, make_image_folder, one_thread, torchrun  # noqa: F401  (one_thread: an autouse fixture)
+from model_helpers import create_as_transformers_does
 
 MODEL = 'mobilenetv2_050_ca'
 # small, fast, and on the embedded task: a handful of steps per epoch at 32 px
@@ -78,6 +79,7 @@ def test_train_on_image_folder_writes_a_loadable_run(tmp_path):
     model = timm.create_model(f'local-dir:{run}', pretrained=True)
     assert model.num_classes == 3
     assert_same_tensors(model.state_dict(), state['model'])
+    assert_same_tensors(create_as_transformers_does(run).state_dict(), state['model'])  # transformers too
     data_config = resolve_data_config(model=model)
     assert tuple(data_config['input_size']) == (3, 32, 32)
     # the EMA weights load the same way and are the training state's EMA

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from authors_coordatt import AuthorsCheckpointCoordAtt
-from model_helpers import randomise_
+from model_helpers import create_as_transformers_does, randomise_
 
 from timm_coordatt.cli import COMMANDS
 from timm_coordatt.cli import convert as convert_cli
@@ -197,8 +197,11 @@ def test_converted_folder_is_a_timm_hub_folder(converted):
         'mobilenetv2_ca', pretrained=True, pretrained_cfg_overlay=dict(file=str(converted / 'model.safetensors')))
     for (k, a), b in zip(_load(converted).state_dict().items(), via_file.state_dict().values()):
         assert torch.equal(a, b), k
+    # and as transformers' timm wrapper builds it
+    torch.testing.assert_close(create_as_transformers_does(converted).state_dict(), via_file.state_dict())
     card = (converted / 'README.md').read_text()
-    assert 'import timm_coordatt' in card and 'transformers' not in card
+    assert 'import timm_coordatt' in card
+    assert card.index('import timm_coordatt', card.index('transformers')) < card.index("pipeline('image-class")
     # any checkpoint in the authors' layout, not necessarily their released weights
     assert "from a checkpoint of the authors' `mbv2_ca.py`" in card and 'weights released by' not in card
     assert 'license: mit' in card and '@inproceedings{hou2021coordinate' in card

@@ -365,6 +365,8 @@ def test_wrong_shaped_checkpoint_then_fixed(online, expected):
 
 
 def test_publish_round_trip(online, hub):
+    from model_helpers import create_as_transformers_does  # imports timm, as `hub` has
+
     record = online['publish']
     assert record['ok'], record
     assert record['published'] == ['README.md', 'config.json', WEIGHTS]
@@ -372,6 +374,9 @@ def test_publish_round_trip(online, hub):
     assert record['digest'] == _digest(load_file(hub / 'publish' / WEIGHTS))  # bit for bit
     card = (hub / 'publish' / 'README.md').read_text()  # written by publish, since the folder had none
     assert "timm.create_model('hf-hub:me/published', pretrained=True)" in card
+    assert "pipeline('image-classification', model='me/published')" in card
+    # the folder's config, as timm's save_for_hf wrote it, rewritten for transformers' timm wrapper before upload
+    assert create_as_transformers_does(hub / 'publish').num_classes == 5
 
 
 # --- models without weights, and torch.hub entrypoints ----------------------------------------

@@ -28,7 +28,7 @@ from timm.models._helpers import clean_state_dict
 from .hub import hub_id
 from .pretrained import list_package_models, load_error
 from .publish import model_card, repo_id_error
-from .training import use_default_mode
+from .training import num_classes_once, use_default_mode
 
 __all__ = ['ConversionError', 'load_checkpoint', 'authors_to_timm', 'convert']
 
@@ -254,6 +254,7 @@ def convert(
         raise ConversionError(f'cannot create {out_dir}: {e}') from e
     try:
         save_for_hf(model, tmp, safe_serialization=True)
+        num_classes_once(tmp / 'config.json')
         (tmp / 'README.md').write_text(card, encoding='utf-8')
         for path in tmp.iterdir():
             use_default_mode(path)

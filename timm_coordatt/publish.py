@@ -21,7 +21,7 @@ from .complexity import count_complexity
 from .coordinate_attention import CoordAttention
 from .paper import CA_PAPER, PAPERS
 from .pretrained import list_package_models
-from .training import write_text
+from .training import num_classes_once, write_text
 
 __all__ = ['PublishError', 'model_card', 'publish']
 
@@ -70,6 +70,18 @@ img = Image.open('image.jpg').convert('RGB')
 with torch.inference_mode():
     top5_prob, top5_idx = model(transform(img).unsqueeze(0)).softmax(-1).topk(5)
 ```
+
+With transformers (its timm wrapper builds the model with timm, so the same import comes first; without it
+transformers reports the architecture as "not supported in your version of timm", where the import is what
+is missing):
+
+```python
+import timm_coordatt  # registers the Coordinate Attention models with timm
+from transformers import pipeline
+
+classifier = pipeline('image-classification', model='{repo_id}')
+print(classifier('image.jpg'))
+```
 """
 
 
@@ -114,7 +126,7 @@ def model_card(
     if cfg.get('origin_url'):
         details['Original code'] = cfg['origin_url']
     card = dict(
-        # no `transformers` tag (timm's default): transformers cannot build this architecture
+        # no `transformers` tag (timm's default): the Hub's transformers snippet would leave out the import
         tags=['image-classification', 'timm', 'timm-coordatt'] + (['coordinate-attention'] if with_ca else []),
         license=cfg.get('license') or 'mit',
         description=description or (
@@ -151,7 +163,8 @@ def publish(
     """Upload `folder` (config.json, model.safetensors, README.md) to the Hub repository `repo_id`.
 
     The repository is created if needed. A folder without README.md gets a model card written into
-    it first (edit it and publish again to change it). Only the files above are uploaded. The Hub
+    it first (edit it and publish again to change it), and a config.json that repeats `num_classes` in
+    `model_args` is rewritten with it once (`num_classes_once`). Only the files above are uploaded. The Hub
     server is huggingface_hub's (`HF_ENDPOINT`), the token `token` or the saved/`HF_TOKEN` one.
     """
     folder = Path(folder)
@@ -185,6 +198,7 @@ def publish(
         raise PublishError(
             f"{folder} holds a '{arch}', not a model of timm_coordatt; publish it with timm's push_to_hf_hub.")
 
+    num_classes_once(folder / 'config.json')  # as timm >= 1.0.31's save_for_hf repeats it, for transformers
     api = HfApi(token=token, library_name='timm_coordatt')
     try:
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id

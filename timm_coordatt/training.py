@@ -167,6 +167,17 @@ def save_weights(model: nn.Module, path: str) -> None:
     atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={'format': 'pt'}))
 
 
+def num_classes_once(config_path: Union[str, Path]) -> None:
+    """Leaves `num_classes` in a timm Hub `config.json` at its top level only, where timm >= 1.0.31 repeats it
+    in `model_args`: transformers' timm wrapper passes the top-level one to `timm.create_model` with
+    `model_args` and fails on the repeat ("got multiple values for keyword argument 'num_classes'"); timm
+    reads the top-level one."""
+    config = json.loads(Path(config_path).read_text(encoding='utf-8'))
+    if config.get('model_args', {}).get('num_classes') == config['num_classes']:
+        del config['model_args']['num_classes']
+        write_text(str(config_path), json.dumps(config, indent=2))
+
+
 _DATA_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
 
 
@@ -182,11 +193,14 @@ def export_model(model: nn.Module, directory: str, class_names: Sequence[str], d
         num_classes=model.num_classes, test_input_size=None, test_crop_pct=None)
     if resized:
         pretrained_cfg['pool_size'] = None
+
+    def write_config(tmp: str) -> None:
+        save_config_for_hf(
+            model, Path(tmp), model_config={'label_names': list(class_names), 'pretrained_cfg': pretrained_cfg})
+        num_classes_once(tmp)
+
     os.makedirs(directory, exist_ok=True)
-    atomic_write(
-        os.path.join(directory, CONFIG_FILE),
-        lambda tmp: save_config_for_hf(
-            model, Path(tmp), model_config={'label_names': list(class_names), 'pretrained_cfg': pretrained_cfg}))
+    atomic_write(os.path.join(directory, CONFIG_FILE), write_config)
     save_weights(model, os.path.join(directory, WEIGHTS_FILE))
 
 
