@@ -36,7 +36,7 @@ def test_card_metadata(card):
     assert meta['license'] == 'mit'
     assert meta['library_name'] == 'timm'
     assert 'timm' in meta['tags'] and 'image-classification' in meta['tags']
-    assert 'transformers' not in meta['tags']  # transformers cannot build this architecture
+    assert 'transformers' not in meta['tags']  # the Hub's transformers snippet would leave out the import
     assert meta['datasets'] == ['imagenet-1k']
 
 
