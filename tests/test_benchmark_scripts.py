@@ -1,6 +1,7 @@
 """ The scripts in benchmarks/: what the A/B scripts share (benchmarks/in_turn.py), the order in which calls are
 timed, and the options each script takes. """
 import importlib
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -128,6 +129,13 @@ def test_help_shows_the_description(monkeypatch, capsys, script):
         _main(monkeypatch, script, '--help')
     description = importlib.import_module(script).__doc__.splitlines()[0].strip()
     assert description in capsys.readouterr().out.replace('\n', ' ')
+
+
+@pytest.mark.skipif(importlib.util.find_spec('executorch') is not None, reason='ExecuTorch is installed')
+def test_executorch_benchmark_says_what_to_install():
+    run = subprocess.run([sys.executable, str(BENCHMARKS / 'executorch_xnnpack.py')], capture_output=True, text=True)
+    assert run.returncode == 1 and run.stdout == ''
+    assert 'expected ExecuTorch' in run.stderr and 'pip install --no-deps executorch==' in run.stderr
 
 
 class _Stop(Exception):
