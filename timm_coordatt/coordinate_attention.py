@@ -735,9 +735,9 @@ class CoordAttention(nn.Module):
         """The gates with each strip through the layers on its own, for exported and traced graphs where the norm
         works per channel (eval mode): no concatenation, transposes or split of the strips, whose sizes converters
         freeze (ncnn: a net converted at one size was wrong at others) or cannot take at run time (CoreML with
-        flexible H and W), and no gate called twice on one tensor. Exported at a fixed size, the pooling is
-        `avg_pool2d`, which ExecuTorch's XNNPACK delegate runs (a mean over one axis left each block on portable
-        kernels between XNNPACK parts: a MobileNetV2 at 2.6x its baseline's latency, 1.2x so)."""
+        flexible H and W). Exported at a fixed size, the pooling is `avg_pool2d`, which ExecuTorch's XNNPACK
+        delegate runs (a mean over one axis left each block on portable kernels between XNNPACK parts: MobileNetV2
+        + CA at 2.2x its baseline's latency, 1.2x so; benchmarks/executorch_xnnpack.py)."""
         h, w = x.shape[-2:]
         if torch.compiler.is_exporting() and isinstance(h, int) and isinstance(w, int):
             s_h, s_w = F.avg_pool2d(x, (1, w)), F.avg_pool2d(x, (h, 1))
