@@ -34,6 +34,14 @@ def make_image_folder(root, classes=('cat', 'dog', 'fox'), per_class=3, size=40,
     return str(root)
 
 
+def save_turned(upright, path):
+    """Save the PIL image `upright` as a camera stores a portrait photo: turned on its side, with the EXIF
+    orientation (6) that tells viewers to turn it back."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the stored pixels are to be turned 90 degrees clockwise
+    upright.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif.tobytes())
+
+
 def digest(path):
     """Content hashes of every file under `path`."""
     out = {}

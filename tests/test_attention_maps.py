@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.data import resolve_data_config
 
+from cli_helpers import save_turned
 from model_helpers import randomise_
 
 import timm_coordatt  # noqa: F401  (registers the models)
@@ -321,6 +322,25 @@ def test_16_bit_images_are_scaled_to_8_bits(tmp_path):
     Image.fromarray(ramp.astype(np.int32) * 16).save(tmp_path / 'wide32.tif')
     with pytest.raises(ValueError, match=r'got 32-bit integer pixels \(PIL mode I\) from 0 to 1048560, beyond'):
         load_image(tmp_path / 'wide32.tif', model)
+
+
+def test_photos_are_read_upright_as_their_exif_orientation_says(tmp_path):
+    """A portrait photo stored on its side with its EXIF orientation is pictured upright, as viewers show it."""
+    model = timm.create_model(CA_MODEL)
+    portrait = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8))
+    portrait.save(tmp_path / 'upright.png')
+    save_turned(portrait, tmp_path / 'turned.png')
+    with Image.open(tmp_path / 'turned.png') as img:
+        assert img.size == (300, 200)
+    x_turned, _ = load_image(tmp_path / 'turned.png', model)
+    x_upright, _ = load_image(tmp_path / 'upright.png', model)
+    assert torch.equal(x_turned, x_upright)
+    # and 16-bit photos too (scaled to 8 bits after turning)
+    gray = np.asarray(portrait.convert('L')).astype(np.uint16) * 257
+    Image.fromarray(gray).save(tmp_path / 'upright16.png')
+    save_turned(Image.fromarray(gray), tmp_path / 'turned16.png')
+    turned16, upright16 = (load_image(tmp_path / f'{name}16.png', model)[0] for name in ('turned', 'upright'))
+    assert torch.equal(turned16, upright16)
 
 
 def test_record_gates_refuses_training_mode(ca_model):

@@ -20,7 +20,8 @@ from timm.data import ImageNetInfo, create_dataset, create_transform, resolve_da
 from timm_coordatt.cli import main
 from timm_coordatt.datasets import GridShapes
 
-from cli_helpers import cli, digest, make_image_folder, one_thread, torchrun  # noqa: F401  (one_thread: autouse)
+from cli_helpers import (  # noqa: F401  (one_thread: autouse)
+    cli, digest, make_image_folder, one_thread, save_turned, torchrun)
 
 MODEL = 'mobilenetv2_050_ca'
 
@@ -296,6 +297,51 @@ def test_16_bit_images(tmp_path, capsys):
     assert main(['predict', '--model', MODEL, '--img-size', '32', '--json', deep, shallow]) == 0
     deep_result, shallow_result = json.loads(capsys.readouterr().out)
     assert deep_result['predictions'] == shallow_result['predictions']
+
+
+def test_photos_are_read_upright_as_their_exif_orientation_says(tmp_path, capsys):
+    """A camera stores a portrait photo on its side with an EXIF tag saying how to turn it: train, validate and
+    predict see each photo as viewers show it, the same as its upright copy without the tag (timm's loader
+    alone reads it on its side)."""
+    data = make_image_folder(tmp_path / 'data')
+    folders = {'upright': str(tmp_path / 'upright'), 'turned': str(tmp_path / 'turned')}
+    for cls in ('cat', 'dog', 'fox'):
+        for folder in folders.values():
+            os.makedirs(os.path.join(folder, cls))
+        for i in range(3):
+            with Image.open(os.path.join(data, cls, f'{i}.png')) as img:
+                portrait = img.crop((0, 0, 28, 40))  # taller than wide: turned, the centre crop would differ
+            portrait.save(os.path.join(folders['upright'], cls, f'{i}.png'))
+            save_turned(portrait, os.path.join(folders['turned'], cls, f'{i}.png'))
+    with Image.open(os.path.join(folders['turned'], 'cat', '0.png')) as img:
+        assert img.size == (40, 28)  # stored on its side
+
+    def read(path):
+        with open(path) as f:
+            return [json.loads(line) for line in f]
+
+    metrics, validated, predicted = {}, {}, {}
+    for name, folder in folders.items():
+        run = str(tmp_path / f'run_{name}')
+        assert main(['train', '--data-dir', folder, '--val-fraction', '0.34', '--model', MODEL, '--epochs', '1',
+                     '--batch-size', '3', '--img-size', '32', '--workers', '0', '--output', run]) == 0
+        metrics[name] = read(os.path.join(run, 'metrics.jsonl'))
+        results_file = str(tmp_path / f'{name}.json')
+        assert main(['validate', '--model', f'local-dir:{tmp_path / "run_upright"}', '--data-dir', folder,
+                     '--workers', '0', '--results-file', results_file]) == 0
+        with open(results_file) as f:
+            validated[name] = json.load(f)
+        capsys.readouterr()
+        assert main(['predict', '--model', f'local-dir:{tmp_path / "run_upright"}', '--device', 'cpu', '--topk', '3',
+                     '--json', os.path.join(folder, 'dog'), os.path.join(folder, 'fox', '1.png')]) == 0
+        predicted[name] = [r['predictions'] for r in json.loads(capsys.readouterr().out)]
+    assert metrics['turned'] == metrics['upright']
+    assert validated['turned']['loss'] == pytest.approx(validated['upright']['loss'], rel=1e-6)
+    assert validated['turned']['top1'] == validated['upright']['top1']
+    assert len(predicted['upright']) == 4
+    for turned, upright in zip(predicted['turned'], predicted['upright']):
+        assert [p['index'] for p in turned] == [p['index'] for p in upright]
+        assert [p['probability'] for p in turned] == pytest.approx([p['probability'] for p in upright], abs=1e-6)
 
 
 def test_images_below_class_folders(tmp_path, capsys):

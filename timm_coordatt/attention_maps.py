@@ -30,7 +30,7 @@ from timm.models._manipulate import group_with_matcher
 
 from ._modes import eval_mode, no_grad_checkpointing
 from .coordinate_attention import CoordAttention
-from .training import atomic_write, label_names, to_rgb
+from .training import atomic_write, label_names, to_rgb, upright
 
 __all__ = [
     'GateMaps', 'GradCam', 'ca_blocks', 'default_blocks', 'record_gates', 'attention_maps', 'grad_cam',
@@ -236,7 +236,8 @@ def grad_cam(
 
 
 def load_image(path: Union[str, os.PathLike], model: nn.Module) -> Tuple[torch.Tensor, Dict]:
-    """Read an image and preprocess it as the model expects (its own data config, eval transform).
+    """Read an image, upright as its EXIF orientation says, and preprocess it as the model expects (its own
+    data config, eval transform).
 
     Returns the (1, 3, H, W) input tensor and the data config used.
     """
@@ -247,7 +248,7 @@ def load_image(path: Union[str, os.PathLike], model: nn.Module) -> Tuple[torch.T
     config = resolve_data_config(model=model)
     try:
         with Image.open(path) as img:
-            img = to_rgb(img)
+            img = to_rgb(upright(img))
     except UnidentifiedImageError as e:
         raise ValueError(f'{path} is not an image file PIL can read') from e
     except Image.DecompressionBombError as e:

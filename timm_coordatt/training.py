@@ -39,10 +39,11 @@ import torch
 import torch.distributed as dist
 from huggingface_hub import constants as hf_constants, try_to_load_from_cache
 from huggingface_hub.errors import LocalEntryNotFoundError
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision.transforms import Compose
 from tqdm import tqdm
 
 import timm
@@ -65,7 +66,8 @@ from .recompute import recompute_ca_outputs, set_recompute_ca_outputs
 
 __all__ = [
     'UsageError', 'atomic_write', 'written_in_place', 'write_text', 'use_default_mode', 'save_weights', 'export_model',
-    'check_image_folder', 'create_model', 'warn_of_random_weights', 'label_names', 'to_rgb', 'evaluate', 'fit',
+    'check_image_folder', 'create_model', 'warn_of_random_weights', 'label_names', 'to_rgb', 'upright', 'evaluate',
+    'fit',
     'STATE_FILE', 'METRICS_FILE', 'WEIGHTS_FILE', 'CONFIG_FILE',
 ]
 
@@ -311,6 +313,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
         raise ValueError('expected an 8- or 16-bit image, got floating-point pixels (PIL mode F), which have no '
                          'fixed range to scale to 8 bits')
     return img.convert('RGB')
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """`img`, turned in place as its EXIF orientation says. Cameras store a photo as the sensor read it and
+    tag how to turn it for viewing: viewers apply the tag, timm's loader does not (a portrait phone photo
+    would reach the model on its side)."""
+    ImageOps.exif_transpose(img, in_place=True)
+    return img
+
+
+def _upright_first(transform: Callable) -> Compose:
+    """`transform` (timm's, for the RGB images timm's loader reads from files) after `upright`."""
+    return Compose([upright, transform])
 
 
 def _check_image(path: str) -> None:
@@ -931,8 +946,8 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
     # -- data
     # the embedded task's labels are positions: flips and crops would change them
     no_aug = args.no_aug or args.data_dir is None
-    _set_transform(splits.train, create_transform(**data_config, is_training=True, no_aug=no_aug))
-    _set_transform(splits.val, create_transform(**data_config, is_training=False))
+    _set_transform(splits.train, _upright_first(create_transform(**data_config, is_training=True, no_aug=no_aug)))
+    _set_transform(splits.val, _upright_first(create_transform(**data_config, is_training=False)))
     sampler = DistributedSampler(
         splits.train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed, drop_last=True)
     loader_kwargs = dict(num_workers=args.workers, pin_memory=device.type == 'cuda')
@@ -1309,7 +1324,7 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     else:
         dataset = create_dataset('', root=root, split='', search_split=False,
                                  class_map=_class_map(model, classes, root))
-    dataset.transform = create_transform(**data_config, is_training=False)
+    dataset.transform = _upright_first(create_transform(**data_config, is_training=False))
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                         pin_memory=device.type == 'cuda')
     autocast, _ = _autocast(device, args.amp, args.amp_dtype)
@@ -1360,7 +1375,7 @@ def predict(args: argparse.Namespace) -> List[Dict[str, Any]]:
             for path in files[start:start + args.batch_size]:
                 try:
                     with Image.open(path) as img:
-                        images.append(transform(to_rgb(img)))
+                        images.append(transform(to_rgb(upright(img))))
                     batch_files.append(path)
                 except Exception as e:
                     bad.append(f'{path} ({type(e).__name__}: {e})')
