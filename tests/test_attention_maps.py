@@ -412,6 +412,7 @@ def test_cli_compare_grad_cams(image_file, tmp_path, capsys):
 
 @pytest.mark.parametrize('case, message', [
     ('missing', 'image not found'),
+    ('missing_image_and_checkpoint', 'image not found'),  # the image first: before weights are read or downloaded
     ('not_image', 'is not an image file'),
     ('no_ca', 'has no CoordAttention blocks'),
     ('unknown_model', "unknown model 'mobilenetv2_ca_typo'"),
@@ -425,6 +426,9 @@ def test_cli_compare_grad_cams(image_file, tmp_path, capsys):
 ])
 def test_cli_errors(case, message, image_file, tmp_path, capsys):
     image, model, extra = image_file, CA_MODEL, []
+    if case.startswith('missing_image'):
+        image = str(tmp_path / 'nope.jpg')
+        extra = ['--checkpoint', str(tmp_path / 'nope.safetensors')]
     if case == 'missing':
         image = str(tmp_path / 'nope.jpg')
     elif case == 'not_image':

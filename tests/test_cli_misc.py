@@ -17,11 +17,13 @@ from PIL import Image
 import timm
 import timm_coordatt  # noqa: F401  registers the models
 from timm.data import ImageNetInfo, create_dataset, create_transform, resolve_data_config
+from timm.data.readers.reader_image_folder import ReaderImageFolder
 from timm_coordatt.cli import main
 from timm_coordatt.datasets import GridShapes
 
 from cli_helpers import (  # noqa: F401  (one_thread: autouse)
     cli, digest, make_image_folder, one_thread, save_turned, torchrun)
+from model_helpers import randomise_
 
 MODEL = 'mobilenetv2_050_ca'
 
@@ -357,6 +359,106 @@ def test_images_below_class_folders(tmp_path, capsys):
     assert 'below its class folders (cat/indoor, dog/fox)' in err
     assert 'below its class folders' in _error(capsys, ['validate', '--model', MODEL, '--data-dir', data])
     assert not (tmp_path / 'run').exists()
+
+
+def test_classes_in_timms_order(tmp_path, capsys):
+    """An ImageFolder's outputs are in timm's class order (`2` before `10`, case ignored), so a checkpoint of
+    timm's own train.py validates right, and a `train` run's label names are timm's order."""
+    names = ('10', '2', '1', 'banana', 'Apple')
+    data = make_image_folder(tmp_path / 'data', classes=names, per_class=2)
+    timms_order = list(ReaderImageFolder(data).class_to_idx)  # what timm's train.py / validate.py use
+    assert timms_order == ['1', '2', '10', 'Apple', 'banana']
+    run = str(tmp_path / 'run')
+    assert main(['train', '--data-dir', data, '--val-fraction', '0.5', '--model', MODEL, '--epochs', '1',
+                 '--batch-size', '5', '--img-size', '32', '--workers', '0', '--output', run]) == 0
+    with open(os.path.join(run, 'config.json')) as f:
+        assert json.load(f)['label_names'] == timms_order
+
+    # a checkpoint without label names (timm's train.py writes none): outputs in timm's order
+    model = randomise_(timm.create_model(MODEL, num_classes=len(names)))
+    checkpoint = str(tmp_path / 'timm_train_py.pth')
+    torch.save({'state_dict': model.state_dict()}, checkpoint)
+    results_file = str(tmp_path / 'results.json')
+    assert main(['validate', '--model', MODEL, '--checkpoint', checkpoint, '--data-dir', data, '--img-size', '32',
+                 '--workers', '0', '--results-file', results_file]) == 0
+    with open(results_file) as f:
+        loss = json.load(f)['loss']
+    dataset = create_dataset('', root=data, transform=create_transform(input_size=(3, 32, 32)))  # timm's
+    x, y = torch.stack([image for image, _ in dataset]), torch.tensor([label for _, label in dataset])
+    with torch.no_grad():
+        assert loss == pytest.approx(torch.nn.functional.cross_entropy(model.eval()(x), y).item(), rel=1e-5)
+
+
+def test_a_resumed_run_keeps_its_class_order(tmp_path, capsys):
+    """A run recorded its classes in another order (a run of a version that sorted them as strings): resumed,
+    its outputs keep their meaning."""
+    data = make_image_folder(tmp_path / 'data', classes=('2', '10'), per_class=3)
+    run = str(tmp_path / 'run')
+    common = ['--val-fraction', '0.34', '--model', MODEL, '--batch-size', '2', '--img-size', '32', '--workers', '0']
+    assert main(['train', '--data-dir', data, '--epochs', '1', '--output', run, *common]) == 0
+    state_file = os.path.join(run, 'training_state.pt')
+    state = torch.load(state_file, weights_only=True)
+    assert state['class_names'] == ['2', '10']
+    state['class_names'] = ['10', '2']
+    torch.save(state, state_file)
+    assert main(['train', '--resume', run, '--epochs', '2']) == 0
+    with open(os.path.join(run, 'config.json')) as f:
+        assert json.load(f)['label_names'] == ['10', '2']
+
+
+def test_what_is_not_data_in_a_users_folder(tmp_path, capsys):
+    """Hidden files and folders and macOS's `__MACOSX` are no data (timm's reader alone would label
+    `.backup/dog/*` as dogs and fail on macOS's `._*` resource files); bmp, gif, tif and webp images are, as
+    for `predict`."""
+    clean = make_image_folder(tmp_path / 'clean')
+    data = make_image_folder(tmp_path / 'data')  # the same pictures, one of each class in another format
+    for cls, ext in (('cat', 'webp'), ('dog', 'bmp'), ('fox', 'tif')):
+        os.remove(os.path.join(data, cls, '0.png'))
+        with Image.open(os.path.join(clean, cls, '0.png')) as img:
+            img.save(os.path.join(data, cls, f'0.{ext}'), **({'lossless': True} if ext == 'webp' else {}))
+    make_image_folder(os.path.join(data, '.backup'), classes=('dog',), seed=1)  # would be dogs to timm
+    for folder in (os.path.join(data, '__MACOSX', 'cat'), os.path.join(data, 'cat')):
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, '._1.png'), 'wb') as f:
+            f.write(b'\x00\x05\x16\x07' + bytes(60))  # an AppleDouble file: no image
+    results = {}
+    for name, folder in (('clean', str(clean)), ('data', data)):
+        results_file = str(tmp_path / f'{name}.json')
+        if name == 'clean':
+            assert main(['train', '--data-dir', folder, '--val-fraction', '0.34', '--model', MODEL, '--epochs',
+                         '1', '--batch-size', '3', '--img-size', '32', '--workers', '0',
+                         '--output', str(tmp_path / 'run')]) == 0
+        assert main(['validate', '--model', f'local-dir:{tmp_path / "run"}', '--data-dir', folder, '--workers', '0',
+                     '--results-file', results_file]) == 0
+        with open(results_file) as f:
+            results[name] = json.load(f)
+    assert results['data']['images'] == results['clean']['images'] == 9
+    assert results['data']['loss'] == pytest.approx(results['clean']['loss'], rel=1e-6)
+    capsys.readouterr()
+    assert main(['train', '--data-dir', data, '--val-fraction', '0.34', '--model', MODEL, '--epochs', '1',
+                 '--batch-size', '3', '--img-size', '32', '--workers', '0', '--output', str(tmp_path / 'run2')]) == 0
+    assert '(6 train / 3 held-out images)' in capsys.readouterr().err
+    assert main(['predict', '--model', MODEL, '--img-size', '32', '--json', os.path.join(data, 'cat')]) == 0
+    files = [os.path.basename(r['file']) for r in json.loads(capsys.readouterr().out)]
+    assert files == ['0.webp', '1.png', '2.png']
+
+
+@pytest.mark.parametrize('layout', ['one level too high', 'split folders in capitals'])
+def test_folder_layouts_users_have(layout, tmp_path, capsys):
+    root = tmp_path / 'download'
+    if layout == 'one level too high':
+        make_image_folder(root / 'flowers', classes=('daisy', 'rose'), per_class=2)
+        for command in (['train', '--output', str(tmp_path / 'run')], ['validate', '--model', MODEL]):
+            err = _error(capsys, [*command, '--data-dir', str(root)])
+            assert (f'the folders of {root} hold folders of images, no images (flowers/daisy, flowers/rose): '
+                    f'expected {root}/<class name>/<image>. Is the dataset a level down (--data-dir '
+                    f'{root / "flowers"})?') in err
+    else:
+        make_image_folder(root / 'Train', classes=('daisy', 'rose'), per_class=3)
+        make_image_folder(root / 'VAL', classes=('daisy', 'rose'), per_class=1)
+        assert main(['train', '--data-dir', str(root), '--model', MODEL, '--epochs', '1', '--batch-size', '2',
+                     '--img-size', '32', '--workers', '0', '--output', str(tmp_path / 'run')]) == 0
+        assert f'{root / "Train"} / {root / "VAL"}' in capsys.readouterr().err
 
 
 def test_validate_needs_folders_it_can_match(run_dir, tmp_path, capsys):

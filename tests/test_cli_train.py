@@ -391,9 +391,9 @@ def test_two_runs_started_into_one_new_directory(tmp_path, monkeypatch, capsys):
     run = tmp_path / 'run'
     find_data = training.find_data
 
-    def another_run_starts_meanwhile(args):
+    def another_run_starts_meanwhile(*args):
         os.makedirs(run / 'best')
-        return find_data(args)
+        return find_data(*args)
 
     monkeypatch.setattr(training, 'find_data', another_run_starts_meanwhile)
     assert main(['train', '--model', MODEL, '--epochs', '1', '--grid-samples', '16', '--batch-size', '8', '--output',

@@ -34,7 +34,8 @@ from .training import atomic_write, label_names, to_rgb, upright
 
 __all__ = [
     'GateMaps', 'GradCam', 'ca_blocks', 'default_blocks', 'record_gates', 'attention_maps', 'grad_cam',
-    'figure_format', 'load_image', 'plot_attention_maps', 'plot_grad_cam_comparison', 'save_figure',
+    'figure_format', 'load_image', 'model_input', 'read_image', 'plot_attention_maps', 'plot_grad_cam_comparison',
+    'save_figure',
 ]
 
 ALL_BLOCKS = 'all'
@@ -235,27 +236,35 @@ def grad_cam(
     return GradCam(layer, cam, targets, prob, tuple(names[i] if names else f'class {i}' for i in targets.tolist()))
 
 
-def load_image(path: Union[str, os.PathLike], model: nn.Module) -> Tuple[torch.Tensor, Dict]:
-    """Read an image, upright as its EXIF orientation says, and preprocess it as the model expects (its own
-    data config, eval transform).
-
-    Returns the (1, 3, H, W) input tensor and the data config used.
-    """
+def read_image(path: Union[str, os.PathLike]) -> Image.Image:
+    """The image file `path` as 8-bit RGB, upright as its EXIF orientation says; FileNotFoundError,
+    IsADirectoryError or ValueError naming what cannot be read."""
     if os.path.isdir(path):
         raise IsADirectoryError(f'expected an image file, got the folder {path}')
     if not os.path.isfile(path):
         raise FileNotFoundError(f'image not found: {path}')
-    config = resolve_data_config(model=model)
     try:
         with Image.open(path) as img:
-            img = to_rgb(upright(img))
+            return to_rgb(upright(img))
     except UnidentifiedImageError as e:
         raise ValueError(f'{path} is not an image file PIL can read') from e
     except Image.DecompressionBombError as e:
         raise ValueError(f'{path}: {e}') from e
     except OSError as e:  # a damaged file (truncated, bad data)
         raise ValueError(f'{path} could not be read: {e}') from e
+
+
+def model_input(img: Image.Image, model: nn.Module) -> Tuple[torch.Tensor, Dict]:
+    """The RGB image `img` preprocessed as `model` expects (its own data config, eval transform): the
+    (1, 3, H, W) input tensor and the data config used."""
+    config = resolve_data_config(model=model)
     return create_transform(**config)(img).unsqueeze(0), config
+
+
+def load_image(path: Union[str, os.PathLike], model: nn.Module) -> Tuple[torch.Tensor, Dict]:
+    """`read_image(path)` preprocessed as `model` expects: the (1, 3, H, W) input tensor and the data config
+    used."""
+    return model_input(read_image(path), model)
 
 
 def _display_image(x: torch.Tensor, config: Mapping) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """ The fine-tuning loop behind `timm-coordatt train` and the helpers `validate` / `predict` share.
 
 Everything is assembled from timm's own parts: `create_model` / `load_pretrained` for weights,
-`create_dataset` / `create_transform` / `resolve_data_config` for data, `create_optimizer_v2`,
+`ImageDataset` / `ReaderImageFolder` / `create_transform` / `resolve_data_config` for data, `create_optimizer_v2`,
 `create_scheduler_v2`, `LabelSmoothingCrossEntropy`, `ModelEmaV3`, `accuracy` / `AverageMeter`,
 `freeze`, `group_modules`, `distribute_bn` and timm's distributed setup.
 
@@ -31,7 +31,7 @@ import threading
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import safetensors.torch
@@ -48,8 +48,8 @@ from tqdm import tqdm
 
 import timm
 from timm.data import (
-    ImageDataset, ImageNetInfo, create_dataset, create_transform, get_img_extensions, infer_imagenet_subset,
-    resolve_data_config)
+    ImageDataset, ImageNetInfo, create_transform, get_img_extensions, infer_imagenet_subset, resolve_data_config)
+from timm.data.readers.reader_image_folder import ReaderImageFolder
 from timm.layers import convert_sync_batchnorm
 from timm.loss import LabelSmoothingCrossEntropy
 from timm.models import group_modules, load_pretrained, parse_model_name
@@ -57,7 +57,8 @@ from timm.models._hub import hf_split, save_config_for_hf
 from timm.models._pretrained import filter_pretrained_cfg
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import AverageMeter, ModelEmaV3, accuracy, dispatch_clip_grad, distribute_bn, freeze, random_seed
+from timm.utils import (
+    AverageMeter, ModelEmaV3, accuracy, dispatch_clip_grad, distribute_bn, freeze, natural_key, random_seed)
 from timm.utils.distributed import init_distributed_device_so
 
 from .datasets import DEFAULT_IMG_SIZE as GRID_IMG_SIZE, GridShapes
@@ -80,8 +81,10 @@ BEST_DIR = 'best'
 STATE_VERSION = 2  # 2: progress records the steps an epoch; --amp's precision is recorded
 _STATE_KEYS = ('args', 'model', 'model_ema', 'optimizer', 'scheduler', 'scaler', 'progress', 'rng', 'class_names')
 
-_TRAIN_DIRS = ('train', 'training')
-_VAL_DIRS = ('validation', 'val', 'valid', 'eval')
+_TRAIN_DIRS = ('train', 'training')  # timm's split names, in any case
+_VAL_DIRS = ('validation', 'val', 'valid', 'eval', 'evaluation')
+# beyond timm's folder extensions (png, jpg, jpeg): formats a phone or camera export often holds, which PIL reads
+_MORE_IMAGE_EXTENSIONS = {'.bmp', '.gif', '.tif', '.tiff', '.webp'}
 # options that may differ from the interrupted run's when resuming (recompute_ca only trades
 # memory for time: its gradients are bit-identical; data_dir, the data moved: its class folders are checked)
 RESUME_OVERRIDES = ('epochs', 'workers', 'device', 'recompute_ca', 'data_dir', 'resume', 'output')
@@ -230,41 +233,56 @@ def _load_training_state(path: str) -> Dict[str, Any]:
 # data
 
 def _split_dir(root: str, names: Sequence[str]) -> Optional[str]:
-    for name in names:
-        path = os.path.join(root, name)
-        if os.path.isdir(path):
-            return path
-    return None
+    """The folder of `root` named as the first of `names` that one is, in any case (`Train/`, `VAL/`)."""
+    folders = {}
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.is_dir():
+            folders.setdefault(entry.name.lower(), entry.path)
+    return next((folders[name] for name in names if name in folders), None)
+
+
+def _image_extensions() -> Set[str]:
+    return get_img_extensions(as_set=True) | _MORE_IMAGE_EXTENSIONS
+
+
+def _is_data(name: str) -> bool:
+    """Whether a file or folder named `name` may hold data: hidden ones (`.ipynb_checkpoints`, macOS's
+    `._photo.jpg` resource files) and the `__MACOSX` folder of a zip made on macOS do not."""
+    return not name.startswith('.') and name != '__MACOSX'
 
 
 def check_image_folder(root: str) -> List[str]:
     """Class names of the ImageFolder tree `root/<class>/<image>`; UsageError naming what is wrong.
 
-    Each image's header is read and checked (PIL `verify`; a JPEG without its end marker is decoded), so
-    a corrupt, truncated or non-image file is reported before training starts instead of failing (or
-    being skipped) in the middle of an epoch. Images in folders below a class folder are refused: timm
-    labels an image by the folder it is in.
+    Classes are in timm's order (`natural_key`: `2` before `10`, case ignored), the order timm's own
+    scripts give an ImageFolder's outputs. Each image's header is read and checked (PIL `verify`; a JPEG
+    without its end marker is decoded), so a corrupt, truncated or non-image file is reported before
+    training starts instead of failing (or being skipped) in the middle of an epoch. Images in folders
+    below a class folder are refused: timm labels an image by the folder it is in. Hidden files and
+    folders and `__MACOSX` are no data (`_is_data`).
     """
     if not os.path.exists(root):
         raise UsageError(f'data directory {root} does not exist')
     if not os.path.isdir(root):
         raise UsageError(f'data directory {root} is not a directory')
-    extensions = get_img_extensions(as_set=True)
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
+    extensions = _image_extensions()
+    classes = sorted((e.name for e in os.scandir(root) if e.is_dir() and _is_data(e.name)), key=natural_key)
     if not classes:
         raise UsageError(
             f'data directory {root} has no class folders: expected {root}/<class name>/<image> '
             f'with images ending in {", ".join(sorted(extensions))}')
-    empty, nested, bad, count = [], [], [], 0
+    empty, nested, bad, count, direct = [], [], [], 0, 0
     for name in classes:
         class_dir = os.path.join(root, name)
         files = []
         for d, dirs, fs in os.walk(class_dir, followlinks=True):
-            # hidden folders (.ipynb_checkpoints) are no data: timm's reader drops their files (no class of that name)
-            dirs[:] = [sub for sub in dirs if not sub.startswith('.')]
-            images = [os.path.join(d, f) for f in sorted(fs) if os.path.splitext(f)[1].lower() in extensions]
+            dirs[:] = [sub for sub in dirs if _is_data(sub)]
+            images = [os.path.join(d, f) for f in sorted(fs)
+                      if _is_data(f) and os.path.splitext(f)[1].lower() in extensions]
             if images and d != class_dir:
                 nested.append(os.path.relpath(d, root))
+            elif d == class_dir:
+                direct += len(images)
             files += images
         if not files:
             empty.append(name)
@@ -278,6 +296,12 @@ def check_image_folder(root: str) -> List[str]:
         raise UsageError(
             f'class folder(s) with no images in {root}: {", ".join(empty)} '
             f'(expected files ending in {", ".join(sorted(extensions))})')
+    if nested and not direct:
+        raise UsageError(
+            f'the folders of {root} hold folders of images, no images ({", ".join(nested[:5])}'
+            f'{", ..." if len(nested) > 5 else ""}): expected {root}/<class name>/<image>. Is the dataset a '
+            f'level down (--data-dir {os.path.join(root, classes[0])})? A split is read from folders named '
+            f'{" or ".join(_TRAIN_DIRS)} and {", ".join(_VAL_DIRS)}, in any case')
     if nested:
         raise UsageError(
             f'{root} has images in folders below its class folders ({", ".join(nested[:5])}'
@@ -346,9 +370,17 @@ def _check_image(path: str) -> None:
         img.verify()
 
 
-def _image_folder(root: str, class_names: Sequence[str]) -> Dataset:
-    return create_dataset('', root=root, split='', search_split=False,
-                          class_map={name: i for i, name in enumerate(class_names)})
+def _image_folder(root: str, class_map: Dict[str, int]) -> ImageDataset:
+    """timm's dataset of the images of `root/<class>/` that `check_image_folder` checked: of every format
+    `predict` reads, none hidden (timm's reader alone would label the images of `root/.backup/dog/` as dogs)."""
+    reader = ReaderImageFolder(root, class_map=class_map, input_key=';'.join(sorted(_image_extensions())))
+    reader.samples = [(path, target) for path, target in reader.samples
+                      if all(_is_data(name) for name in Path(os.path.relpath(path, root)).parts)]
+    return ImageDataset(root, reader=reader)
+
+
+def _indices(class_names: Sequence[str]) -> Dict[str, int]:
+    return {name: i for i, name in enumerate(class_names)}
 
 
 @dataclasses.dataclass
@@ -367,8 +399,9 @@ def _grid_task(split: str, num_samples: int, img_size: int, grid: int) -> GridSh
     return GridShapes(split, num_samples, img_size=img_size, grid=grid)
 
 
-def find_data(args: argparse.Namespace) -> DataSplits:
-    """The train / validation datasets (no transforms yet) and class names that `args` asks for."""
+def find_data(args: argparse.Namespace, class_order: Optional[Sequence[str]] = None) -> DataSplits:
+    """The train / validation datasets (no transforms yet) and class names that `args` asks for; in the order
+    `class_order` (a resumed run's outputs) where the data has those classes."""
     if args.data_dir is None:
         train = _grid_task('train', args.grid_samples, args.img_size, args.grid)
         val = _grid_task('validation', args.grid_val_samples, args.img_size, args.grid)
@@ -378,6 +411,8 @@ def find_data(args: argparse.Namespace) -> DataSplits:
     train_dir = _split_dir(root, _TRAIN_DIRS) if os.path.isdir(root) else None
     val_dir = _split_dir(root, _VAL_DIRS) if train_dir else None
     class_names = check_image_folder(train_dir or root)
+    if class_order is not None and sorted(class_order) == sorted(class_names):
+        class_names = list(class_order)
     if len(class_names) < 2:
         raise UsageError(f'{train_dir or root} has one class folder ({class_names[0]}): a classifier needs two or more')
     if val_dir:
@@ -386,14 +421,14 @@ def find_data(args: argparse.Namespace) -> DataSplits:
         if unknown:
             raise UsageError(f'{val_dir} has classes that {train_dir} lacks: {", ".join(unknown[:10])}')
         return DataSplits(
-            _image_folder(train_dir, class_names), _image_folder(val_dir, class_names), class_names,
+            _image_folder(train_dir, _indices(class_names)), _image_folder(val_dir, _indices(class_names)), class_names,
             f'{train_dir} / {val_dir}')
 
     if not 0. < args.val_fraction < 1.:
         raise UsageError(
             f'{root} has no validation folder ({"/".join(_VAL_DIRS)}), so --val-fraction must be in (0, 1) '
             f'to hold out part of it, got {args.val_fraction}')
-    dataset = _image_folder(train_dir or root, class_names)
+    dataset = _image_folder(train_dir or root, _indices(class_names))
     n = len(dataset)
     n_val = max(1, round(n * args.val_fraction))
     if n_val >= n:
@@ -899,7 +934,7 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
         args.amp_dtype = _default_amp_dtype(ctx.device)
     if args.img_size is None and args.data_dir is None:
         args.img_size = GRID_IMG_SIZE
-    splits = find_data(args)
+    splits = find_data(args, resume.get('class_names') if resume else None)
     num_classes = len(splits.class_names)
     if resume is not None and resume.get('class_names', splits.class_names) != splits.class_names:
         raise UsageError(
@@ -1296,7 +1331,7 @@ def _class_map(model: nn.Module, classes: Sequence[str], root: str) -> Dict[str,
     if len(classes) > model.num_classes:
         raise UsageError(
             f'{root} has {len(classes)} class folders but the model has {model.num_classes} outputs')
-    return {c: i for i, c in enumerate(classes)}
+    return _indices(classes)
 
 
 def validate(args: argparse.Namespace) -> Dict[str, Any]:
@@ -1322,8 +1357,7 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
         dataset = _grid_task('validation', args.grid_val_samples, img_size, args.grid)
         data_config['crop_pct'] = 1.0  # the label is where the target is in the full image
     else:
-        dataset = create_dataset('', root=root, split='', search_split=False,
-                                 class_map=_class_map(model, classes, root))
+        dataset = _image_folder(root, _class_map(model, classes, root))
     dataset.transform = _upright_first(create_transform(**data_config, is_training=False))
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                         pin_memory=device.type == 'cuda')
@@ -1334,16 +1368,13 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 # what predict finds in a folder besides the formats of timm's image folders (.png, .jpg, .jpeg)
-_MORE_IMAGE_EXTENSIONS = {'.bmp', '.gif', '.tif', '.tiff', '.webp'}
-
-
 def _image_files(paths: Sequence[str]) -> List[str]:
-    extensions = get_img_extensions(as_set=True) | _MORE_IMAGE_EXTENSIONS
+    extensions = _image_extensions()
     files, missing = [], []
     for path in paths:
         if os.path.isdir(path):
-            files += sorted(
-                os.path.join(path, f) for f in os.listdir(path) if os.path.splitext(f)[1].lower() in extensions)
+            files += sorted(os.path.join(path, f) for f in os.listdir(path)
+                            if _is_data(f) and os.path.splitext(f)[1].lower() in extensions)
         elif os.path.isfile(path):
             files.append(path)
         else:

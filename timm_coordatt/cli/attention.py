@@ -15,14 +15,15 @@ from . import add_model_kwargs
 def run(args: argparse.Namespace) -> int:
     # imported here: matplotlib, which the other commands do not need (it writes a cache under $HOME)
     from ..attention_maps import (
-        attention_maps, figure_format, grad_cam, load_image, plot_attention_maps, plot_grad_cam_comparison,
-        save_figure)
+        attention_maps, figure_format, grad_cam, model_input, plot_attention_maps, plot_grad_cam_comparison,
+        read_image, save_figure)
     from ..pretrained import PretrainedWeightsError
     # timm names, local-dir: and hf-hub: sources; a checkpoint's head (a fine-tuned model's classes) kept
     from ..training import UsageError, check_model_kwargs, create_model, warn_of_random_weights
     try:
         figure_format(args.out)  # before the models run
         check_model_kwargs(args.model_kwargs, 'attention', classes_from="the weights' number of classes")
+        image = read_image(args.image)  # before any model is made (or its weights downloaded)
         if args.compare:
             views = {}
             for spec, title in zip(args.compare, _titles(args.compare)):
@@ -30,14 +31,14 @@ def run(args: argparse.Namespace) -> int:
                 model = create_model(
                     name, pretrained=args.pretrained, checkpoint=checkpoint or None, **args.model_kwargs)
                 warn_of_random_weights(name, args.pretrained, checkpoint)
-                x, config = load_image(args.image, model)
+                x, config = model_input(image, model)
                 views[title] = (x, config, grad_cam(model, x, target=args.target))
             fig = plot_grad_cam_comparison(views)
         else:
             model = create_model(
                 args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **args.model_kwargs)
             warn_of_random_weights(args.model, args.pretrained, args.checkpoint)
-            x, config = load_image(args.image, model)
+            x, config = model_input(image, model)
             maps = attention_maps(model, x, args.blocks)
             fig = plot_attention_maps(
                 x, config, maps, grad_cam(model, x, target=args.target),
