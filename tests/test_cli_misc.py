@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 import threading
+import unicodedata
 
 import numpy as np
 import pytest
@@ -404,6 +405,33 @@ def test_a_resumed_run_keeps_its_class_order(tmp_path, capsys):
     assert main(['train', '--resume', run, '--epochs', '2']) == 0
     with open(os.path.join(run, 'config.json')) as f:
         assert json.load(f)['label_names'] == ['10', '2']
+
+
+def test_class_names_spelt_decomposed_are_the_same_classes(tmp_path, capsys):
+    """macOS (and zips made there) may spell `café` decomposed (NFD): the same class as the composed `café`
+    to train's validation folder, validate, and a resumed run."""
+    composed = ('café', 'thé')
+    decomposed = tuple(unicodedata.normalize('NFD', name) for name in composed)
+    assert decomposed != composed
+    data = tmp_path / 'data'
+    make_image_folder(data / 'train', classes=composed, per_class=3)
+    make_image_folder(data / 'val', classes=decomposed, per_class=2)
+    run = str(tmp_path / 'run')
+    assert main(['train', '--data-dir', str(data), '--model', MODEL, '--epochs', '1', '--batch-size', '2',
+                 '--img-size', '32', '--workers', '0', '--output', run]) == 0
+    results = {}
+    for name, folder in (('composed', data / 'train'), ('decomposed', tmp_path / 'decomposed')):
+        if name == 'decomposed':
+            make_image_folder(folder, classes=decomposed, per_class=3)  # train's images, spelt otherwise
+        results_file = str(tmp_path / f'{name}.json')
+        assert main(['validate', '--model', f'local-dir:{run}', '--data-dir', str(folder), '--workers', '0',
+                     '--results-file', results_file]) == 0
+        with open(results_file) as f:
+            results[name] = json.load(f)
+    assert results['decomposed'] == results['composed']
+    for name, other in zip(composed, decomposed):
+        os.rename(data / 'train' / name, data / 'train' / other)
+    assert main(['train', '--resume', run, '--epochs', '2']) == 0
 
 
 def test_what_is_not_data_in_a_users_folder(tmp_path, capsys):

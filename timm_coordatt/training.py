@@ -29,6 +29,7 @@ import stat
 import sys
 import threading
 import time
+import unicodedata
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
@@ -383,6 +384,18 @@ def _indices(class_names: Sequence[str]) -> Dict[str, int]:
     return {name: i for i, name in enumerate(class_names)}
 
 
+def _composed(name: str) -> str:
+    """`name` in Unicode's composed form (NFC), in which class names are compared: macOS and zips made there
+    may spell `café` decomposed, which looks the same."""
+    return unicodedata.normalize('NFC', name)
+
+
+def _matching(folders: Iterable[str], names: Sequence[str]) -> Dict[str, int]:
+    """Folder name -> index in `names` of the name it is (`_composed`), for the folders that are one."""
+    index = {_composed(name): i for i, name in enumerate(names)}
+    return {folder: index[_composed(folder)] for folder in folders if _composed(folder) in index}
+
+
 @dataclasses.dataclass
 class DataSplits:
     train: Dataset
@@ -411,17 +424,19 @@ def find_data(args: argparse.Namespace, class_order: Optional[Sequence[str]] = N
     train_dir = _split_dir(root, _TRAIN_DIRS) if os.path.isdir(root) else None
     val_dir = _split_dir(root, _VAL_DIRS) if train_dir else None
     class_names = check_image_folder(train_dir or root)
-    if class_order is not None and sorted(class_order) == sorted(class_names):
-        class_names = list(class_order)
+    recorded = _matching(class_names, class_order or ())
+    if class_order is not None and len(class_order) == len(class_names) == len(recorded):
+        class_names = sorted(class_names, key=recorded.get)
     if len(class_names) < 2:
         raise UsageError(f'{train_dir or root} has one class folder ({class_names[0]}): a classifier needs two or more')
     if val_dir:
         val_classes = check_image_folder(val_dir)
-        unknown = sorted(set(val_classes) - set(class_names))
+        val_indices = _matching(val_classes, class_names)
+        unknown = [name for name in val_classes if name not in val_indices]
         if unknown:
             raise UsageError(f'{val_dir} has classes that {train_dir} lacks: {", ".join(unknown[:10])}')
         return DataSplits(
-            _image_folder(train_dir, _indices(class_names)), _image_folder(val_dir, _indices(class_names)), class_names,
+            _image_folder(train_dir, _indices(class_names)), _image_folder(val_dir, val_indices), class_names,
             f'{train_dir} / {val_dir}')
 
     if not 0. < args.val_fraction < 1.:
@@ -936,7 +951,8 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
         args.img_size = GRID_IMG_SIZE
     splits = find_data(args, resume.get('class_names') if resume else None)
     num_classes = len(splits.class_names)
-    if resume is not None and resume.get('class_names', splits.class_names) != splits.class_names:
+    if resume is not None and ([_composed(name) for name in resume.get('class_names', splits.class_names)]
+                               != [_composed(name) for name in splits.class_names]):
         raise UsageError(
             f'cannot resume {out_dir}: its classes were {_names(resume["class_names"])}, the data now has '
             f'{_names(splits.class_names)} (a class added, removed or renamed changes what each output means)')
@@ -1319,11 +1335,11 @@ def _class_map(model: nn.Module, classes: Sequence[str], root: str) -> Dict[str,
     """Folder name -> output index: by the model's label names when they name the folders, else in order (a
     model with class names of its own must have some of the folders')."""
     names = label_names(model)
-    if names and set(classes) <= set(names):
-        index = {name: i for i, name in enumerate(names)}
-        return {c: index[c] for c in classes}
-    if names and set(classes) & set(names):
-        unknown = sorted(set(classes) - set(names))
+    indices = _matching(classes, names or ())
+    if indices and len(indices) == len(classes):
+        return indices
+    if indices:
+        unknown = [name for name in classes if name not in indices]
         raise UsageError(f'class folders of {root} that the model has no output for: {", ".join(unknown[:10])}')
     if names and model.pretrained_cfg.get('label_names'):  # named classes of its own (a `train` run's), not ImageNet's
         raise UsageError(f'none of the class folders of {root} ({_names(list(classes))}) is a class of the model '
