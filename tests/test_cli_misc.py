@@ -766,6 +766,10 @@ def test_predict_finds_the_image_formats_pil_reads_in_a_folder(tmp_path, capsys)
     assert main(['predict', '--model', MODEL, '--img-size', '32', '--json', str(tmp_path)]) == 0
     files = [os.path.basename(r['file']) for r in json.loads(capsys.readouterr().out)]
     assert files == ['image.bmp', 'image.png', 'image.tif', 'image.webp']
+    # a dataset's root: its images are in the folders in it
+    err = _error(capsys, ['predict', '--model', MODEL, make_image_folder(tmp_path / 'data')])
+    assert (f'no image files in {tmp_path / "data"}: expected files ending in .bmp, .gif, .jpeg, .jpg, .png, .tif, '
+            f'.tiff, .webp (a folder\'s own, not those of the folders in it)') in err
 
 
 def test_predict_warns_of_random_weights(tmp_path, capsys):

@@ -1398,7 +1398,8 @@ def _image_files(paths: Sequence[str]) -> List[str]:
     if missing:
         raise UsageError(f'no such file or directory: {", ".join(missing)}')
     if not files:
-        raise UsageError(f'no image files in {", ".join(paths)}')
+        raise UsageError(f'no image files in {", ".join(paths)}: expected files ending in '
+                         f'{", ".join(sorted(extensions))} (a folder\'s own, not those of the folders in it)')
     return files
 
 
