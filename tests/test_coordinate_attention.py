@@ -2,6 +2,7 @@
 bad input and export/compilation paths. """
 import copy
 import pickle
+import warnings
 from functools import partial
 from multiprocessing.reduction import ForkingPickler
 
@@ -934,6 +935,19 @@ def test_fx_trace():
         torch.testing.assert_close(traced(x), ours(x))
     called = [n.target for n in traced.graph.nodes if n.op == 'call_module']
     assert {'conv1', 'bn1', 'act', 'conv_h', 'conv_w'} <= set(called)
+
+
+def test_fx_graphs_of_both_modes_have_the_same_nodes():
+    """torchvision's `create_feature_extractor` (timm's `feature_cls='fx'` features too) traces the model in
+    train and in eval mode, and warns where the nodes differ."""
+    from torchvision.models.feature_extraction import get_graph_node_names
+    train_nodes, eval_nodes = get_graph_node_names(nn.Sequential(nn.Conv2d(3, 24, 1), CoordAttention(24)))
+    assert train_nodes == eval_nodes
+    assert '1.conv_h' in eval_nodes
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        timm.create_model('mobilenetv2_050_ca', features_only=True, feature_cls='fx')
+    assert not [w for w in caught if 'nodes obtained by tracing' in str(w.message)]
 
 
 @pytest.mark.parametrize('backend', ['x86', 'qnnpack'])

@@ -724,7 +724,9 @@ class CoordAttention(nn.Module):
                 # baseline's, against 1.05-1.06x this way); the strips as the authors lay them out, (N, C,
                 # H + W, 1) from the start: made from (N, C, H + W) strips, inductor failed to compile the
                 # backward with dynamic H and W (a size guard it could not decide)
-                if self._foldable_norm() and not _compiling_for_inductor():
+                # not for FX's symbolic trace (feature extractors, FX quantization), whose graphs of both modes
+                # then have the same nodes: torchvision's `create_feature_extractor` warns where they differ
+                if self._foldable_norm() and not _compiling_for_inductor() and not isinstance(x, torch.fx.Proxy):
                     return self._gates_by_layers_apart(x)
                 return self._gates_by_layers(
                     torch.cat([x.mean(3, keepdim=True), x.mean(2, keepdim=True).transpose(2, 3)], dim=2), h, w)
