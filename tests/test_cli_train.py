@@ -328,6 +328,20 @@ def test_train_records_the_amp_precision_and_no_warm_up_without_a_schedule(tmp_p
     assert '--sched none keeps --lr throughout, with no warm-up; got --warmup-epochs 1' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('warmup', ['0', '0.5'])
+def test_wsd_with_a_warm_up_of_part_of_an_epoch(warmup, tmp_path, capsys):
+    """--warmup-epochs takes fractions: the run trains --epochs epochs on every schedule."""
+    run = str(tmp_path / 'run')
+    rc = main(['train', '--model', MODEL, '--epochs', '2', '--grid-samples', '16', '--batch-size', '4', '--sched',
+               'wsd', '--warmup-epochs', warmup, '--output', run, *TINY])
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    if create_scheduler_v2(optimizer, sched='wsd', num_epochs=10)[0] is None:  # timm 1.0.26 has no wsd
+        assert rc == 2 and '--sched wsd: this timm' in capsys.readouterr().err
+    else:
+        assert rc == 0
+        assert [r['epoch'] for r in read_metrics(run)] == [1, 2]
+
+
 def test_train_errors_name_the_problem(tmp_path, capsys):
     def refused(*args):
         capsys.readouterr()

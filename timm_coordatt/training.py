@@ -1024,6 +1024,7 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
             reason = (f'{(args.epochs - args.warmup_epochs) * steps:g} updates after the warm-up ({steps} an epoch) '
                       f'are too few for its decay phase; train longer')
         raise UsageError(f'cannot create scheduler {args.sched!r}: {reason}') from None
+    num_epochs = round(num_epochs)  # timm counts in float where the warm-up is a float (wsd with --warmup-epochs 0.5)
     if scheduler is None and args.sched != 'none' and (args.sched != 'constant' or args.warmup_epochs):
         # older timm returns no scheduler for a name it does not know (1.0.26: 'wsd', 'constant'), which would
         # train at a fixed --lr; 'constant' without a warm-up is just that
