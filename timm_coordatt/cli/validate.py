@@ -15,8 +15,8 @@ def add_parser(subparsers) -> None:
         'validate', help='top-1 / top-5 accuracy and loss on an ImageFolder',
         description="Evaluate a model with its own data config (input size, crop, interpolation, mean/std "
                     "from resolve_data_config). Folder names are matched to the model's label names when its "
-                    "config has them (e.g. a run directory of `train`), else taken in sorted order. With no "
-                    "--data-dir, evaluates on the embedded grid task's validation split.",
+                    "config has them (e.g. a run directory of `train`), else taken in timm's order (2 before 10). "
+                    "With no --data-dir, evaluates on the embedded grid task's validation split.",
         formatter_class=HelpFormatter)
     add_model_arguments(p, batch_size=64)
     p.add_argument('--data-dir', metavar='DIR', help='ImageFolder root, or a root with a val/validation folder')
