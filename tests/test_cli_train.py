@@ -2,6 +2,7 @@
 import argparse
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -340,6 +341,15 @@ def test_wsd_with_a_warm_up_of_part_of_an_epoch(warmup, tmp_path, capsys):
     else:
         assert rc == 0
         assert [r['epoch'] for r in read_metrics(run)] == [1, 2]
+
+
+def test_second_order_optimizer(tmp_path):
+    """adahessian differentiates the gradients again (`is_second_order`): backward builds their graph, through the
+    CA blocks' kernels and their recomputed outputs too."""
+    run = str(tmp_path / 'run')
+    assert main(['train', '--model', MODEL, '--epochs', '1', '--grid-samples', '16', '--batch-size', '8', '--opt',
+                 'adahessian', '--output', run, *TINY]) == 0
+    assert all(math.isfinite(r['train_loss']) for r in read_metrics(run))
 
 
 def test_train_errors_name_the_problem(tmp_path, capsys):

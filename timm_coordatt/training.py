@@ -1256,7 +1256,8 @@ def _train_epoch(
                 raise UsageError(f'the training loss is {loss_value} at epoch {epoch + 1} step {step + 1}; '
                                  f'try a lower --lr')
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            # second-order optimizers (adahessian) differentiate the gradients again, as in timm's train.py
+            scaler.scale(loss).backward(create_graph=getattr(optimizer, 'is_second_order', False))
             if args.clip_grad is not None:
                 scaler.unscale_(optimizer)
                 dispatch_clip_grad(model.parameters(), args.clip_grad)
