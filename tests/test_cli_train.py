@@ -343,13 +343,24 @@ def test_wsd_with_a_warm_up_of_part_of_an_epoch(warmup, tmp_path, capsys):
         assert [r['epoch'] for r in read_metrics(run)] == [1, 2]
 
 
-def test_second_order_optimizer(tmp_path):
+def test_second_order_optimizer(tmp_path, capsys):
     """adahessian differentiates the gradients again (`is_second_order`): backward builds their graph, through the
-    CA blocks' kernels and their recomputed outputs too."""
-    run = str(tmp_path / 'run')
-    assert main(['train', '--model', MODEL, '--epochs', '1', '--grid-samples', '16', '--batch-size', '8', '--opt',
-                 'adahessian', '--output', run, *TINY]) == 0
-    assert all(math.isfinite(r['train_loss']) for r in read_metrics(run))
+    CA blocks' kernels and their recomputed outputs too, also under grad checkpointing; a resumed run draws the
+    Hessian probes it would have drawn (Adahessian's own generator, outside its state_dict); torch.compile,
+    which cannot differentiate twice, is refused."""
+    common = ['--model', MODEL, '--grid-samples', '16', '--batch-size', '8', '--opt', 'adahessian', '--sched',
+              'constant', '--warmup-epochs', '0', '--grad-checkpointing', *TINY, *EXACT]
+    straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
+    assert main(['train', *common, '--epochs', '2', '--output', straight]) == 0
+    assert all(math.isfinite(r['train_loss']) for r in read_metrics(straight))
+    assert main(['train', *common, '--epochs', '1', '--output', split]) == 0
+    assert main(['train', '--resume', split, '--epochs', '2']) == 0
+    assert_same_tensors(load_weights(os.path.join(straight, 'model.safetensors')),
+                        load_weights(os.path.join(split, 'model.safetensors')))
+    capsys.readouterr()
+    assert main(['train', *common, '--epochs', '1', '--compile', '--output', str(tmp_path / 'compiled')]) == 2
+    assert ('--opt adahessian differentiates the gradients again (a second-order optimizer), which torch.compile '
+            'does not support; train without --compile') in capsys.readouterr().err
 
 
 def test_train_errors_name_the_problem(tmp_path, capsys):
@@ -526,6 +537,12 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     assert moved, 'the step did not change the weights'
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    # DDP reduces the gradients in place: a second-order optimizer, which differentiates them, is refused
+    proc = torchrun(tmp_path, '-m', 'timm_coordatt', 'train', *common, '--batch-size', '4', '--opt', 'adahessian',
+                    '--output', str(tmp_path / 'second_order'))
+    assert proc.returncode != 0  # torchrun's own report of a failed process follows the processes' message
+    assert ('--opt adahessian differentiates the gradients again (a second-order optimizer), which distributed '
+            'training (DistributedDataParallel) does not support; train without torchrun') in proc.stderr
 
 
 @pytest.mark.slow

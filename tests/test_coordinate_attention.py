@@ -888,6 +888,29 @@ def test_coord_gate_double_backward(memory_format):
     assert torch.autograd.gradgradcheck(coord_gate, inputs)
 
 
+@pytest.mark.parametrize('memory_format', MEMORY_FORMATS)
+def test_second_order_gradients_under_activation_checkpointing(memory_format):
+    """A second-order optimizer (adahessian) with grad checkpointing: the recomputed block's backward builds the
+    gradients' graph, each saved tensor unpacked once (checkpointing refuses a second unpack), and the
+    second-order gradients are the authors' block's (in float64; to float32's rounding of the largest: conv1's
+    bias, before a training-mode norm, has gradients of rounding size only)."""
+    torch.manual_seed(0)
+    ours, authors = _pair(24)
+    x = torch.randn(4, 24, 7, 6).contiguous(memory_format=memory_format)
+
+    def second_order(block, checkpointed):
+        x_ = x.to(next(block.parameters()).dtype).requires_grad_()
+        y = torch.utils.checkpoint.checkpoint(block, x_, use_reentrant=False) if checkpointed else block(x_)
+        inputs = [x_, *block.parameters()]
+        grads = torch.autograd.grad((y * y).sum(), inputs, create_graph=True)
+        return torch.autograd.grad(sum((g * g).sum() for g in grads), inputs)
+
+    refs = second_order(authors.double().train(), False)
+    scale = max(ref.abs().max().item() for ref in refs)
+    for ref, got in zip(refs, second_order(ours.train(), True)):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6 * scale)
+
+
 def test_coord_gate_saves_less_for_backward():
     """Only the input and the two small gates are kept for backward, not `x * a_h`."""
     m = CoordAttention(16).train()

@@ -311,9 +311,10 @@ class _StripMLP(torch.autograd.Function):
 
     @staticmethod
     def _differentiable_backward(ctx, grad_a_h: torch.Tensor, grad_a_w: torch.Tensor):
-        inputs = ctx.saved_tensors[:9]  # strips, w1, b1, bn_weight, bn_bias, w_h, b_h, w_w, b_w
+        saved = ctx.saved_tensors  # once: activation checkpointing unpacks each saved tensor only once
+        inputs = saved[:9]  # strips, w1, b1, bn_weight, bn_bias, w_h, b_h, w_w, b_w
         strips, w1, b1, bn_weight, bn_bias, w_h, b_h, w_w, b_w = inputs
-        h = ctx.saved_tensors[12].shape[2]
+        h = saved[12].shape[2]
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():  # the forward again, to differentiate (a batched backward runs without grad)
             y = _conv1x1(strips, w1.flatten(1), b1)

@@ -707,6 +707,27 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
+def _probe_generator_owner(optimizer: torch.optim.Optimizer) -> Optional[torch.optim.Optimizer]:
+    # timm's Adahessian draws the random probes of its Hessian estimate from a generator of its own, which its
+    # state_dict leaves out (also when wrapped by Lookahead)
+    base = getattr(optimizer, '_base_optimizer', optimizer)
+    return base if isinstance(getattr(base, 'generator', None), torch.Generator) else None
+
+
+def _probe_generator_state(optimizer: torch.optim.Optimizer) -> Optional[Dict[str, Any]]:
+    owner = _probe_generator_owner(optimizer)
+    return None if owner is None else {'device': str(owner.generator.device), 'state': owner.generator.get_state()}
+
+
+def _set_probe_generator_state(optimizer: torch.optim.Optimizer, state: Optional[Dict[str, Any]],
+                               device: torch.device) -> None:
+    owner = _probe_generator_owner(optimizer)
+    # on another device the optimizer seeds a generator there anyway: the run goes on, not bit-exactly
+    if owner is not None and state is not None and torch.device(state['device']).type == device.type:
+        owner.generator = torch.Generator(state['device'])
+        owner.generator.set_state(state['state'])
+
+
 # ---------------------------------------------------------------------------------------------
 # evaluation
 
@@ -992,6 +1013,11 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
             layer_decay=args.layer_decay)
     except (ValueError, AssertionError, RuntimeError) as e:
         raise UsageError(f'cannot create optimizer {args.opt!r}: {e}') from None
+    if getattr(optimizer, 'is_second_order', False) and (args.compile or ctx.distributed):
+        # torch.compile's autograd has no double backward; DDP's gradient reduction writes the gradients in place
+        cannot = 'torch.compile' if args.compile else 'distributed training (DistributedDataParallel)'
+        raise UsageError(f'--opt {args.opt} differentiates the gradients again (a second-order optimizer), which '
+                         f'{cannot} does not support; train without {"--compile" if args.compile else "torchrun"}')
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
 
     # -- data
@@ -1043,6 +1069,7 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
         try:
             model.load_state_dict(resume['model'])
             optimizer.load_state_dict(resume['optimizer'])
+            _set_probe_generator_state(optimizer, resume.get('probe_generator'), device)
             if scheduler is not None:
                 if resume['scheduler'] is not None and resume['args']['epochs'] == args.epochs and \
                         resume['progress']['steps'] == steps:
@@ -1101,6 +1128,7 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
             'model': model.state_dict(),
             'model_ema': model_ema.state_dict() if model_ema is not None else None,
             'optimizer': optimizer.state_dict(),
+            'probe_generator': _probe_generator_state(optimizer),
             'scheduler': scheduler.state_dict() if scheduler is not None else None,
             'scaler': scaler.state_dict(),
             'progress': dataclasses.asdict(progress),
