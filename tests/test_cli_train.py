@@ -562,6 +562,38 @@ def test_ddp_ema_batch_norm_statistics_agree_across_processes(tmp_path):
     assert ema['loss'] == pytest.approx(recorded['ema_val_loss'], rel=1e-5)  # 2.4e-4 apart before averaging them
 
 
+@pytest.mark.slow
+def test_ddp_ema_interrupted_mid_epoch_resumes_exactly(tmp_path):
+    """Each process's EMA follows its own batches' BN statistics until the epoch's end averages them: a run
+    stopped mid-epoch keeps every process's, so the resumed run ends with the straight run's EMA."""
+    common = ['--model', MODEL, '--grid-samples', '256', '--batch-size', '4', '--epochs', '2', '--model-ema',
+              '--device', 'cpu', *TINY]  # the default decay: a difference at the stop lasts to the end
+    straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
+    proc = torchrun(tmp_path, '-m', 'timm_coordatt', 'train', *common, '--output', straight)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    env.pop('CUDA_VISIBLE_DEVICES', None)
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'timm_coordatt',
+         'train', *common, '--output', interrupted], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while not (os.path.exists(os.path.join(interrupted, 'metrics.jsonl')) and read_metrics(interrupted)):
+        assert proc.poll() is None and time.time() < deadline, 'the first epoch did not finish in time'
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # early in epoch 2's 32 training steps
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and '--resume' in stderr, stderr[-3000:]
+    state = torch.load(os.path.join(interrupted, 'training_state.pt'), weights_only=True)
+    assert state['progress']['epoch'] == 1 and 0 < state['progress']['step'] < 32, state['progress']
+
+    proc = torchrun(tmp_path, '-m', 'timm_coordatt', 'train', '--resume', interrupted)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for part in ('model.safetensors', 'ema/model.safetensors'):
+        assert_same_tensors(load_weights(os.path.join(straight, part)), load_weights(os.path.join(interrupted, part)))
+    assert read_metrics(straight) == read_metrics(interrupted)
+
+
 def _train_with(tmp_path, *options):
     run = str(tmp_path / 'run')
     assert main(['train', '--model', MODEL, '--epochs', '1', '--grid-samples', '16', '--batch-size', '8',

@@ -1084,6 +1084,10 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
                              f'run with these options ({str(e).splitlines()[0]})') from None
         if 0 < progress.step < steps:  # stopped mid-training (not in validation): its RNG goes on
             rng_state = resume['rng'][ctx.rank]
+            if model_ema is not None and resume.get('model_ema_buffers'):  # absent in states of earlier versions
+                with torch.no_grad():
+                    for name, buffer in model_ema.module.named_buffers():
+                        buffer.copy_(resume['model_ema_buffers'][ctx.rank][name])
 
     train_model = model
     if ctx.distributed:
@@ -1114,9 +1118,13 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
 
     def save(stopped_mid_epoch: bool) -> None:
         rng = [_rng_state()] if stopped_mid_epoch else []
+        ema_buffers = []  # of each process: until the epoch's end averages them, each EMA's follow its own batches
         if ctx.distributed and stopped_mid_epoch:
             rng = [None] * ctx.world_size
             dist.all_gather_object(rng, _rng_state())
+            if model_ema is not None:
+                ema_buffers = [None] * ctx.world_size
+                dist.all_gather_object(ema_buffers, {k: b.cpu() for k, b in model_ema.module.named_buffers()})
         if not ctx.primary:
             return
         export_model(model, out_dir, splits.class_names, data_config)
@@ -1133,6 +1141,7 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
             'scaler': scaler.state_dict(),
             'progress': dataclasses.asdict(progress),
             'rng': rng,
+            'model_ema_buffers': ema_buffers,
             'class_names': splits.class_names,
         }
         atomic_write(os.path.join(out_dir, STATE_FILE), lambda tmp: torch.save(state, tmp))
