@@ -189,6 +189,23 @@ def test_ctrl_c_in_validation_resumes_exactly(tmp_path, monkeypatch):
                         load_weights(os.path.join(interrupted, 'model.safetensors')))
 
 
+def test_resume_needs_no_source_model(tmp_path):
+    """A run fine-tuning a `local-dir:` model resumes after that folder is gone: its architecture is in the run
+    directory (the weights, the state's)."""
+    common = ['--grid-samples', '16', '--batch-size', '8', '--sched', 'constant', '--warmup-epochs', '0', *TINY,
+              *EXACT]
+    source, straight, split = str(tmp_path / 'source'), str(tmp_path / 'straight'), str(tmp_path / 'split')
+    assert main(['train', '--model', MODEL, *common, '--epochs', '1', '--output', source]) == 0
+    tuned = ['train', '--model', f'local-dir:{source}', '--model-kwargs', 'drop_rate=0.1', *common]
+    assert main([*tuned, '--epochs', '2', '--output', straight]) == 0
+    assert main([*tuned, '--epochs', '1', '--output', split]) == 0
+    shutil.rmtree(source)
+    assert main(['train', '--resume', split, '--epochs', '2']) == 0
+    assert_same_tensors(load_weights(os.path.join(straight, 'model.safetensors')),
+                        load_weights(os.path.join(split, 'model.safetensors')))
+    assert read_metrics(straight) == read_metrics(split)
+
+
 def test_resume_refuses_options_it_cannot_honour(tmp_path, capsys):
     run = str(tmp_path / 'run')
     common = ['--model', MODEL, '--grid-samples', '16', '--batch-size', '8', *TINY]

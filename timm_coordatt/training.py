@@ -979,9 +979,12 @@ def _fit(args: argparse.Namespace, defaults: Dict[str, Any], ctx: _Dist) -> int:
             f'{_names(splits.class_names)} (a class added, removed or renamed changes what each output means)')
 
     random_seed(args.seed, 0)  # the same initial weights on every rank
-    # a resumed run's weights come from its state: no download or checkpoint read for weights replaced anyway
+    # a resumed run's weights come from its state: no download or checkpoint read for weights replaced anyway;
+    # a `local-dir:` / `hf-hub:` model's architecture from the run directory's config, written with every state,
+    # so the source folder may be gone or the Hub out of reach
+    architecture = args.model if resume is None or parse_model_name(args.model)[0] is None else f'local-dir:{out_dir}'
     model = create_model(
-        args.model, num_classes=num_classes, pretrained=args.pretrained and resume is None,
+        architecture, num_classes=num_classes, pretrained=args.pretrained and resume is None,
         checkpoint=args.initial_checkpoint if resume is None else None, **args.model_kwargs)
     if resume is not None:
         _check_fits(model, resume['model'], (), f'training state in {out_dir}')
