@@ -1,6 +1,7 @@
 """ The C kernels (timm_coordatt/native.py): built, equal to the authors' block and to autograd, used
 exactly where they support the block and input, and strict about what they are given. """
 import copy
+import ctypes
 import json
 import os
 import shutil
@@ -204,6 +205,45 @@ def test_one_model_serves_python_threads_at_once():
         assert list(pool.map(serve, range(len(inputs)))) == [True] * len(inputs)
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]
+
+
+def test_threads_that_end_free_their_workspaces():
+    """A server with a thread per request: each thread (and the OpenMP workers of its parallel regions) grows a
+    workspace in the kernels, which must be freed when the thread ends. glibc's count of allocated bytes
+    (mallinfo2: in use in every arena, and mapped), not RSS, which freed memory kept by the allocator inflates."""
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, 'mallinfo2'):
+        pytest.skip('needs glibc >= 2.33 (mallinfo2)')
+    libc.mallinfo2.restype = _MallInfo2
+
+    def allocated_mib() -> float:
+        info = libc.mallinfo2()
+        return (info.uordblks + info.hblkhd) / 2 ** 20
+
+    m = _randomised(CoordAttention(256)).eval()
+    inputs = [torch.randn(1, 256, 56, 56), torch.randn(2, 256, 56, 56)]  # a team on one sample, a sample a thread
+
+    def request():
+        with torch.inference_mode():
+            for x in inputs:
+                m(x)
+
+    def requests(count: int):
+        for _ in range(count):
+            thread = threading.Thread(target=request)
+            thread.start()
+            thread.join()
+
+    requests(5)
+    before = allocated_mib()
+    requests(50)
+    # each thread's workspaces take about 0.8 MiB: 39 MiB kept before they were freed
+    assert allocated_mib() - before < 10
+
+
 def test_kernel_runs_in_torchs_openmp_threads():
     """torch's CPU wheels bring an OpenMP runtime: the kernels share its threads."""
     assert native._native.threading() == 'openmp'
@@ -308,6 +348,29 @@ def test_kernel_weights_keep_their_memory():
     junk = [torch.full((8,), 100.0) for _ in range(50)]  # noqa: F841  (where the old bias was)
     torch.testing.assert_close(native.coord_attention_inference(x, torch.empty_like(x), weights), expected,
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('move', ['share_memory_', 'queue'])
+def test_folded_weights_survive_a_move_to_shared_memory(move):
+    """Without a norm nothing is folded into conv1: its weights must still be the kernel's own copies, since
+    moving a parameter's storage to shared memory (as torch.multiprocessing does to a tensor sent to another
+    process) frees its memory with no version bump, and later calls read them unchecked."""
+    torch.manual_seed(0)
+    m = _randomised(CoordAttention(256, norm_layer=None)).eval()
+    reference = copy.deepcopy(m)
+    x = torch.randn(2, 256, 14, 14)
+    with torch.inference_mode():
+        m(x)
+        m(x)  # the folded weights cached and checked
+    if move == 'share_memory_':
+        for p in m.parameters():
+            p.share_memory_()
+    else:
+        torch.multiprocessing.get_context('spawn').SimpleQueue().put(m.state_dict())
+    assert m.conv1.weight.untyped_storage().is_shared()
+    junk = [torch.full_like(p, 1e3) for p in m.parameters() for _ in range(20)]  # noqa: F841  (in the freed memory)
+    with torch.inference_mode():
+        torch.testing.assert_close(m(x), reference(x), rtol=0, atol=0)
 
 
 def test_kernel_checks_its_arguments():

@@ -548,6 +548,10 @@ def _fold_weights(
         bias = 0. if b1 is None else b1.to(dtype)
         b1 = ((bias - mean.to(dtype)) * scale + shift).to(w1.dtype)
         w1 = (w1.to(dtype) * scale[:, None]).to(w1.dtype)
+    else:
+        # copies, as folding makes: the kernel reads its weights by address, and moving a parameter's storage
+        # (`share_memory_()`, or sending it to another process) frees the memory without a version bump
+        w1, b1 = w1.clone(), None if b1 is None else b1.clone()
     w_hw = torch.cat([w_h, w_w]).flatten(1)
     b_hw = None if b_h is None else torch.cat([b_h, b_w])
     w1 = w1.contiguous()

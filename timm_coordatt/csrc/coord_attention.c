@@ -893,12 +893,26 @@ struct ca_job {
 #endif
 static CA_THREAD_LOCAL float *ca_thread_workspace;
 static CA_THREAD_LOCAL size_t ca_thread_workspace_floats;
+/* a key whose destructor frees a thread's workspace when the thread ends: threads come and go (a server's
+ * thread per request, and with each caller thread its own OpenMP workers), thread-local variables are not freed */
+static pthread_key_t ca_workspace_key;
+static pthread_once_t ca_workspace_key_once = PTHREAD_ONCE_INIT;
+static int ca_workspace_key_made; /* not when the process is out of keys: the workspaces then outlive threads */
+
+static void ca_create_workspace_key(void) {
+    ca_workspace_key_made = pthread_key_create(&ca_workspace_key, free) == 0;
+}
 
 static float *ca_workspace(int64_t c, int64_t h, int64_t w, int64_t rd, int parts) {
     const size_t floats = (size_t)((3 * c + rd) * (CA_ROUND8(h) + CA_ROUND8(w)) + parts * w * c);
     if (floats > ca_thread_workspace_floats) {
         void *buffer = NULL;
+        pthread_once(&ca_workspace_key_once, ca_create_workspace_key);
         if (posix_memalign(&buffer, 64, floats * sizeof(float)) != 0) return NULL;
+        if (ca_workspace_key_made && pthread_setspecific(ca_workspace_key, buffer) != 0) {
+            free(buffer);
+            return NULL;
+        }
         free(ca_thread_workspace);
         ca_thread_workspace = (float *)buffer;
         ca_thread_workspace_floats = floats;
@@ -1264,9 +1278,7 @@ static void ca_parallel_body(void *data) {
 }
 
 static void *ca_thread(void *job) {
-    ca_run((struct ca_job *)job);
-    free(ca_thread_workspace); /* this thread ends here */
-    ca_thread_workspace = NULL;
+    ca_run((struct ca_job *)job); /* its workspace freed as it ends, by the key's destructor */
     return NULL;
 }
 
