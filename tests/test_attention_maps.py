@@ -1,5 +1,6 @@
 """ Attention maps: the recorded gates are the real gates of the real blocks, Grad-CAM follows its
 definition, the figures are PNGs of the documented size, and bad input gets a clear error. """
+import io
 import os
 import signal
 import subprocess
@@ -372,6 +373,26 @@ def test_cli_figure_is_a_png_of_the_documented_size(image_file, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.suffix == '.png'] == ['maps.png']  # no temp file left
 
 
+@pytest.mark.parametrize('stdout', ['file', 'pipe'])
+def test_cli_figure_to_stdout(stdout, image_file, tmp_path):
+    """`--out /dev/stdout > maps.png` or `| ...`: the figure alone on stdout (matplotlib's PNG writer seeks, which a
+    pipe cannot), the status line on stderr."""
+    command = [sys.executable, '-m', 'timm_coordatt', 'attention', image_file, '--model', CA_MODEL, '--out',
+               '/dev/stdout', '--dpi', str(DPI)]
+    if stdout == 'file':
+        with open(tmp_path / 'maps.png', 'wb') as f:
+            proc = subprocess.run(command, stdout=f, stderr=subprocess.PIPE, timeout=600)
+        figure = (tmp_path / 'maps.png').read_bytes()
+    else:
+        proc = subprocess.run(command, capture_output=True, timeout=600)
+        figure = proc.stdout
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert proc.stderr.decode().endswith('wrote /dev/stdout\n')
+    with Image.open(io.BytesIO(figure)) as img:
+        assert img.format == 'PNG' and img.size == (round(CELL * 3 * DPI), round(CELL * (1 + 6) * DPI))
+        img.load()
+
+
 STOP_WHILE_WRITING = """
 import os, signal, sys
 from matplotlib.figure import Figure
@@ -420,6 +441,8 @@ def test_cli_compare_grad_cams(image_file, tmp_path, capsys):
     ('other_architecture', 'does not fit mobilenetv2_050_ca'),
     ('too_many_channels', 'top_channels expected 0 <= k <= '),
     ('no_out_folder', 'no folder'),
+    # a folder no one can write in (Linux's /proc): refused before the checkpoint is looked at
+    ('unwritable_out_folder', '--out /proc/maps.png: cannot write in /proc ('),
     ('unknown_format', 'expected a file name ending in one of'),
     ('too_many_pixels', 'expected at most 100,000,000 pixels, got'),
     ('decompression_bomb', 'decompression bomb'),
@@ -438,7 +461,7 @@ def test_cli_errors(case, message, image_file, tmp_path, capsys):
         model = PLAIN_MODEL
     elif case == 'unknown_model':
         model = 'mobilenetv2_ca_typo'
-    elif case == 'missing_checkpoint':
+    elif case in ('missing_checkpoint', 'unwritable_out_folder'):
         extra = ['--checkpoint', str(tmp_path / 'nope.safetensors')]
     elif case == 'other_architecture':
         extra = ['--checkpoint', _saved_weights(timm.create_model('resnet18', num_classes=4), tmp_path)]
@@ -449,7 +472,8 @@ def test_cli_errors(case, message, image_file, tmp_path, capsys):
     elif case == 'decompression_bomb':
         image = str(tmp_path / 'bomb.png')  # more pixels than PIL's limit, in a small file
         Image.new('L', (20000, 9000)).save(image)
-    out = tmp_path / {'no_out_folder': 'nope/maps.png', 'unknown_format': 'maps.xyz'}.get(case, 'maps.png')
+    out = tmp_path / {'no_out_folder': 'nope/maps.png', 'unknown_format': 'maps.xyz',
+                      'unwritable_out_folder': '/proc/maps.png'}.get(case, 'maps.png')
     figures = plt.get_fignums()
     assert main(['attention', image, '--model', model, '--out', str(out)] + extra) == 2
     assert message in capsys.readouterr().err

@@ -667,6 +667,13 @@ def test_results_file_through_a_link_or_into_a_pipe(run_dir, tmp_path, capsys):
     proc = cli(*argv, '/dev/fd/1')
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout[proc.stdout.index('{'):])['images'] > 0
+    # stdout a file the shell opened (`> out`): the summary printed first is kept, the results follow it
+    with open(tmp_path / 'out', 'w') as out:
+        proc = subprocess.run([sys.executable, '-m', 'timm_coordatt', *argv, '/dev/stdout'], stdout=out,
+                              stderr=subprocess.PIPE, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary, results = (tmp_path / 'out').read_text().split('\n', 1)
+    assert 'top-1' in summary and json.loads(results)['images'] > 0
 
 
 @pytest.mark.parametrize('command', ['train', 'validate', 'predict'])

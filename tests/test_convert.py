@@ -320,8 +320,11 @@ def test_refuses_an_out_dir_under_a_file(authors, tmp_path):
 @pytest.mark.skipif(not os.path.isdir('/proc/self'), reason='needs Linux /proc, a folder no one can write to')
 def test_refuses_an_out_dir_that_cannot_be_written(authors, tmp_path):
     torch.save(authors.state_dict(), tmp_path / 'ckpt.pth')
-    with pytest.raises(ConversionError, match='cannot create /proc/timm_coordatt_out'):
+    with pytest.raises(ConversionError, match=r'^cannot create /proc/timm_coordatt_out: cannot write in /proc \('):
         convert(tmp_path / 'ckpt.pth', '/proc/timm_coordatt_out')
+    # before the checkpoint is read and converted
+    with pytest.raises(ConversionError, match='cannot create /proc/timm_coordatt_out'):
+        convert(tmp_path / 'missing.pth', '/proc/timm_coordatt_out')
 
 
 def test_cli_stopped_by_sigterm_leaves_nothing(authors, tmp_path):

@@ -14,6 +14,7 @@ a forward pass written directly on the checkpoint in the authors' layout, and wr
 import argparse
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Dict, List, Optional, Union
@@ -228,6 +229,14 @@ def convert(
     error = None if repo_id is None else repo_id_error(repo_id)  # the model card names it
     if error:
         raise ConversionError(error)
+    # where the folder goes, checked before the conversion: a folder made in its nearest existing parent
+    parent = out_dir.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as e:
+        raise ConversionError(f'cannot create {out_dir}: cannot write in {parent} ({e.strerror or e})') from None
     state_dict = load_checkpoint(checkpoint, use_ema=use_ema)
     classifier = state_dict.get('classifier.1.weight')
     num_classes = classifier.shape[0] if classifier is not None and classifier.dim() == 2 else 1000
@@ -251,7 +260,7 @@ def convert(
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()  # not mkdtemp: the folder keeps the user's umask once renamed into place
     except OSError as e:
-        raise ConversionError(f'cannot create {out_dir}: {e}') from e
+        raise ConversionError(f'cannot create {out_dir}: {e.strerror or e}') from e
     try:
         save_for_hf(model, tmp, safe_serialization=True)
         num_classes_once(tmp / 'config.json')

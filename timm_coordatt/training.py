@@ -24,9 +24,12 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import signal
 import stat
 import sys
+import tempfile
 import threading
 import time
 import unicodedata
@@ -67,7 +70,7 @@ from .pretrained import load_error, read_weights
 from .recompute import recompute_ca_outputs, set_recompute_ca_outputs
 
 __all__ = [
-    'UsageError', 'atomic_write', 'written_in_place', 'write_text', 'use_default_mode', 'save_weights', 'export_model',
+    'UsageError', 'atomic_write', 'check_can_create', 'written_in_place', 'write_text', 'use_default_mode', 'save_weights', 'export_model',
     'check_image_folder', 'create_model', 'warn_of_random_weights', 'label_names', 'to_rgb', 'upright', 'evaluate',
     'fit',
     'STATE_FILE', 'METRICS_FILE', 'WEIGHTS_FILE', 'CONFIG_FILE',
@@ -134,9 +137,14 @@ def use_default_mode(path: Union[str, os.PathLike]) -> None:
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)`, then move the finished file onto `path` in one step, with the permissions of
     a new file under the user's umask. Through a symbolic link the file it points to is replaced, not the
-    link; what is not a regular file (`/dev/stdout`, a FIFO) is written as it is: there is no file to replace."""
+    link; what is not a regular file (`/dev/stdout`, a FIFO) is written as it is: there is no file to replace,
+    but the content is made first, whole (writers that seek cannot write into a pipe), and follows what this
+    process printed to its own descriptors."""
     if written_in_place(path):
-        write(path)
+        with tempfile.TemporaryDirectory() as folder:
+            tmp = os.path.join(folder, os.path.basename(path))
+            write(tmp)
+            _write_through(path, tmp)
         return
     path = os.path.realpath(path)
     tmp = f'{path}.tmp-{os.getpid()}'
@@ -150,6 +158,38 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def _own_descriptor(path: str) -> Optional[int]:
+    """The descriptor of this process that `path` names (`/dev/stdout`, `/dev/fd/N`, `/proc/self/fd/N`), if any."""
+    path = os.path.abspath(path)
+    named = {'/dev/stdout': 1, '/dev/stderr': 2}
+    if path in named:
+        return named[path]
+    match = re.fullmatch(rf'/(?:dev/fd|proc/(?:self|{os.getpid()})/fd)/(\d+)', path)
+    return int(match[1]) if match else None
+
+
+def _write_through(path: str, tmp: str) -> None:
+    # the process's own descriptor written at its offset: opened again by name, a file the shell opened
+    # (`> out`) would be truncated, losing what was printed before, and overwritten by what is printed after
+    descriptor = _own_descriptor(path)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    target = open(path, 'wb') if descriptor is None else os.fdopen(descriptor, 'wb', closefd=False)
+    with open(tmp, 'rb') as source, target:
+        shutil.copyfileobj(source, target)
+
+
+def check_can_create(path: str, option: str) -> None:
+    """UsageError unless a new file can be made where `path` goes (through a link: where the file it points
+    to is), as writing it atomically will: checked before work whose result it is to hold."""
+    folder = os.path.dirname(os.path.realpath(path))
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UsageError(f'{option} {path}: cannot write in {folder} ({e.strerror or e})') from None
 
 
 def written_in_place(path: str) -> bool:

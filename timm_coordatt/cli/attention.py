@@ -19,9 +19,12 @@ def run(args: argparse.Namespace) -> int:
         read_image, save_figure)
     from ..pretrained import PretrainedWeightsError
     # timm names, local-dir: and hf-hub: sources; a checkpoint's head (a fine-tuned model's classes) kept
-    from ..training import UsageError, check_model_kwargs, create_model, warn_of_random_weights
+    from ..training import (
+        UsageError, check_can_create, check_model_kwargs, create_model, warn_of_random_weights, written_in_place)
     try:
         figure_format(args.out)  # before the models run
+        if not written_in_place(args.out):
+            check_can_create(args.out, '--out')
         check_model_kwargs(args.model_kwargs, 'attention', classes_from="the weights' number of classes")
         image = read_image(args.image)  # before any model is made (or its weights downloaded)
         if args.compare:
@@ -47,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError, PretrainedWeightsError, UsageError) as e:  # missing files, network, bad input
         print(f'timm-coordatt attention: error: {e}', file=sys.stderr)
         return 2
-    print(f'wrote {args.out}')
+    # not into the figure's own stream (`--out /dev/stdout | ...`)
+    print(f'wrote {args.out}', file=sys.stderr if written_in_place(args.out) else sys.stdout)
     return 0
 
 

@@ -3,7 +3,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 import torch
 
@@ -68,7 +67,7 @@ def _main(args: argparse.Namespace) -> int:
 
 def _prepare_results_file(path: str) -> None:
     """The folder of `path` created; UsageError where the file cannot go."""
-    from ..training import UsageError, written_in_place
+    from ..training import UsageError, check_can_create, written_in_place
     if os.path.isdir(path):
         raise UsageError(f'--results-file {path} is a directory; expected a file name')
     if written_in_place(path):  # /dev/stdout, a FIFO
@@ -80,8 +79,4 @@ def _prepare_results_file(path: str) -> None:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise UsageError(f'--results-file {path}: cannot create its folder ({e})') from None
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder):  # what writing it will do: a new file in the folder
-            pass
-    except OSError as e:
-        raise UsageError(f'--results-file {path}: cannot write in {folder} ({e.strerror or e})') from None
+    check_can_create(path, '--results-file')
