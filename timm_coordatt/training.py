@@ -70,7 +70,8 @@ from .pretrained import load_error, read_weights
 from .recompute import recompute_ca_outputs, set_recompute_ca_outputs
 
 __all__ = [
-    'UsageError', 'atomic_write', 'check_can_create', 'written_in_place', 'write_text', 'use_default_mode', 'save_weights', 'export_model',
+    'UsageError', 'atomic_write', 'check_can_create', 'written_in_place', 'write_text', 'use_default_mode',
+    'save_weights', 'export_model',
     'check_image_folder', 'create_model', 'warn_of_random_weights', 'label_names', 'to_rgb', 'upright', 'evaluate',
     'fit',
     'STATE_FILE', 'METRICS_FILE', 'WEIGHTS_FILE', 'CONFIG_FILE',
