@@ -308,6 +308,10 @@ def test_invalid_options_are_refused(capsys):
         BenchmarkConfig(pairs=(PAIR,), infer_batch_sizes=(2, 1, 2))
     assert main(['benchmark', '--pairs', ':'.join(PAIR), '--infer-batch-sizes', '2', '2']) == 2
     assert 'infer_batch_sizes must be distinct, got [2, 2]' in capsys.readouterr().err
+    assert main(['benchmark', '--pairs', ':'.join(PAIR), ':'.join(PAIR)]) == 2
+    assert f"pairs must be distinct, got ['{':'.join(PAIR)}', '{':'.join(PAIR)}']" in capsys.readouterr().err
+    assert main(['benchmark', '--pairs', ':'.join(PAIR), '--modes', 'eager', 'eager']) == 2
+    assert "modes must be distinct, got ['eager', 'eager']" in capsys.readouterr().err
 
 
 def test_the_command_gives_min_time_exactly():

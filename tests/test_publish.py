@@ -159,6 +159,26 @@ def test_publish_reports_broken_folders(damage, tmp_path):
     assert not (tmp_path / 'README.md').exists()
 
 
+def test_publish_refuses_an_empty_token_before_writing_anything(tmp_path):
+    save_for_hf(timm.create_model('mobilenetv2_050_ca'), tmp_path, safe_serialization=True)
+    with pytest.raises(PublishError, match=r'expected a Hub token \(hf_...\), got an empty one'):
+        publish(tmp_path, 'me/model', token='')
+    assert not (tmp_path / 'README.md').exists()
+
+
+def test_publish_says_a_dataset_does_not_change_an_existing_card(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'ENDPOINT', 'http://127.0.0.1:9')  # the discard port: nothing listens
+    save_for_hf(timm.create_model('mobilenetv2_050_ca'), tmp_path, safe_serialization=True)
+    card = model_card(timm.create_model('mobilenetv2_050_ca'), 'me/model')
+    (tmp_path / 'README.md').write_text(card)
+    with pytest.raises(PublishError, match='cannot publish'):
+        publish(tmp_path, 'me/model', token='hf_test', dataset='imagenet-1k')
+    assert f"warning: {tmp_path / 'README.md'} exists and is published as it is: the dataset 'imagenet-1k' goes " \
+           f"only into a model card that publish writes" in capsys.readouterr().err
+    assert (tmp_path / 'README.md').read_text() == card
+
+
 def test_publish_reports_an_unreachable_server(tmp_path, monkeypatch, capsys):
     from huggingface_hub import constants
     monkeypatch.setattr(constants, 'ENDPOINT', 'http://127.0.0.1:9')  # the discard port: nothing listens

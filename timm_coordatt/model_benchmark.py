@@ -103,8 +103,12 @@ class BenchmarkConfig:
                 f'size), got img_size={self.img_size}, infer_batch_sizes={list(self.infer_batch_sizes)}, '
                 f'train_batch_size={self.train_batch_size}, rounds={self.rounds}, min_calls={self.min_calls}, '
                 f'threads={self.threads}')
-        if len(set(self.infer_batch_sizes)) != len(self.infer_batch_sizes):
-            raise ValueError(f'infer_batch_sizes must be distinct, got {list(self.infer_batch_sizes)}')
+        # one given twice made two rows of one metric, each with both tasks' samples
+        pairs = [f'{ca}:{base}' for ca, base in self.pairs]
+        for name, values in (('pairs', pairs), ('modes', list(self.modes)),
+                             ('infer_batch_sizes', list(self.infer_batch_sizes))):
+            if len(set(values)) != len(values):
+                raise ValueError(f'{name} must be distinct, got {values}')
         # nan passes `< 0`, and a sample would never reach it (nor inf)
         if not (math.isfinite(self.min_time) and self.min_time >= 0):
             raise ValueError(f'min_time must be a finite number of seconds >= 0, got {self.min_time}')

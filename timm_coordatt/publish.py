@@ -7,6 +7,7 @@ there is none (parameters, MACs, the paper's results, licence, citation, usage w
 `import timm_coordatt`), then creates the repository and uploads the folder with huggingface_hub.
 """
 import re
+import sys
 from pathlib import Path
 from typing import Optional, Union
 
@@ -171,6 +172,9 @@ def publish(
     error = repo_id_error(repo_id)  # before anything is written or sent: the model card names the repository
     if error:
         raise PublishError(error)
+    if token == '':  # huggingface_hub would send it as an illegal header
+        raise PublishError('expected a Hub token (hf_...), got an empty one; leave it out to use HF_TOKEN or the '
+                           'saved login')
     if not folder.is_dir():
         raise PublishError(f'{folder} is not a folder; expected a folder written by `timm-coordatt convert` or '
                            f"timm's save_for_hf(model, folder, safe_serialization=True).")
@@ -183,6 +187,9 @@ def publish(
                 f"{readme} tells its readers to load 'hf-hub:{other[0]}', but the folder is being published to "
                 f"'{repo_id}': edit it, delete it to have a model card written for '{repo_id}', or convert again "
                 f"with --repo-id {repo_id}.")
+        if dataset is not None:
+            print(f'warning: {readme} exists and is published as it is: the dataset {dataset!r} goes only into a '
+                  f'model card that publish writes (edit the card, or delete it to have one written)', file=sys.stderr)
     missing = [name for name in UPLOAD_FILES[:2] if not (folder / name).is_file()]
     if missing:
         raise PublishError(
