@@ -58,11 +58,12 @@ def cli(*args):
         [sys.executable, '-m', 'timm_coordatt', *args], capture_output=True, text=True, timeout=600)
 
 
-def torchrun(tmp_path, *args):
+def torchrun(tmp_path, *args, wait: bool = True):
     """`torchrun --standalone --nproc_per_node=2 ARGS` on the CPU, its rendezvous folders (torchelastic_*, which
-    it leaves behind) in the test's own temporary folder."""
+    it leaves behind) in the test's own temporary folder; finished, or with `wait=False` started (to signal it)."""
     env = dict(os.environ, TMPDIR=str(tmp_path))
     env.pop('CUDA_VISIBLE_DEVICES', None)
-    return subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *args],
-        capture_output=True, text=True, timeout=600, env=env)
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *args]
+    if not wait:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)

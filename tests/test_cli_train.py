@@ -17,7 +17,7 @@ import torch
 import timm
 import timm_coordatt  # noqa: F401  registers the models
 from timm.data import resolve_data_config
-from timm.models import register_model
+from timm.models import register_model, save_for_hf
 from timm.scheduler import create_scheduler_v2
 from timm.utils import random_seed
 from timm_coordatt import training
@@ -25,6 +25,7 @@ from timm_coordatt.cli import main
 from timm_coordatt.recompute import recompute_active
 
 from cli_helpers import digest, make_image_folder, one_thread, torchrun  # noqa: F401  (one_thread: an autouse fixture)
+from hub_server import HubServer
 from model_helpers import create_as_transformers_does
 
 MODEL = 'mobilenetv2_050_ca'
@@ -204,6 +205,31 @@ def test_resume_needs_no_source_model(tmp_path):
     assert_same_tensors(load_weights(os.path.join(straight, 'model.safetensors')),
                         load_weights(os.path.join(split, 'model.safetensors')))
     assert read_metrics(straight) == read_metrics(split)
+
+
+def test_resume_of_a_hub_model_needs_no_hub(tmp_path):
+    """A run fine-tuning an `hf-hub:` model resumes with the Hub out of reach and its files gone from the cache
+    (huggingface_hub reads HF_ENDPOINT at import: the runs are processes of their own)."""
+    torch.manual_seed(0)
+    save_for_hf(timm.create_model(MODEL), tmp_path / 'hub' / 'me' / 'small', safe_serialization=True)
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / 'cache'), HF_HUB_DISABLE_TELEMETRY='1')
+    common = ['--grid-samples', '16', '--batch-size', '8', '--sched', 'constant', '--warmup-epochs', '0', *TINY,
+              *EXACT]
+    straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
+
+    def train(*args):
+        proc = subprocess.run([sys.executable, '-m', 'timm_coordatt', 'train', *args], capture_output=True, text=True,
+                              timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    with HubServer(tmp_path / 'hub') as server:
+        env['HF_ENDPOINT'] = server.url
+        train('--model', 'hf-hub:me/small', *common, '--epochs', '2', '--output', straight)
+        train('--model', 'hf-hub:me/small', *common, '--epochs', '1', '--output', split)
+    shutil.rmtree(tmp_path / 'cache')
+    train('--resume', split, '--epochs', '2')  # the server stopped: nothing listens at HF_ENDPOINT
+    assert_same_tensors(load_weights(os.path.join(straight, 'model.safetensors')),
+                        load_weights(os.path.join(split, 'model.safetensors')))
 
 
 def test_resume_refuses_options_it_cannot_honour(tmp_path, capsys):
@@ -589,11 +615,7 @@ def test_ddp_ema_interrupted_mid_epoch_resumes_exactly(tmp_path):
     proc = torchrun(tmp_path, '-m', 'timm_coordatt', 'train', *common, '--output', straight)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    env = dict(os.environ, TMPDIR=str(tmp_path))
-    env.pop('CUDA_VISIBLE_DEVICES', None)
-    proc = subprocess.Popen(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'timm_coordatt',
-         'train', *common, '--output', interrupted], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = torchrun(tmp_path, '-m', 'timm_coordatt', 'train', *common, '--output', interrupted, wait=False)
     deadline = time.time() + 300
     while not (os.path.exists(os.path.join(interrupted, 'metrics.jsonl')) and read_metrics(interrupted)):
         assert proc.poll() is None and time.time() < deadline, 'the first epoch did not finish in time'
