@@ -4,11 +4,13 @@ import io
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -404,6 +406,45 @@ def test_second_order_optimizer(tmp_path, capsys):
     assert main(['train', *common, '--epochs', '1', '--compile', '--output', str(tmp_path / 'compiled')]) == 2
     assert ('--opt adahessian differentiates the gradients again (a second-order optimizer), which torch.compile '
             'does not support; train without --compile') in capsys.readouterr().err
+
+
+def _paper_recipe_command():
+    """The first command of docs/training.md's section on the paper's ImageNet training, as its arguments."""
+    docs = (Path(__file__).parent.parent / 'docs' / 'training.md').read_text()
+    section = docs.split("## The paper's ImageNet training")[1]
+    block = section.split('```bash\n')[1].split('```')[0]
+    words = shlex.split(block.replace('\\\n', ' '))
+    return words[words.index('train') + 1:]
+
+
+def test_the_documented_paper_recipe_sets_up_the_papers_training(tmp_path):
+    """What docs/training.md says its paper-recipe command does: SGD with momentum 0.9 (not Nesterov's), weight
+    decay 4e-5 but on biases and norm weights, 0.05 for the global batch unscaled, cosine to 0 with no warm-up,
+    no label smoothing, dropout 0.1 before the classifier."""
+    args = _paper_recipe_command()
+    assert args[args.index('--epochs') + 1] == '200' and args[args.index('--model') + 1] == 'mobilenetv2_ca'
+    data = tmp_path / 'data'
+    make_image_folder(data / 'train', classes=('a', 'b'), per_class=4)
+    make_image_folder(data / 'val', classes=('a', 'b'), per_class=2, seed=1)
+    args[args.index('--data-dir') + 1] = str(data)
+    args[args.index('--epochs') + 1] = '1'
+    args[args.index('--batch-size') + 1] = '4'
+    run = str(tmp_path / 'run')
+    assert main(['train', *args, '--output', run, '--img-size', '32', '--workers', '0']) == 0
+
+    state = torch.load(os.path.join(run, 'training_state.pt'), weights_only=True)
+    groups = state['optimizer']['param_groups']
+    assert sorted(g['weight_decay'] for g in groups) == [0.0, 4e-5]
+    for group in groups:
+        assert group['initial_lr'] == 0.05 and group['momentum'] == 0.9 and group['nesterov'] is False
+    no_decay = next(g for g in groups if g['weight_decay'] == 0.0)
+    model = timm.create_model('mobilenetv2_ca', **state['args']['model_kwargs'])
+    assert len(no_decay['params']) == sum(p.ndim <= 1 for p in model.parameters())  # biases and norm weights
+    assert model.drop_rate == 0.1
+    schedule = state['scheduler']
+    assert schedule['lr_min'] == 0.0 and schedule['warmup_t'] == 0 and schedule['t_initial'] == 2  # steps
+    assert state['args']['smoothing'] == 0.0
+    assert read_metrics(run)[0]['lr'] == 0.0  # cosine to the end of its single epoch
 
 
 def test_train_errors_name_the_problem(tmp_path, capsys):
