@@ -1,6 +1,6 @@
 """Print each requirement of setup.cfg (install_requires and the test extra) pinned to the lowest version it
 allows, for CI's run of the suite on the oldest dependencies. torch and torchvision are left out: CI installs
-the pair this machine holds on disk."""
+the pair it tests (2.14.1 and 0.29.1) before these."""
 import configparser
 import re
 import sys

@@ -419,7 +419,7 @@ def _paper_recipe_command():
 
 def test_the_documented_paper_recipe_sets_up_the_papers_training(tmp_path):
     """What docs/training.md says its paper-recipe command does: SGD with momentum 0.9 (not Nesterov's), weight
-    decay 4e-5 but on biases and norm weights, 0.05 for the global batch unscaled, cosine to 0 with no warm-up,
+    decay 4e-5 but not on biases and norm weights, 0.05 for the global batch unscaled, cosine to 0 with no warm-up,
     no label smoothing, dropout 0.1 before the classifier."""
     args = _paper_recipe_command()
     assert args[args.index('--epochs') + 1] == '200' and args[args.index('--model') + 1] == 'mobilenetv2_ca'
